@@ -1,0 +1,79 @@
+"""CLIP (Radford et al., 2021): an image tower and a text tower projected into one embedding space, compared by
+cosine similarity scaled by a learned temperature."""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from clipforge.model.config import CLIPConfig
+from clipforge.model.resnet import ModifiedResNet
+from clipforge.model.text import TextTransformer
+from clipforge.model.vit import VisionTransformer
+
+MAX_LOGIT_SCALE = 100.0  # the paper clips the temperature so logits are scaled by at most 100
+
+
+class CLIPOutput(NamedTuple):
+    image_features: torch.Tensor | None  # (B, D), L2-normalised
+    text_features: torch.Tensor | None  # (N, D), L2-normalised
+    logit_scale: torch.Tensor  # scalar, exp of the learned log-scale, clamped to 100
+    logit_bias: torch.Tensor | None  # scalar, only for models trained with the sigmoid loss
+
+
+class CLIP(nn.Module):
+    def __init__(self, config: CLIPConfig):
+        super().__init__()
+        self.config = config
+        if config.vision.kind == "vit":
+            self.visual: nn.Module = VisionTransformer(config.vision, config.embed_dim, config.activation)
+        else:
+            self.visual = ModifiedResNet(config.vision, config.embed_dim)
+        self.text = TextTransformer(config.text, config.embed_dim, config.activation)
+        self.logit_scale = nn.Parameter(torch.tensor(float(config.logit_scale_init)))
+        self.logit_bias = None
+        if config.logit_bias_init is not None:
+            self.logit_bias = nn.Parameter(torch.tensor(float(config.logit_bias_init)))
+        self.init_weights()
+
+    def init_weights(self) -> None:
+        self.visual.init_weights()
+        self.text.init_weights()
+
+    def set_grad_checkpointing(self, enabled: bool = True) -> None:
+        for module in self.modules():
+            if hasattr(module, "grad_checkpointing"):
+                module.grad_checkpointing = enabled
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.logit_scale.dtype
+
+    def encode_image(self, images: torch.Tensor, normalize: bool = False) -> torch.Tensor:
+        """(B, 3, H, W) preprocessed images -> (B, embed_dim) projected features."""
+        f = self.visual(images.to(self.dtype))
+        return F.normalize(f, dim=-1) if normalize else f
+
+    def encode_text(self, tokens: torch.Tensor, normalize: bool = False) -> torch.Tensor:
+        """(N, T) token ids -> (N, embed_dim) projected features."""
+        f = self.text(tokens)
+        return F.normalize(f, dim=-1) if normalize else f
+
+    def scale(self) -> torch.Tensor:
+        return self.logit_scale.exp().clamp(max=MAX_LOGIT_SCALE)
+
+    def forward(self, images: torch.Tensor | None = None, tokens: torch.Tensor | None = None) -> CLIPOutput:
+        image_features = self.encode_image(images, normalize=True) if images is not None else None
+        text_features = self.encode_text(tokens, normalize=True) if tokens is not None else None
+        return CLIPOutput(image_features, text_features, self.scale(), self.logit_bias)
+
+    def logits(self, images: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(logits_per_image (B, N), logits_per_text (N, B)), as OpenAI's forward returns them."""
+        img, txt, scale, bias = self(images, tokens)
+        per_image = scale * img @ txt.t()
+        if bias is not None:
+            per_image = per_image + bias
+        return per_image, per_image.t()

@@ -1,0 +1,41 @@
+"""Named presets: each is a JSON file in presets/ holding a CLIPConfig. Looked up by name; nothing is executed."""
+
+from __future__ import annotations
+
+import json
+from functools import cache
+from pathlib import Path
+
+import torch
+
+from clipforge.model.clip import CLIP
+from clipforge.model.config import CLIPConfig
+
+_PRESETS = Path(__file__).parent / "presets"
+
+
+@cache
+def _preset_names() -> tuple[str, ...]:
+    return tuple(sorted(p.stem for p in _PRESETS.glob("*.json")))
+
+
+def list_models() -> list[str]:
+    """Names of the architecture presets `create_model` accepts."""
+    return list(_preset_names())
+
+
+def get_config(name: str) -> CLIPConfig:
+    if name not in _preset_names():
+        raise ValueError(f"unknown model preset {name!r}; valid presets: {', '.join(_preset_names())}")
+    d = json.loads((_PRESETS / f"{name}.json").read_text())
+    return CLIPConfig.from_dict({**d, "name": name})
+
+
+def create_model(name_or_config: str | CLIPConfig, *, seed: int | None = None) -> CLIP:
+    """A randomly initialised model with the paper's initialisation, from a preset name or a config."""
+    cfg = get_config(name_or_config) if isinstance(name_or_config, str) else name_or_config
+    if seed is None:
+        return CLIP(cfg)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return CLIP(cfg)

@@ -1,0 +1,55 @@
+"""Causal text Transformer over BPE tokens, pooled at the end-of-text token and projected."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from clipforge.model.config import TextConfig
+from clipforge.model.layers import LayerNorm, Transformer
+
+
+class TextTransformer(nn.Module):
+    def __init__(self, cfg: TextConfig, embed_dim: int, activation: str):
+        super().__init__()
+        self.context_length = cfg.context_length
+        self.eot_token_id = cfg.eot_token_id
+        # Causal attention means no token after the end-of-text token changes the pooled feature, so running
+        # only up to the longest text in the batch gives identical outputs for a fraction of the work. It reads
+        # the batch's lengths on the host; `trim = False` keeps shapes static (ONNX export, CUDA graphs).
+        self.trim = True
+        self.token_embedding = nn.Embedding(cfg.vocab_size, cfg.width)
+        self.positional_embedding = nn.Parameter(torch.empty(cfg.context_length, cfg.width))
+        self.transformer = Transformer(cfg.width, cfg.layers, cfg.heads, cfg.mlp_ratio, activation)
+        self.ln_final = LayerNorm(cfg.width)
+        self.text_projection = nn.Parameter(torch.empty(cfg.width, embed_dim))
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        nn.init.normal_(self.token_embedding.weight, std=0.02)
+        nn.init.normal_(self.positional_embedding, std=0.01)
+        self.transformer.init_weights()
+        nn.init.normal_(self.text_projection, std=self.transformer.width**-0.5)
+
+    def eot_positions(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Index of the first end-of-text token per row; rows without one fall back to the largest id, as
+        OpenAI's argmax pooling does (its end-of-text token is the largest id)."""
+        is_eot = tokens == self.eot_token_id
+        first_eot = is_eot.int().argmax(dim=-1)
+        return torch.where(is_eot.any(dim=-1), first_eot, tokens.argmax(dim=-1))
+
+    def forward_tokens(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, T) ids -> ((B, T', width) token features after ln_final, (B,) pooling positions); T' <= T."""
+        if tokens.shape[1] > self.context_length:
+            raise ValueError(f"text has {tokens.shape[1]} tokens; this model's context length is {self.context_length}")
+        pos = self.eot_positions(tokens)
+        if self.trim and not torch.jit.is_tracing() and not torch.compiler.is_compiling():
+            tokens = tokens[:, : int(pos.max()) + 1]
+        T = tokens.shape[1]
+        x = self.token_embedding(tokens) + self.positional_embedding[:T]
+        x = self.transformer(x, causal=True)
+        return self.ln_final(x), pos
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:  # (B, T) -> (B, embed_dim)
+        x, pos = self.forward_tokens(tokens)
+        return x[torch.arange(x.shape[0], device=x.device), pos] @ self.text_projection
