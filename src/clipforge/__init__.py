@@ -1,0 +1,32 @@
+"""clipforge: train, load, run and serve CLIP image-text models.
+
+    model, preprocess, tokenizer = clipforge.load("path/to/checkpoint")
+
+Heavy optional dependencies (FAISS, FastAPI, webdataset, ...) are imported where they are used, so importing
+clipforge needs only torch and the core requirements.
+"""
+
+__version__ = "0.1.0"
+
+from clipforge.checkpoint import CheckpointError, load, save_model
+from clipforge.model import CLIP, CLIPConfig, create_model, get_config, list_models
+from clipforge.tokenizer import Tokenizer, get_tokenizer, train_tokenizer
+from clipforge.transforms import ImageError, Preprocess, load_image
+
+__all__ = [
+    "CLIP",
+    "CLIPConfig",
+    "CheckpointError",
+    "ImageError",
+    "Preprocess",
+    "Tokenizer",
+    "__version__",
+    "create_model",
+    "get_config",
+    "get_tokenizer",
+    "list_models",
+    "load",
+    "load_image",
+    "save_model",
+    "train_tokenizer",
+]

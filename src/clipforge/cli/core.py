@@ -1,0 +1,142 @@
+"""Core sub-commands: info, convert, embed-text, embed-image."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import numpy as np
+
+from clipforge.cli.common import add_json_flag, add_model_flags, emit
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("info", help="describe a checkpoint: architecture, parameters, preprocessing, tokenizer")
+    p.add_argument("model", help="checkpoint path or 'default'")
+    p.add_argument("--vocab", default=None, help="vocabulary for a bare state dict")
+    p.add_argument("--preset", default=None, help="architecture preset of a bare state dict (else inferred)")
+    add_json_flag(p)
+    p.set_defaults(run=lambda a: info(a.model, a.vocab, a.preset, a.json))
+
+    p = sub.add_parser("convert", help="convert a checkpoint (OpenAI, OpenCLIP, Hugging Face, clipforge)")
+    p.add_argument("src", help="checkpoint to read")
+    p.add_argument("--out", required=True, help="output directory (clipforge) or file (openai: .pt/.safetensors)")
+    p.add_argument(
+        "--format", choices=["clipforge", "openai"], default="clipforge",
+        help="clipforge: a directory that clipforge and Hugging Face transformers (ViT towers) load; "
+        "openai: a state dict in OpenAI's layout, which OpenAI's and OpenCLIP's code load",
+    )
+    p.add_argument("--preset", default=None, help="architecture preset of a bare state dict (else inferred)")
+    p.add_argument("--activation", choices=["quick_gelu", "gelu"], default=None,
+                   help="activation of a checkpoint that does not record it")
+    p.add_argument("--vocab", default=None, help="vocabulary to save with the model")
+    add_json_flag(p)
+    p.set_defaults(run=lambda a: convert(a.src, Path(a.out), a.format, a.preset, a.activation, a.vocab, a.json))
+
+    p = sub.add_parser("embed-text", help="embed texts into the model's space (normalised vectors)")
+    p.add_argument("texts", nargs="+", help="texts to embed")
+    add_model_flags(p)
+    p.add_argument("--out", default=None, help="write the (N, D) float32 array to this .npy file")
+    add_json_flag(p)
+    p.set_defaults(run=lambda a: embed(a.model, a.vocab, a.device, texts=a.texts, out=a.out, as_json=a.json))
+
+    p = sub.add_parser("embed-image", help="embed images into the model's space (normalised vectors)")
+    p.add_argument("images", nargs="+", help="image files")
+    add_model_flags(p)
+    p.add_argument("--out", default=None, help="write the (N, D) float32 array to this .npy file")
+    add_json_flag(p)
+    p.set_defaults(run=lambda a: embed(a.model, a.vocab, a.device, images=a.images, out=a.out, as_json=a.json))
+
+
+def info(model: str, vocab: str | None, preset: str | None, as_json: bool) -> int:
+    from clipforge.checkpoint import read_checkpoint, resolve
+    from clipforge.tokenizer import Tokenizer
+
+    loaded = read_checkpoint(resolve(model), preset=preset)
+    cfg = loaded.config
+    tok = loaded.tokenizer or (Tokenizer.from_pretrained(vocab, cfg.text.context_length) if vocab else None)
+    counts = {"visual": 0, "text": 0, "other": 0}
+    for k, v in loaded.state_dict.items():
+        counts[k.split(".")[0] if k.split(".")[0] in counts else "other"] += v.numel()
+    result = {
+        "source": loaded.source,
+        "config": cfg.to_dict(),
+        "parameters": {**counts, "total": sum(counts.values())},
+        "tokenizer": None if tok is None else {"vocab_size": tok.vocab_size, "context_length": tok.context_length},
+    }
+    v, t = cfg.vision, cfg.text
+    tower = f"ViT {v.patch_size}px patches" if v.kind == "vit" else f"ResNet {list(v.layers)}"
+    text = (
+        f"{loaded.source}\n"
+        f"  image tower: {tower}, width {v.width}, {v.image_size}px, {counts['visual']:,} parameters\n"
+        f"  text tower:  {t.layers} layers, width {t.width}, context {t.context_length}, vocab {t.vocab_size}, "
+        f"{counts['text']:,} parameters\n"
+        f"  embedding:   {cfg.embed_dim}-d, activation {cfg.activation}\n"
+        f"  preprocess:  {cfg.preprocess.resize_mode} {cfg.preprocess.interpolation}, mean {cfg.preprocess.mean}, "
+        f"std {cfg.preprocess.std}\n"
+        f"  tokenizer:   {'none (pass --vocab)' if tok is None else f'{tok.vocab_size} tokens'}"
+    )
+    emit(result, as_json, text)
+    return 0
+
+
+def convert(
+    src: str, out: Path, fmt: str, preset: str | None, activation: str | None, vocab: str | None, as_json: bool
+) -> int:
+    import warnings
+
+    import torch
+    from safetensors.torch import save_file
+
+    from clipforge.checkpoint import build_model, read_checkpoint, resolve, save_model
+    from clipforge.model import convert as names
+    from clipforge.tokenizer import Tokenizer
+
+    loaded = read_checkpoint(resolve(src), preset=preset, activation=activation)
+    model = build_model(loaded)
+    tok = Tokenizer.from_pretrained(vocab, loaded.config.text.context_length) if vocab else loaded.tokenizer
+    if fmt == "clipforge":
+        if tok is None:
+            warnings.warn("no vocabulary saved with the model: pass --vocab to include one", stacklevel=1)
+        save_model(model, out, tokenizer=tok)
+    else:
+        sd = names.to_openai({k: v.detach().contiguous() for k, v in model.state_dict().items()})
+        out.parent.mkdir(parents=True, exist_ok=True)
+        if out.suffix == ".safetensors":
+            save_file(sd, str(out), metadata={"format": "pt"})
+        else:
+            torch.save(sd, out)
+    emit({"source": loaded.source, "out": str(out), "format": fmt}, as_json, f"wrote {out} ({fmt})")
+    return 0
+
+
+def embed(
+    model: str,
+    vocab: str | None,
+    device: str,
+    *,
+    texts: list[str] | None = None,
+    images: list[str] | None = None,
+    out: str | None = None,
+    as_json: bool = False,
+) -> int:
+    from clipforge.encoder import Encoder
+
+    enc = Encoder.load(model, vocab=vocab, device=device)
+    items = texts if texts is not None else images
+    vectors = enc.embed_texts(texts) if texts is not None else enc.embed_images(images)
+    if out:
+        np.save(out, vectors)
+    key = "text" if texts is not None else "image"
+    result = {
+        "model": enc.name,
+        "dim": enc.dim,
+        "items": [
+            {key: item, **({} if out else {"embedding": [round(float(x), 7) for x in vec]})}
+            for item, vec in zip(items, vectors)
+        ],
+        **({"out": out} if out else {}),
+    }
+    lines = [f"{item}: {vec[:4].round(4).tolist()}..." for item, vec in zip(items, vectors)]
+    emit(result, as_json, f"wrote {out}" if out else "\n".join(lines))
+    return 0
