@@ -34,8 +34,15 @@ def small_config(kind: str = "vit", activation: str = "quick_gelu") -> CLIPConfi
         embed_dim=48,
         activation=activation,
         vision=vision,
-        text={"vocab_size": 300, "width": 128, "heads": 2, "layers": 2, "context_length": 16,
-              "sot_token_id": 298, "eot_token_id": 299},
+        text={
+            "vocab_size": 300,
+            "width": 128,
+            "heads": 2,
+            "layers": 2,
+            "context_length": 16,
+            "sot_token_id": 298,
+            "eot_token_id": 299,
+        },
     )
     return cfg
 
@@ -84,7 +91,9 @@ def test_every_preset_forward_backward(name):
     assert torch.isfinite(loss)
     for pname, p in model.named_parameters():
         assert p.grad is not None and torch.isfinite(p.grad).all(), pname
-    if cfg.vision.kind == "vit":  # ResNet blocks start as identities (zero BN gain), so some grads are 0 there
+    if (
+        cfg.vision.kind == "vit"
+    ):  # ResNet blocks start as identities (zero BN gain), so some grads are 0 there
         assert all(p.grad.abs().sum() > 0 for p in model.parameters())
 
 
@@ -130,8 +139,12 @@ def test_parity_with_hugging_face(activation):
     back = transformers.CLIPModel(hf_cfg).eval()
     back.load_state_dict(convert.to_hf(ours.state_dict()), strict=False)
     with torch.no_grad():
-        torch.testing.assert_close(back(input_ids=tokens, pixel_values=images).logits_per_image,
-                                   ref.logits_per_image, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(
+            back(input_ids=tokens, pixel_values=images).logits_per_image,
+            ref.logits_per_image,
+            atol=1e-5,
+            rtol=1e-5,
+        )
 
 
 def _unnormalised(hf, images=None, tokens=None) -> torch.Tensor:
@@ -191,8 +204,9 @@ def test_gradient_checkpointing_gives_the_same_gradients():
     for enabled in (False, True):
         model = create_model(cfg, seed=0)
         model.set_grad_checkpointing(enabled)
-        img, txt, scale, _ = model(torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0)),
-                                   random_tokens(2, cfg))
+        img, txt, scale, _ = model(
+            torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0)), random_tokens(2, cfg)
+        )
         (scale * img @ txt.t()).logsumexp(0).sum().backward()
         grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
     torch.testing.assert_close(grads[0], grads[1])

@@ -149,7 +149,9 @@ def _read_tokenizer(directory: Path, context_length: int) -> Tokenizer | None:
 def _read_clipforge_dir(d: Path) -> Loaded:
     meta = json.loads((d / FORMAT_FILE).read_text())
     if meta.get("format") != "clipforge" or meta.get("format_version", 0) > FORMAT_VERSION:
-        raise CheckpointError(f"{d / FORMAT_FILE}: unsupported format {meta.get('format')!r} v{meta.get('format_version')}")
+        raise CheckpointError(
+            f"{d / FORMAT_FILE}: unsupported format {meta.get('format')!r} v{meta.get('format_version')}"
+        )
     cfg = CLIPConfig.from_dict(meta["config"])
     sd, _ = read_state_dict(d / meta.get("weights", WEIGHTS_FILE))
     sd = convert.from_hf(sd) if meta.get("layout") == "hf" else convert.from_openai(sd)
@@ -166,7 +168,9 @@ def _read_hf_dir(d: Path) -> Loaded:
     if not weights:
         raise CheckpointError(f"{d}: Hugging Face directory without model.safetensors or pytorch_model.bin")
     sd, _ = read_state_dict(weights[0])
-    return Loaded(cfg, convert.from_hf(sd), _read_tokenizer(d, cfg.text.context_length), f"Hugging Face directory {d}")
+    return Loaded(
+        cfg, convert.from_hf(sd), _read_tokenizer(d, cfg.text.context_length), f"Hugging Face directory {d}"
+    )
 
 
 def _read_open_clip_dir(d: Path, activation: str | None) -> Loaded:
@@ -249,7 +253,9 @@ def resolve(path: str | Path) -> Path:
         return d
     p = Path(path).expanduser()
     if not p.exists():
-        raise FileNotFoundError(f"model not found: {p} (clipforge reads local files only; nothing is downloaded)")
+        raise FileNotFoundError(
+            f"model not found: {p} (clipforge reads local files only; nothing is downloaded)"
+        )
     return p
 
 

@@ -48,7 +48,9 @@ class Encoder:
         self.device = next(model.parameters()).device
 
     @classmethod
-    def load(cls, path: str | Path, *, vocab: str | Path | None = None, device: str = "cpu", **kw: Any) -> Encoder:
+    def load(
+        cls, path: str | Path, *, vocab: str | Path | None = None, device: str = "cpu", **kw: Any
+    ) -> Encoder:
         from clipforge.checkpoint import load
 
         model, preprocess, tokenizer = load(path, vocab=vocab, device=device)

@@ -10,10 +10,15 @@ from typing import Any
 
 def add_model_flags(p: argparse.ArgumentParser, required: bool = False) -> None:
     p.add_argument(
-        "--model", "-m", default=None if required else "default", required=required,
+        "--model",
+        "-m",
+        default=None if required else "default",
+        required=required,
         help="checkpoint: a clipforge/Hugging Face/OpenCLIP directory, an OpenAI or OpenCLIP file, or 'default'",
     )
-    p.add_argument("--vocab", default=None, help="vocabulary file or directory, for checkpoints that carry none")
+    p.add_argument(
+        "--vocab", default=None, help="vocabulary file or directory, for checkpoints that carry none"
+    )
     p.add_argument("--device", default="cpu", help="torch device (default: cpu)")
 
 

@@ -11,7 +11,9 @@ from clipforge.cli.common import add_json_flag, add_model_flags, emit
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("info", help="describe a checkpoint: architecture, parameters, preprocessing, tokenizer")
+    p = sub.add_parser(
+        "info", help="describe a checkpoint: architecture, parameters, preprocessing, tokenizer"
+    )
     p.add_argument("model", help="checkpoint path or 'default'")
     p.add_argument("--vocab", default=None, help="vocabulary for a bare state dict")
     p.add_argument("--preset", default=None, help="architecture preset of a bare state dict (else inferred)")
@@ -20,18 +22,28 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser("convert", help="convert a checkpoint (OpenAI, OpenCLIP, Hugging Face, clipforge)")
     p.add_argument("src", help="checkpoint to read")
-    p.add_argument("--out", required=True, help="output directory (clipforge) or file (openai: .pt/.safetensors)")
     p.add_argument(
-        "--format", choices=["clipforge", "openai"], default="clipforge",
+        "--out", required=True, help="output directory (clipforge) or file (openai: .pt/.safetensors)"
+    )
+    p.add_argument(
+        "--format",
+        choices=["clipforge", "openai"],
+        default="clipforge",
         help="clipforge: a directory that clipforge and Hugging Face transformers (ViT towers) load; "
         "openai: a state dict in OpenAI's layout, which OpenAI's and OpenCLIP's code load",
     )
     p.add_argument("--preset", default=None, help="architecture preset of a bare state dict (else inferred)")
-    p.add_argument("--activation", choices=["quick_gelu", "gelu"], default=None,
-                   help="activation of a checkpoint that does not record it")
+    p.add_argument(
+        "--activation",
+        choices=["quick_gelu", "gelu"],
+        default=None,
+        help="activation of a checkpoint that does not record it",
+    )
     p.add_argument("--vocab", default=None, help="vocabulary to save with the model")
     add_json_flag(p)
-    p.set_defaults(run=lambda a: convert(a.src, Path(a.out), a.format, a.preset, a.activation, a.vocab, a.json))
+    p.set_defaults(
+        run=lambda a: convert(a.src, Path(a.out), a.format, a.preset, a.activation, a.vocab, a.json)
+    )
 
     p = sub.add_parser("embed-text", help="embed texts into the model's space (normalised vectors)")
     p.add_argument("texts", nargs="+", help="texts to embed")
@@ -45,7 +57,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_model_flags(p)
     p.add_argument("--out", default=None, help="write the (N, D) float32 array to this .npy file")
     add_json_flag(p)
-    p.set_defaults(run=lambda a: embed(a.model, a.vocab, a.device, images=a.images, out=a.out, as_json=a.json))
+    p.set_defaults(
+        run=lambda a: embed(a.model, a.vocab, a.device, images=a.images, out=a.out, as_json=a.json)
+    )
 
 
 def info(model: str, vocab: str | None, preset: str | None, as_json: bool) -> int:
@@ -62,7 +76,9 @@ def info(model: str, vocab: str | None, preset: str | None, as_json: bool) -> in
         "source": loaded.source,
         "config": cfg.to_dict(),
         "parameters": {**counts, "total": sum(counts.values())},
-        "tokenizer": None if tok is None else {"vocab_size": tok.vocab_size, "context_length": tok.context_length},
+        "tokenizer": None
+        if tok is None
+        else {"vocab_size": tok.vocab_size, "context_length": tok.context_length},
     }
     v, t = cfg.vision, cfg.text
     tower = f"ViT {v.patch_size}px patches" if v.kind == "vit" else f"ResNet {list(v.layers)}"
@@ -81,7 +97,13 @@ def info(model: str, vocab: str | None, preset: str | None, as_json: bool) -> in
 
 
 def convert(
-    src: str, out: Path, fmt: str, preset: str | None, activation: str | None, vocab: str | None, as_json: bool
+    src: str,
+    out: Path,
+    fmt: str,
+    preset: str | None,
+    activation: str | None,
+    vocab: str | None,
+    as_json: bool,
 ) -> int:
     import warnings
 

@@ -36,8 +36,11 @@ class ShapeSample:
 
     @property
     def captions(self) -> list[str]:
-        return [f"a {self.color} {self.shape}", f"a drawing of a {self.color} {self.shape}",
-                f"{self.color} {self.shape} on white"]
+        return [
+            f"a {self.color} {self.shape}",
+            f"a drawing of a {self.color} {self.shape}",
+            f"{self.color} {self.shape} on white",
+        ]
 
 
 def draw_shape(color: str, shape: str, size: int = 64, rng: random.Random | None = None) -> Image.Image:

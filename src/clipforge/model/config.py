@@ -39,12 +39,16 @@ class VisionConfig:
             if layers is None or len(layers) != 4:
                 raise ValueError(f"a ResNet tower needs four stage depths, got layers={self.layers!r}")
             object.__setattr__(self, "layers", layers)
-            object.__setattr__(self, "patch_size", 32)  # the ResNet's total stride: one feature per 32x32 pixels
+            object.__setattr__(
+                self, "patch_size", 32
+            )  # the ResNet's total stride: one feature per 32x32 pixels
         else:
             if not isinstance(self.layers, int):
                 raise ValueError(f"a ViT tower needs an int number of layers, got {self.layers!r}")
             if self.image_size % self.patch_size:
-                raise ValueError(f"image_size {self.image_size} is not a multiple of patch_size {self.patch_size}")
+                raise ValueError(
+                    f"image_size {self.image_size} is not a multiple of patch_size {self.patch_size}"
+                )
         if self.width % self.heads:
             raise ValueError(f"vision width {self.width} is not divisible by heads {self.heads}")
 
@@ -72,7 +76,9 @@ class TextConfig:
             raise ValueError(f"text width {self.width} is not divisible by heads {self.heads}")
         for name in ("sot_token_id", "eot_token_id", "pad_token_id"):
             if not 0 <= getattr(self, name) < self.vocab_size:
-                raise ValueError(f"{name}={getattr(self, name)} is outside the vocabulary (size {self.vocab_size})")
+                raise ValueError(
+                    f"{name}={getattr(self, name)} is outside the vocabulary (size {self.vocab_size})"
+                )
 
 
 @dataclass(frozen=True)
@@ -143,7 +149,9 @@ class CLIPConfig:
             if isinstance(changes.get(key), dict):
                 changes[key] = dataclasses.replace(getattr(self, key), **changes[key])
         if "vision" in changes and "preprocess" not in changes:
-            changes["preprocess"] = dataclasses.replace(self.preprocess, image_size=changes["vision"].image_size)
+            changes["preprocess"] = dataclasses.replace(
+                self.preprocess, image_size=changes["vision"].image_size
+            )
         return dataclasses.replace(self, **changes)
 
 

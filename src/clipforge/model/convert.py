@@ -208,10 +208,18 @@ def config_from_hf(d: dict[str, Any], preprocess: PreprocessConfig | None = None
     t, v = d["text_config"], d["vision_config"]
     acts = {t.get("hidden_act", "quick_gelu"), v.get("hidden_act", "quick_gelu")}
     if len(acts) != 1 or not acts <= {"quick_gelu", "gelu"}:
-        raise CheckpointError(f"unsupported activation(s) {sorted(acts)}; clipforge runs 'quick_gelu' or 'gelu'")
+        raise CheckpointError(
+            f"unsupported activation(s) {sorted(acts)}; clipforge runs 'quick_gelu' or 'gelu'"
+        )
     vocab = t.get("vocab_size", 49408)
-    sot, eot, pad = t.get("bos_token_id", vocab - 2), t.get("eos_token_id", vocab - 1), t.get("pad_token_id", 0)
-    if eot == 2:  # transformers' legacy configs (bos 0, eos 2, pad 1): pooling was argmax, i.e. the largest id
+    sot, eot, pad = (
+        t.get("bos_token_id", vocab - 2),
+        t.get("eos_token_id", vocab - 1),
+        t.get("pad_token_id", 0),
+    )
+    if (
+        eot == 2
+    ):  # transformers' legacy configs (bos 0, eos 2, pad 1): pooling was argmax, i.e. the largest id
         sot, eot, pad = vocab - 2, vocab - 1, 0
     vision = VisionConfig(
         kind="vit",

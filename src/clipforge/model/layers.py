@@ -32,7 +32,9 @@ class LayerNorm(nn.LayerNorm):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dtype in (torch.float16, torch.bfloat16) and self.weight.dtype == torch.float32:
-            return F.layer_norm(x.float(), self.normalized_shape, self.weight, self.bias, self.eps).to(x.dtype)
+            return F.layer_norm(x.float(), self.normalized_shape, self.weight, self.bias, self.eps).to(
+                x.dtype
+            )
         return F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
 
 

@@ -41,7 +41,9 @@ class TextTransformer(nn.Module):
     def forward_tokens(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, T) ids -> ((B, T', width) token features after ln_final, (B,) pooling positions); T' <= T."""
         if tokens.shape[1] > self.context_length:
-            raise ValueError(f"text has {tokens.shape[1]} tokens; this model's context length is {self.context_length}")
+            raise ValueError(
+                f"text has {tokens.shape[1]} tokens; this model's context length is {self.context_length}"
+            )
         pos = self.eot_positions(tokens)
         if self.trim and not torch.jit.is_tracing() and not torch.compiler.is_compiling():
             tokens = tokens[:, : int(pos.max()) + 1]

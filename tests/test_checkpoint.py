@@ -1,0 +1,296 @@
+"""Checkpoint interop: the clipforge directory loads in Hugging Face, foreign layouts load in clipforge with
+identical outputs, and every malformed input is refused with an error naming what is wrong."""
+
+from __future__ import annotations
+
+import json
+import warnings
+import zipfile
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+import clipforge
+from clipforge.checkpoint import CheckpointError, load, read_checkpoint, save_model
+from clipforge.model import convert, create_model, get_config
+
+CAPTIONS = [
+    f"a {c} {o} on a {p}"
+    for c in ("red", "green", "blue", "small", "large")
+    for o in ("cat", "dog", "car", "tree", "house", "boat")
+    for p in ("table", "street", "beach")
+]
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return clipforge.train_tokenizer(CAPTIONS * 3, vocab_size=600, context_length=32)
+
+
+def tiny_cfg(tok, kind="vit", activation="gelu"):
+    vision = (
+        {"kind": "vit", "image_size": 32, "patch_size": 8, "width": 128, "layers": 2, "heads": 2}
+        if kind == "vit"
+        else {"kind": "resnet", "image_size": 64, "width": 16, "layers": (1, 1, 1, 1), "heads": 8}
+    )
+    return get_config("tiny").replace(
+        embed_dim=64,
+        activation=activation,
+        vision=vision,
+        text={
+            "vocab_size": tok.vocab_size,
+            "sot_token_id": tok.sot_token_id,
+            "eot_token_id": tok.eot_token_id,
+            "width": 128,
+            "heads": 2,
+            "layers": 2,
+        },
+    )
+
+
+def outputs(model, tok, size):
+    images = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        return model.encode_image(images), model.encode_text(tok(["a red cat on a table", "boat"]))
+
+
+@pytest.mark.parametrize("kind", ["vit", "resnet"])
+def test_save_load_round_trip_is_exact(tmp_path, tok, kind):
+    cfg = tiny_cfg(tok, kind)
+    cfg = cfg.replace(preprocess={"resize_mode": "squash", "mean": (0.5, 0.5, 0.5), "std": (0.5, 0.5, 0.5)})
+    model = create_model(cfg, seed=0).eval()
+    save_model(model, tmp_path / "m", tokenizer=tok)
+    loaded, preprocess, tok2 = load(tmp_path / "m")
+    assert loaded.config == cfg
+    assert preprocess.config == cfg.preprocess  # preprocessing travels with the weights
+    for a, b in zip(outputs(model, tok, cfg.vision.image_size), outputs(loaded, tok2, cfg.vision.image_size)):
+        assert torch.equal(a, b)
+    meta = json.loads((tmp_path / "m" / "clipforge.json").read_text())
+    assert meta["layout"] == ("hf" if kind == "vit" else "openai")
+    assert (tmp_path / "m" / "config.json").exists() == (kind == "vit")
+
+
+def test_clipforge_directory_loads_in_hugging_face(tmp_path, tok):
+    transformers = pytest.importorskip("transformers")
+    cfg = tiny_cfg(tok, activation="quick_gelu")
+    model = create_model(cfg, seed=1).eval()
+    save_model(model, tmp_path / "m", tokenizer=tok)
+    hf = transformers.CLIPModel.from_pretrained(tmp_path / "m").eval()
+    hf_tok = transformers.CLIPTokenizer.from_pretrained(tmp_path / "m")
+    texts = ["a red cat on a table", "green boat"]
+    ids = hf_tok(texts, padding="max_length", max_length=32, return_tensors="pt")["input_ids"]
+    ours = tok(texts)
+    # HF pads with its pad token; ours pads with 0. Up to and including the end-of-text token they agree.
+    for a, b in zip(ids, ours):
+        n = int((b == tok.eot_token_id).nonzero()[0]) + 1
+        assert a[:n].tolist() == b[:n].tolist()
+    images = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        ref = hf(input_ids=ours, pixel_values=images).logits_per_image
+        got, _ = model.logits(images, ours)
+    torch.testing.assert_close(got, ref, atol=1e-4, rtol=1e-5)
+
+
+def test_hugging_face_directory_loads_in_clipforge(tmp_path, tok):
+    transformers = pytest.importorskip("transformers")
+    cfg = tiny_cfg(tok, activation="quick_gelu")
+    hf = transformers.CLIPModel(transformers.CLIPConfig(**convert.hf_config(cfg))).eval()
+    hf.save_pretrained(tmp_path / "hf")
+    tok.save(tmp_path / "hf")
+    model, _, tok2 = load(tmp_path / "hf")
+    assert model.config.activation == "quick_gelu" and tok2 is not None
+    images = torch.randn(2, 3, 32, 32)
+    tokens = tok(["a blue car", "a tree"])
+    with torch.no_grad():
+        torch.testing.assert_close(
+            model.logits(images, tokens)[0],
+            hf(input_ids=tokens, pixel_values=images).logits_per_image,
+            atol=1e-4,
+            rtol=1e-5,
+        )
+
+
+@pytest.mark.parametrize("kind", ["vit", "resnet"])
+def test_openai_state_dict_fp16(tmp_path, tok, kind):
+    """OpenAI ships fp16 weights in its own layout; clipforge loads them into fp32 master weights."""
+    cfg = tiny_cfg(tok, kind, activation="quick_gelu")
+    model = create_model(cfg, seed=2).eval()
+    sd = {k: v.half() for k, v in convert.to_openai(model.state_dict()).items() if "num_batches" not in k}
+    # OpenAI's files carry these three non-weights, which is how a bare state dict is known to be OpenAI's.
+    extras = {
+        "input_resolution": torch.tensor(32),
+        "context_length": torch.tensor(32),
+        "vocab_size": torch.tensor(1),
+    }
+    torch.save({**sd, **extras}, tmp_path / "openai.pt")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # no vocabulary in a bare state dict
+        loaded, _, tok_none = load(tmp_path / "openai.pt")
+    assert tok_none is None
+    assert all(p.dtype == torch.float32 for p in loaded.parameters())
+    assert loaded.config.vision == cfg.vision and loaded.config.text == cfg.text
+    reference = create_model(cfg).eval()
+    reference.load_state_dict({k: v.float() for k, v in convert.from_openai(sd).items()}, strict=False)
+    for a, b in zip(
+        outputs(reference, tok, cfg.vision.image_size), outputs(loaded, tok, cfg.vision.image_size)
+    ):
+        assert torch.equal(a, b)
+
+
+def test_bare_state_dict_warns_without_vocab_and_takes_one(tmp_path, tok):
+    model = create_model(tiny_cfg(tok), seed=3)
+    save_file(convert.to_openai(model.state_dict()), str(tmp_path / "w.safetensors"))
+    tok.save(tmp_path / "vocab")
+    with pytest.warns(UserWarning, match="vocab"):
+        _, _, none = load(tmp_path / "w.safetensors", activation="gelu")
+    assert none is None
+    _, _, t = load(tmp_path / "w.safetensors", vocab=tmp_path / "vocab", activation="gelu")
+    assert t(["a cat"]).tolist() == tok(["a cat"]).tolist()
+
+
+def test_open_clip_state_dict_activation_warning_and_preset(tmp_path, tok):
+    model = create_model(tiny_cfg(tok), seed=4)
+    sd = {"state_dict": {"module." + k: v for k, v in convert.to_openai(model.state_dict()).items()}}
+    torch.save(sd, tmp_path / "epoch_3.pt")  # an OpenCLIP training checkpoint: nested and DDP-prefixed
+    with pytest.warns(UserWarning, match="activation"):
+        loaded = read_checkpoint(tmp_path / "epoch_3.pt")
+    assert loaded.config.activation == "gelu"
+    with pytest.raises(CheckpointError, match="mis-shaped"):
+        clipforge.checkpoint.build_model(read_checkpoint(tmp_path / "epoch_3.pt", preset="ViT-B-32"))
+
+
+def test_open_clip_hub_directory(tmp_path, tok):
+    cfg = tiny_cfg(tok, activation="quick_gelu")
+    model = create_model(cfg, seed=5).eval()
+    d = tmp_path / "oc"
+    d.mkdir()
+    save_file(convert.to_openai(model.state_dict()), str(d / "open_clip_model.safetensors"))
+    (d / "open_clip_config.json").write_text(
+        json.dumps(
+            {
+                "model_cfg": {"embed_dim": 64, "quick_gelu": True},
+                "preprocess_cfg": {
+                    "mean": [0.5, 0.5, 0.5],
+                    "std": [0.25, 0.25, 0.25],
+                    "interpolation": "bilinear",
+                },
+            }
+        )
+    )
+    tok.save(d)
+    loaded, preprocess, t = load(d)
+    assert loaded.config.activation == "quick_gelu"
+    assert preprocess.config.std == (0.25, 0.25, 0.25) and preprocess.config.interpolation == "bilinear"
+    for a, b in zip(outputs(model, tok, 32), outputs(loaded, t, 32)):
+        assert torch.equal(a, b)
+
+
+class _OpenAIJit(torch.nn.Module):
+    """Holds a model's tensors under OpenAI's TorchScript names, text parts at the top level."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.visual = model.visual
+        t = model.text
+        self.token_embedding, self.positional_embedding = t.token_embedding, t.positional_embedding
+        self.transformer, self.ln_final, self.text_projection = t.transformer, t.ln_final, t.text_projection
+        self.logit_scale = model.logit_scale
+        self.register_buffer("input_resolution", torch.tensor(32))
+        self.register_buffer("context_length", torch.tensor(32))
+        self.register_buffer("vocab_size", torch.tensor(t.token_embedding.num_embeddings))
+
+    def forward(self, x):
+        return self.visual(x)
+
+
+def test_torchscript_archive(tmp_path, tok):
+    model = create_model(tiny_cfg(tok, activation="quick_gelu"), seed=6).eval()
+    traced = torch.jit.trace(_OpenAIJit(model), torch.randn(1, 3, 32, 32))
+    traced.save(str(tmp_path / "ViT-tiny.pt"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        loaded, _, _ = load(tmp_path / "ViT-tiny.pt")
+    assert (
+        loaded.config.activation == "quick_gelu"
+    )  # TorchScript archives are OpenAI's: QuickGELU, no warning
+    for a, b in zip(outputs(model, tok, 32), outputs(loaded, tok, 32)):
+        assert torch.equal(a, b)
+
+
+class Evil:
+    def __reduce__(self):
+        return (print, ("pwned",))
+
+
+def test_refuses_pickles_that_are_not_plain_state_dicts(tmp_path):
+    torch.save({"visual.proj": torch.zeros(2, 2), "payload": Evil()}, tmp_path / "evil.pt")
+    with pytest.raises(CheckpointError, match="refusing to load"):
+        read_checkpoint(tmp_path / "evil.pt")
+
+
+def test_bad_inputs_name_the_culprit(tmp_path, tok):
+    with pytest.raises(FileNotFoundError, match="nope.pt"):
+        load(tmp_path / "nope.pt")
+    (tmp_path / "empty.pt").write_bytes(b"")
+    with pytest.raises(CheckpointError, match="empty"):
+        read_checkpoint(tmp_path / "empty.pt")
+    (tmp_path / "junk.safetensors").write_bytes(b"not safetensors")
+    with pytest.raises(CheckpointError, match="junk.safetensors"):
+        read_checkpoint(tmp_path / "junk.safetensors")
+    (tmp_path / "dir").mkdir()
+    with pytest.raises(CheckpointError, match="not a model directory"):
+        read_checkpoint(tmp_path / "dir")
+    torch.save({"foo.weight": torch.zeros(1)}, tmp_path / "other.pt")
+    with pytest.raises(CheckpointError, match="not a CLIP state dict"):
+        read_checkpoint(tmp_path / "other.pt")
+    with zipfile.ZipFile(tmp_path / "z.pt", "w") as z:
+        z.writestr("z/data.pkl", b"garbage")
+    with pytest.raises(CheckpointError, match="z.pt"):
+        read_checkpoint(tmp_path / "z.pt")
+
+
+def test_partial_and_misshaped_weights_are_listed(tmp_path, tok):
+    """A tampered clipforge directory: the config is known, so every problem is listed, nothing loads."""
+    model = create_model(tiny_cfg(tok), seed=7)
+    save_model(model, tmp_path / "m", tokenizer=tok)
+    sd = convert.to_hf(model.state_dict())
+    del sd["text_model.final_layer_norm.weight"]
+    sd["visual_projection.weight"] = torch.zeros(5, 5)
+    sd["vision_model.extra"] = torch.zeros(3)
+    save_file(sd, str(tmp_path / "m" / "model.safetensors"))
+    with pytest.raises(CheckpointError) as e:
+        load(tmp_path / "m")
+    msg = str(e.value)
+    assert "1 missing: text.ln_final.weight" in msg
+    assert "1 unexpected: vision_model.extra" in msg
+    assert "visual.proj: checkpoint (5, 5) vs model (128, 64)" in msg
+
+
+def test_strict_check_lists_every_problem(tok):
+    model = create_model(tiny_cfg(tok), seed=8)
+    sd = dict(model.state_dict())
+    del sd["text.ln_final.weight"]
+    sd["visual.extra"] = torch.zeros(3)
+    sd["visual.proj"] = torch.zeros(5, 5)
+    with pytest.raises(CheckpointError) as e:
+        convert.check_state_dict(model, sd, "test.pt")
+    msg = str(e.value)
+    assert "1 missing: text.ln_final.weight" in msg
+    assert "1 unexpected: visual.extra" in msg
+    assert "visual.proj: checkpoint (5, 5) vs model (128, 64)" in msg
+
+
+def test_tokenizer_vocabulary_mismatch_is_refused(tmp_path, tok):
+    model = create_model(tiny_cfg(tok), seed=9)
+    save_model(model, tmp_path / "m")
+    other = clipforge.train_tokenizer(CAPTIONS[:10], vocab_size=520, context_length=32)
+    other.save(tmp_path / "v")
+    with pytest.raises(CheckpointError, match="wrong vocabulary"):
+        load(tmp_path / "m", vocab=tmp_path / "v")
+
+
+def test_default_model_missing_says_how_to_make_it(tmp_path, monkeypatch):
+    monkeypatch.setenv("CLIPFORGE_CACHE", str(tmp_path))
+    with pytest.raises(FileNotFoundError, match="make demo"):
+        load("default")
