@@ -1,0 +1,134 @@
+"""The file-walking side of `Collection.add` and `Collection.add_texts`."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from . import files
+from .search import as_matrix
+from .types import AddReport, EncoderLike
+
+if TYPE_CHECKING:
+    from .store import Collection
+
+TEXT_BATCH = 256
+
+
+def _embed_isolating_failures(encoder: EncoderLike, images: list, dim: int) -> list[np.ndarray | str]:
+    """Embed a batch; if the encoder rejects it, retry one by one so one bad image fails alone.
+
+    Returns, per image, its vector (D,) or the reason it failed.
+    """
+    try:
+        out = as_matrix(encoder.embed_images(images), dim, "encoder output")
+        if len(out) == len(images):
+            return list(out)
+    except Exception:  # noqa: BLE001 - any encoder failure is isolated per image below
+        pass
+    result: list[np.ndarray | str] = []
+    for im in images:
+        try:
+            result.append(as_matrix(encoder.embed_images([im]), dim, "encoder output")[0])
+        except Exception as e:  # noqa: BLE001 - reported per file, never aborts the batch
+            result.append(f"encoder failed: {type(e).__name__}: {e}")
+    return result
+
+
+def _flush(coll: Collection, pending: list, encoder: EncoderLike, report: AddReport) -> None:
+    embedded = _embed_isolating_failures(encoder, [p[1] for p in pending], coll.dim)
+    vecs, records, drop, kept = [], [], [], []
+    for (entry, _, old_ids), v in zip(pending, embedded):
+        if isinstance(v, str):
+            report.failed.append((entry.path, v))
+            continue
+        vecs.append(v)
+        records.append({"path": entry.path, "sha256": entry.sha256, "size": entry.size, "mtime": entry.mtime})
+        drop += old_ids
+        kept.append((entry.path, bool(old_ids)))
+    if not vecs:
+        return
+    x = np.stack(vecs)
+    x /= np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+    report.ids += coll._commit(x, records, drop)
+    for path, replaced in kept:
+        (report.updated if replaced else report.added).append(path)
+
+
+def add_files(
+    coll: Collection, items: Iterable[str | Path], encoder: EncoderLike, batch_size: int, progress: bool
+) -> AddReport:
+    report = AddReport()
+    pending: list = []  # (FileEntry, decoded image, ids of the rows it replaces)
+    seen: set[str] = set()
+    walker = files.walk(items)
+    if progress:
+        from tqdm import tqdm
+
+        walker = tqdm(walker, unit="file", desc="add")
+    for path, reason in walker:
+        if path in seen:
+            continue
+        seen.add(path)
+        if reason == "missing":
+            report.failed.append((path, "file not found"))
+            continue
+        if reason is not None:
+            report.skipped.append(path)
+            continue
+        try:
+            entry = files.read(path)
+        except OSError as e:
+            report.failed.append((path, f"cannot read: {e.strerror or e}"))
+            continue
+        old = coll.conn.execute("SELECT id, sha256 FROM items WHERE key=?", (path,)).fetchall()
+        if old and all(sha == entry.sha256 for _, sha in old):
+            report.unchanged.append(path)
+            continue
+        try:
+            image = files.decode(entry)
+        except Exception as e:  # noqa: BLE001 - PIL raises many types for bad files (incl. decompression bombs)
+            report.failed.append((path, f"not a readable image: {type(e).__name__}: {e}"))
+            continue
+        pending.append((entry, image, [i for i, _ in old]))
+        if len(pending) >= batch_size:
+            _flush(coll, pending, encoder, report)
+            pending = []
+    if pending:
+        _flush(coll, pending, encoder, report)
+    return report
+
+
+def add_captions(
+    coll: Collection, texts: list[str], encoder: EncoderLike, metadata: dict | list[dict] | None
+) -> list[int]:
+    """Rows with a caption and no image; returns one id per text (the existing row's for a known caption)."""
+    for i, t in enumerate(texts):
+        if not isinstance(t, str) or not t.strip():
+            raise ValueError(f"text {i} must be a non-empty string, got {t!r}")
+    metas = metadata if isinstance(metadata, list) else [metadata or {}] * len(texts)
+    if len(metas) != len(texts):
+        raise ValueError(f"got {len(texts)} texts but {len(metas)} metadata dicts")
+    ids: list[int | None] = []
+    todo: dict[str, int] = {}  # sha -> first position needing a new row
+    for i, t in enumerate(texts):
+        sha = files.text_sha(t)
+        row = coll.conn.execute("SELECT id FROM items WHERE key IS NULL AND sha256=?", (sha,)).fetchone()
+        ids.append(row[0] if row else None)
+        if row is None:
+            todo.setdefault(sha, i)
+    order = sorted(todo.values())
+    for start in range(0, len(order), TEXT_BATCH):
+        pos = order[start : start + TEXT_BATCH]
+        vecs = encoder.embed_texts([texts[p] for p in pos])
+        records = [
+            {"caption": texts[p], "sha256": files.text_sha(texts[p]), "metadata": metas[p]} for p in pos
+        ]
+        new = coll.add_vectors(vecs, records)
+        for p, n in zip(pos, new):
+            ids[p] = n
+    by_sha = {files.text_sha(texts[p]): ids[p] for p in order}
+    return [i if i is not None else by_sha[files.text_sha(t)] for i, t in zip(ids, texts)]

@@ -1,0 +1,168 @@
+"""The SQLite side of a collection: the source of truth for rows and their vectors.
+
+Every row carries its vector (float32 blob) and the generation of the transaction that wrote it, so the FAISS
+index can be rebuilt or caught up from here after any crash. One committed transaction = one generation.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import time
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+import numpy as np
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS items (
+    id       INTEGER PRIMARY KEY AUTOINCREMENT,  -- AUTOINCREMENT: ids are never reused, so a stale index
+                                                 -- snapshot can never confuse an old vector with a new row
+    key      TEXT,                               -- file path or user key; NULL for bare captions
+    caption  TEXT,
+    sha256   TEXT,
+    size     INTEGER,
+    mtime    REAL,
+    added    REAL NOT NULL,
+    metadata TEXT NOT NULL DEFAULT '{}',
+    gen      INTEGER NOT NULL,
+    vector   BLOB NOT NULL
+);
+CREATE INDEX IF NOT EXISTS items_key ON items(key);
+CREATE INDEX IF NOT EXISTS items_sha ON items(sha256);
+CREATE INDEX IF NOT EXISTS items_added ON items(added);
+CREATE TABLE IF NOT EXISTS state (name TEXT PRIMARY KEY, value INTEGER NOT NULL);
+INSERT OR IGNORE INTO state VALUES ('generation', 0);
+"""
+
+ROW_COLUMNS = "id, key, caption, sha256, size, mtime, added, metadata"
+RECORD_KEYS = ("path", "key", "caption", "sha256", "size", "mtime", "metadata")
+
+
+def connect(path: Path, readonly: bool) -> sqlite3.Connection:
+    if readonly:
+        conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, isolation_level=None, timeout=30)
+    else:
+        conn = sqlite3.connect(str(path), isolation_level=None, timeout=30)  # explicit BEGIN/COMMIT below
+        conn.execute("PRAGMA journal_mode=WAL")  # readers see the last commit while a writer works
+        conn.execute("PRAGMA synchronous=FULL")  # a batch reported committed survives power loss too
+        conn.executescript(SCHEMA)
+    return conn
+
+
+def generation(conn: sqlite3.Connection) -> int:
+    return int(conn.execute("SELECT value FROM state WHERE name='generation'").fetchone()[0])
+
+
+def count(conn: sqlite3.Connection) -> int:
+    return int(conn.execute("SELECT COUNT(*) FROM items").fetchone()[0])
+
+
+def all_ids(conn: sqlite3.Connection) -> np.ndarray:
+    cur = conn.execute("SELECT id FROM items")
+    return np.fromiter((r[0] for r in cur), np.int64)
+
+
+def vectors_for(conn: sqlite3.Connection, ids: np.ndarray, dim: int) -> np.ndarray:
+    """Vectors (n, D) of `ids`, in the order given. Missing ids raise KeyError."""
+    found: dict[int, bytes] = {}
+    idl = [int(i) for i in ids]
+    for start in range(0, len(idl), 900):  # stay under SQLite's bound-parameter limit
+        chunk = idl[start : start + 900]
+        q = f"SELECT id, vector FROM items WHERE id IN ({','.join('?' * len(chunk))})"
+        found.update(conn.execute(q, chunk).fetchall())
+    out = np.empty((len(idl), dim), np.float32)
+    for r, i in enumerate(idl):
+        out[r] = np.frombuffer(found[i], np.float32)
+    return out
+
+
+def iter_vectors(
+    conn: sqlite3.Connection, dim: int, chunk: int = 65536
+) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """All (ids (n,), vectors (n, D)) in id order, a chunk at a time so 1M rows never sit in Python objects."""
+    last = -1
+    while True:
+        rows = conn.execute(
+            "SELECT id, vector FROM items WHERE id > ? ORDER BY id LIMIT ?", (last, chunk)
+        ).fetchall()
+        if not rows:
+            return
+        ids = np.fromiter((r[0] for r in rows), np.int64, len(rows))
+        vecs = np.frombuffer(b"".join(r[1] for r in rows), np.float32).reshape(len(rows), dim)
+        yield ids, vecs
+        last = int(ids[-1])
+
+
+def insert_batch(
+    conn: sqlite3.Connection, vectors: np.ndarray, records: list[dict], gen: int, now: float | None = None
+) -> list[int]:
+    now = time.time() if now is None else now
+    ids = []
+    for vec, rec in zip(vectors, records):
+        key = rec.get("path", rec.get("key"))
+        cur = conn.execute(
+            "INSERT INTO items (key, caption, sha256, size, mtime, added, metadata, gen, vector)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (
+                None if key is None else str(key),
+                rec.get("caption"),
+                rec.get("sha256"),
+                rec.get("size"),
+                rec.get("mtime"),
+                float(rec.get("added", now)),
+                json.dumps(rec.get("metadata") or {}, sort_keys=True),
+                gen,
+                np.ascontiguousarray(vec, np.float32).tobytes(),
+            ),
+        )
+        ids.append(int(cur.lastrowid))
+    return ids
+
+
+def delete_ids(conn: sqlite3.Connection, ids: Iterable[int]) -> None:
+    conn.executemany("DELETE FROM items WHERE id=?", ((int(i),) for i in ids))
+
+
+def bump_generation(conn: sqlite3.Connection) -> int:
+    conn.execute("UPDATE state SET value = value + 1 WHERE name='generation'")
+    return generation(conn)
+
+
+def ids_for_key_or_prefix(conn: sqlite3.Connection, key: str) -> list[int]:
+    """Rows whose key is `key` or lies under the folder `key/`. A range query keeps the key index usable
+    (LIKE would treat '%' and '_' in file names as wildcards)."""
+    prefix = key.rstrip("/") + "/"
+    upper = prefix[:-1] + chr(ord("/") + 1)
+    rows = conn.execute(
+        "SELECT id FROM items WHERE key = ? OR (key >= ? AND key < ?)", (key, prefix, upper)
+    ).fetchall()
+    return [r[0] for r in rows]
+
+
+def filtered_ids(
+    conn: sqlite3.Connection, path_prefix: str | None, added_after: float | None, added_before: float | None
+) -> np.ndarray:
+    where, args = [], []
+    if path_prefix is not None:
+        upper = path_prefix[:-1] + chr(ord(path_prefix[-1]) + 1) if path_prefix else None
+        where.append("key >= ?" + (" AND key < ?" if upper else ""))
+        args += [path_prefix] + ([upper] if upper else [])
+    if added_after is not None:
+        where.append("added > ?")
+        args.append(added_after)
+    if added_before is not None:
+        where.append("added < ?")
+        args.append(added_before)
+    cur = conn.execute(f"SELECT id FROM items WHERE {' AND '.join(where) or '1'}", args)
+    return np.fromiter((r[0] for r in cur), np.int64)
+
+
+def rows_by_id(conn: sqlite3.Connection, ids: Iterable[int]) -> dict[int, tuple]:
+    idl = [int(i) for i in ids]
+    out: dict[int, tuple] = {}
+    for start in range(0, len(idl), 900):
+        chunk = idl[start : start + 900]
+        q = f"SELECT {ROW_COLUMNS} FROM items WHERE id IN ({','.join('?' * len(chunk))})"
+        out.update((r[0], r) for r in conn.execute(q, chunk))
+    return out

@@ -1,0 +1,403 @@
+"""A collection: a folder holding a SQLite database (the truth) and a FAISS snapshot (derived from it).
+
+    collection.json        model identity, dim, metric, index kind, clipforge version
+    items.sqlite           one row per item, with its vector and the generation that wrote it (WAL mode)
+    index.<kind>.<gen>.faiss   the index as of generation <gen>, written atomically, throttled
+
+Crash safety: each batch is one SQLite transaction, and a batch counts as committed once that transaction is.
+The FAISS file may lag behind or be absent; `open()` loads the newest readable snapshot and reconciles it with
+the database (adds missing rows, drops ids no longer there), so after any crash index and database agree.
+Ids come from SQLite AUTOINCREMENT and are never reused, which makes that reconciliation by id set exact.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import time
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from . import ann, db
+from .search import as_matrix, check_k, dedup_groups, hit_from_row, hits, query_vector, recall_at_k, unit
+from .types import AddReport, CollectionError, EncoderLike, Hit, check_identity
+
+FORMAT = 1
+SNAPSHOT_EVERY = 16  # batches between snapshots; open() replays the rest from the database
+SNAPSHOT_SECONDS = 60.0
+EXACT_FILTER_LIMIT = 20_000  # a filter this selective is answered exactly from the database vectors
+RECORD_KEYS = ("path", "key", "caption", "sha256", "size", "mtime", "metadata", "added")
+_crash_counts: dict[str, int] = {}
+
+
+def _crash_point(name: str) -> None:
+    """Test hook: CLIPFORGE_TEST_CRASH_AT=<name>[:<nth>] kills the process the nth time <name> is reached."""
+    spec = os.environ.get("CLIPFORGE_TEST_CRASH_AT")
+    if not spec:
+        return
+    target, _, nth = spec.partition(":")
+    if target == name:
+        _crash_counts[name] = _crash_counts.get(name, 0) + 1
+        if _crash_counts[name] >= int(nth or 1):
+            os._exit(77)
+
+
+def _version() -> str:
+    try:
+        return str(getattr(importlib.import_module("clipforge"), "__version__", "0.1.0"))
+    except ImportError:
+        return "0.1.0"
+
+
+def _write_json_atomic(path: Path, obj: dict) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=2, sort_keys=True)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+class Collection:
+    """Vectors + metadata in a folder; search by text, image or vector. See the module docstring."""
+
+    def __init__(self, path: Path, config: dict, readonly: bool) -> None:
+        self.path = path
+        self.config = config
+        self.identity: dict = config["model"]
+        self.dim: int = int(config["dim"])
+        self.kind: str = config["index"]
+        self.readonly = readonly
+        self._lock = None if readonly else self._take_lock()
+        self.conn = db.connect(path / "items.sqlite", readonly)
+        self._gen = -1  # generation the in-memory index reflects
+        self._saved_gen = -1  # generation of the newest snapshot on disk
+        self._unsaved_batches = 0
+        self._last_save = time.monotonic()
+        self._recall: tuple[int, float] | None = None
+        self._ann = self._load_index()
+
+    # ---- lifecycle ----------------------------------------------------------------------------------
+    @classmethod
+    def create(cls, path: str | Path, *, identity: dict, dim: int, index: str = "auto") -> Collection:
+        path = Path(path)
+        ann.effective_kind(index, 0)  # validates the name
+        if (path / "collection.json").exists():
+            raise CollectionError(f"a collection already exists at {path}; use Collection.open")
+        if not isinstance(identity, dict) or "fingerprint" not in identity:
+            raise CollectionError(f"identity must be a dict with a 'fingerprint', got {identity!r}")
+        if "dim" in identity and int(identity["dim"]) != int(dim):
+            raise CollectionError(f"identity says dim {identity['dim']} but dim={dim} was given")
+        path.mkdir(parents=True, exist_ok=True)
+        config = {
+            "format": FORMAT,
+            "model": {**identity, "dim": int(dim)},
+            "dim": int(dim),
+            "metric": "inner_product",
+            "index": index,
+            "clipforge_version": _version(),
+        }
+        db.connect(path / "items.sqlite", readonly=False).close()
+        _write_json_atomic(path / "collection.json", config)  # last: its presence marks a complete folder
+        return cls(path, config, readonly=False)
+
+    @classmethod
+    def open(cls, path: str | Path, *, readonly: bool = False) -> Collection:
+        path = Path(path)
+        try:
+            config = json.loads((path / "collection.json").read_text())
+        except FileNotFoundError:
+            raise CollectionError(f"no collection at {path}: collection.json is missing") from None
+        except json.JSONDecodeError as e:
+            raise CollectionError(f"{path / 'collection.json'} is not valid JSON: {e}") from None
+        missing = {"model", "dim", "index"} - set(config)
+        if missing or not (path / "items.sqlite").exists():
+            raise CollectionError(
+                f"{path} is not a complete collection (missing {sorted(missing) or 'items.sqlite'})"
+            )
+        return cls(path, config, readonly)
+
+    def _take_lock(self):
+        lock = open(self.path / "writer.lock", "a+")
+        try:
+            import fcntl
+
+            fcntl.flock(lock.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except ImportError:
+            pass  # no advisory locks on this platform: one writer at a time is then the user's job
+        except OSError:
+            lock.close()
+            raise CollectionError(
+                f"{self.path} is open for writing in another process; open it readonly=True"
+            ) from None
+        return lock
+
+    def close(self) -> None:
+        if self.conn is None:
+            return
+        if not self.readonly and self._gen != self._saved_gen:
+            self._snapshot()
+        self.conn.close()
+        self.conn = None
+        if self._lock is not None:
+            self._lock.close()
+
+    def __enter__(self) -> Collection:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def __len__(self) -> int:
+        return self._ann.ntotal
+
+    # ---- index <-> database -------------------------------------------------------------------------
+    def _snapshots(self) -> list[tuple[int, str, Path]]:
+        out = []
+        for p in self.path.glob("index.*.faiss"):
+            parts = p.name.split(".")
+            if len(parts) == 4 and parts[2].isdigit():
+                out.append((int(parts[2]), parts[1], p))
+        return sorted(out, reverse=True)
+
+    def _load_index(self) -> ann.VectorIndex:
+        for gen, kind, p in self._snapshots():
+            try:
+                index = ann.VectorIndex.load(p, kind, self.dim)
+            except (OSError, RuntimeError, ValueError):
+                continue  # deleted by the writer meanwhile, or unreadable: an older one or the db will do
+            self._ann, self._gen, self._saved_gen = index, gen, gen
+            self.refresh(force=True)  # HNSW snapshots keep tombstoned vectors: always re-derive them
+            if ann.effective_kind(self.kind, self._ann.ntotal) == self._ann.kind:
+                return self._ann
+            break
+        return self._rebuild()
+
+    def _rebuild(self) -> ann.VectorIndex:
+        """Build the index from every vector in the database."""
+        gen = db.generation(self.conn)
+        parts = list(db.iter_vectors(self.conn, self.dim))
+        ids = np.concatenate([p[0] for p in parts]) if parts else np.zeros(0, np.int64)
+        vecs = np.concatenate([p[1] for p in parts]) if parts else np.zeros((0, self.dim), np.float32)
+        self._ann = ann.VectorIndex.build(ann.effective_kind(self.kind, len(ids)), self.dim, vecs, ids)
+        self._gen = gen
+        return self._ann
+
+    def refresh(self, force: bool = False) -> None:
+        """Catch the in-memory index up with the database (rows others committed since we last looked)."""
+        gen = db.generation(self.conn)
+        if gen == self._gen and not force:
+            return
+        in_db, in_index = db.all_ids(self.conn), self._ann.live_ids()
+        self._ann.remove(np.setdiff1d(in_index, in_db))
+        new = np.setdiff1d(in_db, in_index)
+        for start in range(0, len(new), 65536):
+            chunk = new[start : start + 65536]
+            self._ann.add(db.vectors_for(self.conn, chunk, self.dim), chunk)
+        self._gen = gen
+
+    def _snapshot(self) -> None:
+        target = self.path / f"index.{self._ann.kind}.{self._gen}.faiss"
+        self._ann.save(target, before_replace=lambda: _crash_point("during_snapshot"))
+        for _, _, p in self._snapshots():
+            if p != target:
+                p.unlink(missing_ok=True)
+        self._saved_gen, self._unsaved_batches, self._last_save = self._gen, 0, time.monotonic()
+
+    def save(self) -> None:
+        """Write the index snapshot now (it is otherwise written every few batches and at close)."""
+        self._writable()
+        if self._gen != self._saved_gen:
+            self._snapshot()
+
+    def _writable(self) -> None:
+        if self.conn is None:
+            raise CollectionError(f"collection {self.path} is closed")
+        if self.readonly:
+            raise CollectionError(f"collection {self.path} was opened readonly")
+
+    def _commit(self, vectors: np.ndarray, records: list[dict], drop: list[int]) -> list[int]:
+        """One transaction: delete `drop`, insert the rows. Then mirror it in the index."""
+        self.conn.execute("BEGIN IMMEDIATE")
+        try:
+            db.delete_ids(self.conn, drop)
+            gen = db.bump_generation(self.conn)
+            ids = db.insert_batch(self.conn, vectors, records, gen)
+            _crash_point("before_commit")
+            self.conn.execute("COMMIT")
+        except BaseException:
+            self.conn.execute("ROLLBACK")
+            raise
+        _crash_point("after_commit")
+        self._ann.remove(np.asarray(drop, np.int64))
+        self._ann.add(vectors, np.asarray(ids, np.int64))
+        self._gen = gen
+        if ann.effective_kind(self.kind, self._ann.ntotal) != self._ann.kind:
+            self._rebuild()  # "auto" crossed a size threshold, or IVF-PQ now has enough to train
+        self._unsaved_batches += 1
+        overdue = time.monotonic() - self._last_save > SNAPSHOT_SECONDS
+        if self._unsaved_batches >= SNAPSHOT_EVERY or overdue:
+            self._snapshot()
+        return ids
+
+    # ---- writing ------------------------------------------------------------------------------------
+    def check_encoder(self, encoder: EncoderLike) -> None:
+        """Raise ModelMismatchError unless `encoder` is the model this collection was built with."""
+        check_identity(self.identity, encoder, self.path)
+
+    def add_vectors(self, vectors: np.ndarray, records: list[dict]) -> list[int]:
+        """Store precomputed vectors (N, D) with one record each, as one committed batch; returns ids."""
+        self._writable()
+        x = as_matrix(vectors, self.dim, "vectors")
+        if len(records) != len(x):
+            raise ValueError(f"got {len(x)} vectors but {len(records)} records")
+        norms = np.linalg.norm(x, axis=1)
+        if (norms < 1e-6).any():
+            raise ValueError(
+                f"vectors {np.flatnonzero(norms < 1e-6)[:10].tolist()} are zero; cannot normalise"
+            )
+        for i, rec in enumerate(records):
+            if not isinstance(rec, dict):
+                raise ValueError(f"record {i} must be a dict, got {type(rec).__name__}")
+            unknown = set(rec) - set(RECORD_KEYS)
+            if unknown:
+                raise ValueError(
+                    f"record {i} has unknown keys {sorted(unknown)}; valid: {', '.join(RECORD_KEYS)}"
+                )
+            if not isinstance(rec.get("metadata") or {}, dict):
+                raise ValueError(f"record {i}: metadata must be a dict")
+            json.dumps(rec.get("metadata") or {})  # fails here, before anything is written
+        return self._commit(x / norms[:, None], records, [])
+
+    def add(
+        self,
+        items: Iterable[str | Path],
+        encoder: EncoderLike,
+        *,
+        batch_size: int = 64,
+        progress: bool = False,
+    ) -> AddReport:
+        """Add image files and folders (recursively). Unchanged files (same path, same sha256) are skipped, changed
+        ones replaced; unreadable images are reported in `failed` and never stop the others."""
+        from .adding import add_files
+
+        self._writable()
+        self.check_encoder(encoder)
+        if batch_size <= 0:
+            raise ValueError(f"batch_size must be positive, got {batch_size}")
+        return add_files(self, items, encoder, batch_size, progress)
+
+    def add_texts(
+        self, texts: Iterable[str], encoder: EncoderLike, metadata: dict | list[dict] | None = None
+    ) -> list[int]:
+        """Store captions (no image) for image-to-text search. A caption already stored keeps its row."""
+        from .adding import add_captions
+
+        self._writable()
+        self.check_encoder(encoder)
+        return add_captions(self, list(texts), encoder, metadata)
+
+    def remove(self, paths_or_ids: Any) -> int:
+        """Remove by id, file path or folder (everything under it). Returns how many rows went."""
+        self._writable()
+        items = (
+            [paths_or_ids] if isinstance(paths_or_ids, (str, Path, int, np.integer)) else list(paths_or_ids)
+        )
+        ids: set[int] = set()
+        for it in items:
+            if isinstance(it, (int, np.integer)) and not isinstance(it, bool):
+                ids.update(
+                    int(r[0]) for r in self.conn.execute("SELECT id FROM items WHERE id=?", (int(it),))
+                )
+            elif isinstance(it, (str, Path)):
+                for key in {str(it), str(Path(it).expanduser().absolute())}:
+                    ids.update(db.ids_for_key_or_prefix(self.conn, key))
+            else:
+                raise ValueError(f"remove() takes ids, paths or folders, got {it!r}")
+        if ids:
+            self._commit(np.zeros((0, self.dim), np.float32), [], sorted(ids))
+        return len(ids)
+
+    # ---- reading ------------------------------------------------------------------------------------
+    def _fetch(self, ids: np.ndarray) -> np.ndarray:
+        return db.vectors_for(self.conn, ids, self.dim)
+
+    def _search(
+        self, q: np.ndarray, k: int, allowed: np.ndarray | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        if allowed is not None and len(allowed) <= EXACT_FILTER_LIMIT:
+            s = q @ self._fetch(allowed).T  # (Q, A): exact over the few rows the filter leaves
+            order = np.argsort(-s, axis=1, kind="stable")[:, :k]
+            pad = k - order.shape[1]
+            scores = np.pad(np.take_along_axis(s, order, 1), ((0, 0), (0, pad)), constant_values=-np.inf)
+            return scores.astype(np.float32), np.pad(allowed[order], ((0, 0), (0, pad)), constant_values=-1)
+        return self._ann.search(q, k, allowed, self._fetch)
+
+    def search(
+        self,
+        *,
+        text: str | list[str] | None = None,
+        image: Any = None,
+        vector: np.ndarray | None = None,
+        weights: tuple[float, float] = (1.0, 1.0),
+        negative: str | list[str] | None = None,
+        negative_weight: float = 0.5,
+        k: int = 10,
+        path_prefix: str | None = None,
+        added_after: float | None = None,
+        added_before: float | None = None,
+        encoder: EncoderLike | None = None,
+    ) -> list[Hit]:
+        """Top-k items for a query; the score is the weighted sum of cosines (see `search.py`)."""
+        k = check_k(k)
+        if encoder is not None:
+            self.check_encoder(encoder)
+        q = query_vector(self.dim, encoder, text, image, vector, weights, negative, negative_weight)
+        allowed = None
+        if path_prefix is not None or added_after is not None or added_before is not None:
+            allowed = db.filtered_ids(self.conn, path_prefix, added_after, added_before)
+            if not len(allowed):
+                return []
+        scores, ids = self._search(q[None], k, allowed)
+        return hits(self.conn, scores[0], ids[0])
+
+    def search_batch(self, vectors: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Queries (Q, D) -> scores (Q, k), ids (Q, k); queries are L2-normalised; id -1 pads short results."""
+        k = check_k(k)
+        return self._search(unit(as_matrix(vectors, self.dim, "query vectors")), k)
+
+    def get(self, id: int) -> Hit | None:
+        row = db.rows_by_id(self.conn, [int(id)]).get(int(id))
+        return None if row is None else hit_from_row(row, 0.0)
+
+    def dedup(self, threshold: float = 0.95, neighbours: int = 16) -> list[list[Hit]]:
+        """Groups of near-duplicates: connected components of pairs with cosine >= threshold, found among each
+        item's `neighbours` nearest. Each hit's score is its cosine to the group's first (lowest id) member."""
+        return dedup_groups(self, threshold, neighbours)
+
+    def measure_recall(self, k: int = 10, sample: int = 200, seed: int = 0) -> float:
+        """recall@k of the index against exact search, using up to `sample` stored vectors as queries."""
+        return recall_at_k(self, k, sample, seed)
+
+    def info(self) -> dict:
+        out = {
+            "path": str(self.path),
+            "vectors": self._ann.ntotal,
+            "rows": db.count(self.conn),
+            "model": self.identity,
+            "dim": self.dim,
+            "metric": "inner_product",
+            "index": self.kind,
+            "index_active": self._ann.kind,
+            "generation": self._gen,
+            "clipforge_version": self.config.get("clipforge_version"),
+        }
+        if self._ann.kind != "flat":
+            if self._recall is None or self._recall[0] != self._gen:
+                self._recall = (self._gen, self.measure_recall())
+            out["recall@10"] = self._recall[1]
+        return out

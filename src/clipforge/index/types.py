@@ -1,0 +1,80 @@
+"""Plain values and errors shared by the index modules."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+
+
+class CollectionError(ValueError):
+    """A collection folder is missing, malformed, or used in a way it does not allow."""
+
+
+class ModelMismatchError(ValueError):
+    """Vectors from one model were offered to a collection built with another."""
+
+
+class EncoderLike(Protocol):
+    identity: dict
+    dim: int
+
+    def embed_images(self, images: Sequence[Any]) -> np.ndarray: ...  # (N, D) float32, L2-normalised
+
+    def embed_texts(self, texts: Sequence[str]) -> np.ndarray: ...  # (N, D) float32, L2-normalised
+
+
+@dataclass
+class Hit:
+    """One stored item. `score` is the query score (sum of weighted cosines); 0.0 from `Collection.get`."""
+
+    id: int
+    score: float
+    path: str | None
+    caption: str | None
+    metadata: dict
+    sha256: str | None = None
+    size: int | None = None
+    mtime: float | None = None
+    added: float | None = None
+
+
+@dataclass
+class AddReport:
+    """What `Collection.add` did with each path it met."""
+
+    added: list[str] = field(default_factory=list)  # new paths, now stored
+    updated: list[str] = field(default_factory=list)  # known paths whose content changed: old row replaced
+    unchanged: list[str] = field(default_factory=list)  # known paths with the same content hash: skipped
+    skipped: list[str] = field(default_factory=list)  # files met in folders without an image extension
+    failed: list[tuple[str, str]] = field(default_factory=list)  # (path, reason): unreadable or bad images
+    ids: list[int] = field(default_factory=list)  # ids of the rows written
+
+    def summary(self) -> str:
+        return (
+            f"added {len(self.added)}, updated {len(self.updated)}, unchanged {len(self.unchanged)},"
+            f" skipped {len(self.skipped)}, failed {len(self.failed)}"
+        )
+
+
+def identity_name(identity: dict) -> str:
+    return (
+        f"{identity.get('model', '?')} ({identity.get('fingerprint', '?')}, dim {identity.get('dim', '?')})"
+    )
+
+
+def same_model(a: dict, b: dict) -> bool:
+    return a.get("fingerprint") == b.get("fingerprint") and int(a.get("dim", -1)) == int(b.get("dim", -2))
+
+
+def check_identity(collection_identity: dict, encoder: EncoderLike, where: Path | str) -> None:
+    ident = dict(getattr(encoder, "identity", None) or {})
+    ident.setdefault("dim", getattr(encoder, "dim", None))
+    if not same_model(collection_identity, ident):
+        raise ModelMismatchError(
+            f"collection {where} was built with {identity_name(collection_identity)}, "
+            f"but the encoder is {identity_name(ident)}; use the same model or a new collection"
+        )
