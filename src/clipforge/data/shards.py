@@ -1,0 +1,243 @@
+"""WebDataset tar shards in the img2dataset layout: write them from a manifest, list, count and read them.
+
+Each sample is a group of tar members sharing a key: `KEY.jpg` / `KEY.png` / `KEY.webp` (the image),
+`KEY.txt` (captions, one per line) and `KEY.json` (metadata). When `.txt` is missing, captions come from
+the JSON's `"captions"` list or `"caption"` string. `write_shards` also leaves `shards.json` beside the
+shards: the sample count of each shard (so a loader knows an epoch's length without reading them) and
+where they came from.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import os
+import re
+import tarfile
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+from PIL import Image
+
+from clipforge.data.manifest import Sample, SampleError, clean_captions, read_manifest
+from clipforge.transforms import ImageError, load_image
+
+SIDECAR = "shards.json"
+SHARD_IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+_KEEP_FORMATS = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}  # stored as they are; others become PNG
+_KEY = re.compile(
+    r"^((?:.*/|)[^.]+)[.]([^/]*)$"
+)  # webdataset's rule: the key ends at the basename's first dot
+log = logging.getLogger("clipforge.data")
+
+
+class ShardError(ValueError):
+    """Shards that cannot be found or listed."""
+
+
+def _webdataset() -> Any:
+    try:
+        import webdataset
+    except ImportError as e:
+        raise ImportError("reading or writing shards needs webdataset: pip install 'clipforge[train]'") from e
+    return webdataset
+
+
+# ------------------------------------------------------------------------------------------------ writing
+
+
+def _image_record(path: str) -> tuple[str, bytes]:
+    """(extension, bytes) of an image file: JPEG/PNG/WebP bytes as they are, other formats re-encoded as
+    PNG. Raises ImageError (missing, unreadable) so the caller can skip the sample."""
+    try:
+        data = Path(path).read_bytes()
+    except OSError as e:
+        raise ImageError(f"{path}: cannot open ({e.strerror or e})") from e
+    try:
+        fmt = Image.open(io.BytesIO(data)).format
+    except Exception as e:
+        raise ImageError(f"{path}: not a recognised image file") from e
+    if fmt in _KEEP_FORMATS:
+        return _KEEP_FORMATS[fmt], data
+    buf = io.BytesIO()
+    load_image(data, name=path).save(buf, format="PNG")
+    return "png", buf.getvalue()
+
+
+def write_shards(
+    source: str | Path, out_dir: str | Path, shard_size: int = 1000, progress: bool = False
+) -> dict[str, Any]:
+    """Write the samples of a manifest (or image+txt folder) as `out_dir/00000.tar, 00001.tar, ...` with
+    `shard_size` samples each, plus the `shards.json` sidecar, which this returns. Samples whose image is
+    missing or unreadable or that have no caption are skipped, counted and named in the sidecar."""
+    wds = _webdataset()
+    if shard_size < 1:
+        raise ValueError(f"shard_size must be >= 1, got {shard_size}")
+    samples = read_manifest(source)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    if any(out.glob("*.tar")):
+        raise ShardError(f"{out} already holds .tar files; write shards into an empty folder")
+    skipped: list[str] = []
+    n = 0
+    # maxsize is effectively unbounded so every shard holds exactly shard_size samples (the last fewer).
+    with wds.ShardWriter(str(out / "%05d.tar"), maxcount=shard_size, maxsize=1e15, verbose=0) as sink:
+        for s in _progress(samples, progress):
+            record = _record(s, n, skipped)
+            if record is not None:
+                sink.write(record)
+                n += 1
+    if n == 0:
+        (out / "00000.tar").unlink(missing_ok=True)
+        raise ShardError(f"{source}: no usable samples (e.g. {skipped[:3]})")
+    counts = [min(shard_size, n - i) for i in range(0, n, shard_size)]
+    info = {
+        "format": "img2dataset",
+        "count": n,
+        "shards": [f"{i:05d}.tar" for i in range(len(counts))],
+        "counts": counts,
+        "source": str(source),
+        "skipped": len(skipped),
+        "skipped_examples": skipped[:10],
+    }
+    (out / SIDECAR).write_text(json.dumps(info, indent=1, ensure_ascii=False) + "\n")
+    return info
+
+
+def _record(s: Sample, index: int, skipped: list[str]) -> dict[str, Any] | None:
+    if not s.captions:
+        skipped.append(f"{s.key}: no caption")
+        return None
+    try:
+        ext, data = _image_record(s.image)
+    except ImageError as e:
+        skipped.append(str(e))
+        return None
+    captions = [" ".join(c.split()) for c in s.captions]  # one caption per line: no newlines inside
+    meta = {"key": f"{index:09d}", "source_key": s.key, "caption": captions[0], "captions": captions}
+    return {
+        "__key__": f"{index:09d}",
+        ext: data,
+        "txt": "\n".join(captions).encode("utf-8"),
+        "json": json.dumps(meta, ensure_ascii=False).encode("utf-8"),
+    }
+
+
+def _progress(items: list, on: bool) -> Any:
+    if not on:
+        return items
+    from tqdm import tqdm
+
+    return tqdm(items, desc="shard", unit="img")
+
+
+# ------------------------------------------------------------------------------------- listing, counting
+
+
+def is_shard_source(source: str) -> bool:
+    """A URL, a `pipe:` command, a brace pattern or a `.tar` path (rather than a manifest or folder)."""
+    return "://" in source or source.startswith("pipe:") or "{" in source or source.endswith(".tar")
+
+
+def shard_urls(source: str | Path) -> list[str]:
+    """Shard paths/URLs of a folder of `.tar` files (sorted), a brace pattern (`a/{000..009}.tar`), a URL
+    or a single `.tar` path."""
+    if os.path.isdir(source):
+        folder = Path(source)
+        urls = sorted(str(p) for p in folder.glob("*.tar"))
+        if not urls:
+            raise ShardError(f"{folder}: no .tar shards in this folder")
+        return urls
+    urls = _webdataset().shardlists.expand_urls(str(source))
+    local = [u for u in urls if "://" not in u and not u.startswith("pipe:")]
+    missing = [u for u in local if not os.path.isfile(u)]
+    if missing:
+        raise FileNotFoundError(f"shard not found: {missing[0]} ({len(missing)} of {len(urls)} missing)")
+    return urls
+
+
+def count_tar(path: str) -> int:
+    """Samples (distinct keys) in a local tar, reading member headers only (tarfile seeks past the data)."""
+    keys = set()
+    try:
+        with tarfile.open(path) as tf:
+            for m in tf:
+                match = _KEY.match(m.name)
+                if m.isreg() and match:
+                    keys.add(match.group(1))
+    except tarfile.TarError as e:
+        # A corrupt shard is counted as far as it reads; its bad tail is skipped and counted when loading.
+        log.warning("%s: cannot read the whole tar (%s); counted %d samples", path, e, len(keys))
+    return len(keys)
+
+
+def shard_counts(urls: Sequence[str]) -> list[int] | None:
+    """Samples per shard: from the `shards.json` sidecar beside them when it lists them all, else by
+    reading local tar headers; None for remote shards without a sidecar."""
+    remote = any("://" in u or u.startswith("pipe:") for u in urls)
+    if remote:
+        return None
+    by_dir: dict[str, dict[str, int]] = {}
+    out = []
+    for u in urls:
+        folder, name = os.path.split(os.path.abspath(u))
+        if folder not in by_dir:
+            by_dir[folder] = _sidecar_counts(Path(folder))
+        out.append(by_dir[folder][name] if name in by_dir[folder] else count_tar(u))
+    return out
+
+
+def _sidecar_counts(folder: Path) -> dict[str, int]:
+    f = folder / SIDECAR
+    if not f.is_file():
+        return {}
+    try:
+        info = json.loads(f.read_text(encoding="utf-8"))
+        return dict(zip(info["shards"], (int(c) for c in info["counts"])))
+    except (ValueError, KeyError, TypeError):
+        log.warning("%s: unreadable sidecar, counting shards instead", f)
+        return {}
+
+
+# ------------------------------------------------------------------------------------------------ reading
+
+
+def iter_records(urls: Sequence[str], on_error: Callable[[Exception], bool]) -> Iterator[dict[str, Any]]:
+    """Raw webdataset records ({"__key__", "__url__", "jpg": bytes, "txt": bytes, ...}) of the shards in
+    order. A corrupt or unreadable member or shard goes to `on_error` (return True to go on)."""
+    wds = _webdataset()
+    return wds.tarfile_to_samples(handler=on_error)(iter([{"url": u} for u in urls]))
+
+
+def parse_record(rec: dict[str, Any]) -> tuple[str, bytes, tuple[str, ...]]:
+    """(key, image bytes, captions) of a shard record; SampleError when it has no image or no caption."""
+    key = f"{os.path.basename(rec.get('__url__', '?'))}/{rec.get('__key__', '?')}"
+    image = next((rec[e] for e in SHARD_IMAGE_EXTS if e in rec), None)
+    if image is None:
+        raise SampleError(f"{key}: no image member (.jpg/.jpeg/.png/.webp)")
+    if "txt" in rec:
+        captions = clean_captions(rec["txt"].decode("utf-8", "replace").splitlines(), key)
+    elif "json" in rec:
+        try:
+            meta = json.loads(rec["json"])
+        except ValueError as e:
+            raise SampleError(f"{key}: unreadable .json member") from e
+        captions = clean_captions(meta.get("captions", meta.get("caption")), key)
+    else:
+        captions = ()
+    if not captions:
+        raise SampleError(f"{key}: no caption")
+    return key, image, captions
+
+
+def read_shards(source: str | Path) -> Iterator[tuple[str, bytes, tuple[str, ...]]]:
+    """(key, image bytes, captions) of every sample, in shard order; bad records raise. For inspection and
+    tests; training reads through `clipforge.data.loader`."""
+
+    def strict(e: Exception) -> bool:
+        raise e
+
+    for rec in iter_records(shard_urls(source), strict):
+        yield parse_record(rec)
