@@ -266,12 +266,29 @@ def load(
     device: str | torch.device = "cpu",
     preset: str | None = None,
     activation: str | None = None,
+    precision: str = "fp32",
+    compile: bool = False,
+    channels_last: bool | None = None,
 ) -> tuple[CLIP, Preprocess, Tokenizer | None]:
     """`model, preprocess, tokenizer = clipforge.load(path)`: any supported checkpoint, ready for inference.
 
-    `vocab` (a vocabulary file or directory) supplies the tokenizer of a bare state dict, which carries none."""
-    loaded = read_checkpoint(resolve(path), preset=preset, activation=activation)
+    `vocab` (a vocabulary file or directory) supplies the tokenizer of a bare state dict, which carries none.
+    `precision` ("fp32", "bf16", "int8"), `compile` and `channels_last` pick inference fast paths (see
+    clipforge.fast.optimize and docs/speed.md). A directory written by `clipforge export onnx` loads as a model
+    run by onnxruntime with the same encode_image / encode_text API."""
+    p = resolve(path)
+    from clipforge.onnx_export import is_onnx_dir, load_onnx
+
+    if is_onnx_dir(p):
+        if precision != "fp32" or compile or channels_last:
+            raise ValueError(f"{p} is an ONNX export: precision, compile and channels_last apply to PyTorch models")
+        return load_onnx(p, vocab=vocab)
+    loaded = read_checkpoint(p, preset=preset, activation=activation)
     model = build_model(loaded).to(device)
+    if precision != "fp32" or compile or channels_last is not False:
+        from clipforge.fast import optimize
+
+        model = optimize(model, precision=precision, compile=compile, channels_last=channels_last)
     tokenizer = loaded.tokenizer
     if vocab is not None:
         tokenizer = Tokenizer.from_pretrained(vocab, context_length=loaded.config.text.context_length)

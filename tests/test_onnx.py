@@ -1,0 +1,69 @@
+"""ONNX export: the exported towers, run by onnxruntime through clipforge.load, match PyTorch to 1e-4."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import clipforge
+from clipforge.checkpoint import load, save_model
+from clipforge.cli import main
+from clipforge.tokenizer import train_tokenizer
+
+pytest.importorskip("onnxruntime")
+pytest.importorskip("onnxscript")
+
+CAPTIONS = ["a red circle", "a blue square on white", "a small green triangle", "two yellow stars"] * 8
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    d = tmp_path_factory.mktemp("onnx")
+    tok = train_tokenizer(CAPTIONS, vocab_size=600, context_length=32)
+    cfg = clipforge.get_config("tiny").replace(
+        text={
+            "vocab_size": tok.vocab_size,
+            "sot_token_id": tok.sot_token_id,
+            "eot_token_id": tok.eot_token_id,
+        }
+    )
+    model = clipforge.create_model(cfg, seed=0).eval()
+    save_model(model, d / "model", tokenizer=tok)
+    assert main(["export", "onnx", "--model", str(d / "model"), "--out", str(d / "onnx")]) == 0
+    return model, tok, d / "onnx"
+
+
+def test_export_directory_has_graphs_and_metadata(exported):
+    _, _, out = exported
+    names = {p.name for p in out.iterdir()}
+    assert {"image.onnx", "text.onnx", "clipforge.json", "preprocessor_config.json"} <= names
+    assert json.loads((out / "clipforge.json").read_text())["format"] == "clipforge-onnx"
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+def test_onnx_matches_pytorch(exported, batch):
+    model, tok, out = exported
+    onnx_model, preprocess, onnx_tok = load(out)
+    assert onnx_tok is not None and onnx_tok(["a red circle"]).tolist() == tok(["a red circle"]).tolist()
+    images = torch.randn(batch, 3, 64, 64, generator=torch.Generator().manual_seed(batch))
+    # mixed lengths: the host-side trimming must give the untrimmed tower's result
+    tokens = tok(["a red circle", "two yellow stars on a blue square on white", "x"][:batch])
+    with torch.no_grad():
+        torch.testing.assert_close(
+            onnx_model.encode_image(images), model.encode_image(images), atol=1e-4, rtol=0
+        )
+        torch.testing.assert_close(
+            onnx_model.encode_text(tokens), model.encode_text(tokens), atol=1e-4, rtol=0
+        )
+        li, _ = onnx_model.logits(images, tokens)
+        ri, _ = model.logits(images, tokens)
+    torch.testing.assert_close(li, ri, atol=1e-3, rtol=1e-4)
+
+
+def test_onnx_rejects_overlong_text(exported):
+    _, _, out = exported
+    onnx_model, _, _ = load(out)
+    with pytest.raises(ValueError, match="context length"):
+        onnx_model.encode_text(torch.ones(1, 40, dtype=torch.long))
