@@ -48,13 +48,12 @@ class Encoder:
         self.device = next(model.parameters()).device
 
     @classmethod
-    def load(
-        cls, path: str | Path, *, vocab: str | Path | None = None, device: str = "cpu", **kw: Any
-    ) -> Encoder:
+    def load(cls, path: str | Path, *, batch_size: int = 32, **load_options: Any) -> Encoder:
+        """`load_options` are clipforge.load's: vocab, device, precision, compile, channels_last, ..."""
         from clipforge.checkpoint import load
 
-        model, preprocess, tokenizer = load(path, vocab=vocab, device=device)
-        return cls(model, preprocess, tokenizer, name=str(path), **kw)
+        model, preprocess, tokenizer = load(path, **load_options)
+        return cls(model, preprocess, tokenizer, name=str(path), batch_size=batch_size)
 
     @property
     def dim(self) -> int:

@@ -8,7 +8,8 @@ import sys
 from typing import Any
 
 
-def add_model_flags(p: argparse.ArgumentParser, required: bool = False) -> None:
+def add_model_flags(p: argparse.ArgumentParser, required: bool = False, fast: bool = False) -> None:
+    """--model, --vocab, --device; with `fast`, also the inference fast-path flags (add_fast_flags)."""
     p.add_argument(
         "--model",
         "-m",
@@ -20,6 +21,41 @@ def add_model_flags(p: argparse.ArgumentParser, required: bool = False) -> None:
         "--vocab", default=None, help="vocabulary file or directory, for checkpoints that carry none"
     )
     p.add_argument("--device", default="cpu", help="torch device (default: cpu)")
+    if fast:
+        add_fast_flags(p)
+
+
+def model_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The keyword arguments of clipforge.load / Encoder.load that add_model_flags collected."""
+    options = {"vocab": args.vocab, "device": args.device}
+    if hasattr(args, "channels_last"):
+        options.update(
+            precision=args.precision,
+            compile=args.compile,
+            channels_last=channels_last_arg(args.channels_last),
+        )
+    return options
+
+
+def add_fast_flags(p: argparse.ArgumentParser) -> None:
+    """Inference fast-path flags, mapping onto clipforge.load(precision=, compile=, channels_last=)."""
+    p.add_argument(
+        "--precision",
+        choices=["fp32", "bf16", "int8"],
+        default="fp32",
+        help="fp32 (exact), bf16 (autocast) or int8 (CPU, int8 linear layers); see docs/speed.md",
+    )
+    p.add_argument("--compile", action="store_true", help="torch.compile the towers (slow first call)")
+    p.add_argument(
+        "--channels-last",
+        choices=["auto", "on", "off"],
+        default="auto",
+        help="NHWC convolutions for ResNet image towers (auto: on for ResNet)",
+    )
+
+
+def channels_last_arg(value: str) -> bool | None:
+    return {"auto": None, "on": True, "off": False}[value]
 
 
 def add_json_flag(p: argparse.ArgumentParser) -> None:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from clipforge.cli.common import add_json_flag, add_model_flags, emit
+from clipforge.cli.common import add_json_flag, add_model_flags, emit, model_options
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -47,18 +47,18 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser("embed-text", help="embed texts into the model's space (normalised vectors)")
     p.add_argument("texts", nargs="+", help="texts to embed")
-    add_model_flags(p)
+    add_model_flags(p, fast=True)
     p.add_argument("--out", default=None, help="write the (N, D) float32 array to this .npy file")
     add_json_flag(p)
-    p.set_defaults(run=lambda a: embed(a.model, a.vocab, a.device, texts=a.texts, out=a.out, as_json=a.json))
+    p.set_defaults(run=lambda a: embed(a.model, model_options(a), texts=a.texts, out=a.out, as_json=a.json))
 
     p = sub.add_parser("embed-image", help="embed images into the model's space (normalised vectors)")
     p.add_argument("images", nargs="+", help="image files")
-    add_model_flags(p)
+    add_model_flags(p, fast=True)
     p.add_argument("--out", default=None, help="write the (N, D) float32 array to this .npy file")
     add_json_flag(p)
     p.set_defaults(
-        run=lambda a: embed(a.model, a.vocab, a.device, images=a.images, out=a.out, as_json=a.json)
+        run=lambda a: embed(a.model, model_options(a), images=a.images, out=a.out, as_json=a.json)
     )
 
 
@@ -134,8 +134,7 @@ def convert(
 
 def embed(
     model: str,
-    vocab: str | None,
-    device: str,
+    options: dict,
     *,
     texts: list[str] | None = None,
     images: list[str] | None = None,
@@ -144,7 +143,7 @@ def embed(
 ) -> int:
     from clipforge.encoder import Encoder
 
-    enc = Encoder.load(model, vocab=vocab, device=device)
+    enc = Encoder.load(model, **options)
     items = texts if texts is not None else images
     vectors = enc.embed_texts(texts) if texts is not None else enc.embed_images(images)
     if out:

@@ -8,27 +8,6 @@ from pathlib import Path
 from clipforge.cli.common import add_json_flag, emit
 
 
-def add_fast_flags(p: argparse.ArgumentParser) -> None:
-    """Inference fast-path flags, mapping onto clipforge.load(precision=, compile=, channels_last=)."""
-    p.add_argument(
-        "--precision",
-        choices=["fp32", "bf16", "int8"],
-        default="fp32",
-        help="fp32 (exact), bf16 (autocast) or int8 (CPU, int8 linear layers); see docs/speed.md",
-    )
-    p.add_argument("--compile", action="store_true", help="torch.compile the towers (slow first call)")
-    p.add_argument(
-        "--channels-last",
-        choices=["auto", "on", "off"],
-        default="auto",
-        help="NHWC convolutions for ResNet image towers (auto: on for ResNet)",
-    )
-
-
-def channels_last_arg(value: str) -> bool | None:
-    return {"auto": None, "on": True, "off": False}[value]
-
-
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("export", help="export a model for other runtimes (ONNX)")
     fmt = p.add_subparsers(dest="export_format", metavar="FORMAT")
