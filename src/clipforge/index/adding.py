@@ -102,6 +102,79 @@ def add_files(
     return report
 
 
+def uses_pipeline(encoder: EncoderLike) -> bool:
+    """A real clipforge Encoder (preprocessing + pixel entry point) can decode in worker processes."""
+    return hasattr(encoder, "preprocess") and hasattr(encoder, "embed_pixels")
+
+
+def add_files_parallel(
+    coll: Collection,
+    items: Iterable[str | Path],
+    encoder: EncoderLike,
+    batch_size: int,
+    progress: bool,
+    workers: int,
+    exact_decode: bool,
+) -> AddReport:
+    """`add_files` with hashing, decoding and preprocessing in worker processes (embed.py), the model in this
+    one. Same semantics: one committed transaction per batch, unchanged files (same path and sha256) are
+    hashed but not decoded, changed ones replace their old rows."""
+    from .embed import UNCHANGED, bulk_preprocess, chunks, decode_batches
+    from .sources import Item
+
+    report, todo, seen = AddReport(), [], set()
+    for path, reason in files.walk(items):
+        if path in seen:
+            continue
+        seen.add(path)
+        if reason is None:
+            todo.append(Item(path, path))
+        elif reason == "missing":
+            report.failed.append((path, "file not found"))
+        else:
+            report.skipped.append(path)
+    known: dict[str, list[tuple[int, str]]] = {}
+    for it in todo:
+        rows = coll.conn.execute("SELECT id, sha256 FROM items WHERE key=?", (it.key,)).fetchall()
+        if rows:
+            known[it.key] = rows
+    # A path whose rows all carry the file's current hash is unchanged; the workers check that after hashing.
+    same = {k: {rows[0][1]} for k, rows in known.items() if len({sha for _, sha in rows}) == 1}
+    batches = chunks(todo, batch_size)
+    workers = min(workers, len(batches))  # a handful of files is not worth a process each
+    prep = bulk_preprocess(encoder.preprocess, exact_decode)
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(todo), unit="img", desc="add")
+    for batch, dec in zip(batches, decode_batches(batches, prep, workers, same)):
+        vecs = encoder.embed_pixels(dec.pixels) if dec.ok else np.zeros((0, coll.dim), np.float32)
+        records, drop, kept = [], [], []
+        for it, status, sha, size, mtime in zip(batch, dec.status, dec.sha256, dec.size, dec.mtime):
+            if status == UNCHANGED:
+                report.unchanged.append(it.key)
+            elif status is not None:
+                report.failed.append((it.key, status))
+            else:
+                records.append({"path": it.key, "sha256": sha, "size": size, "mtime": mtime})
+                old = [i for i, _ in known.get(it.key, [])]
+                drop += old
+                kept.append((it.key, bool(old)))
+        if records:
+            x = as_matrix(vecs, coll.dim, "encoder output")
+            report.ids += coll._commit(
+                x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12), records, drop
+            )
+            for path, replaced in kept:
+                (report.updated if replaced else report.added).append(path)
+        if bar is not None:
+            bar.update(len(batch))
+    if bar is not None:
+        bar.close()
+    return report
+
+
 def add_captions(
     coll: Collection, texts: list[str], encoder: EncoderLike, metadata: dict | list[dict] | None
 ) -> list[int]:

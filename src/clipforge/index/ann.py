@@ -72,8 +72,13 @@ class VectorIndex:
 
     # ---- construction -------------------------------------------------------------------------------
     @classmethod
-    def build(cls, kind: str, dim: int, vectors: np.ndarray, ids: np.ndarray) -> VectorIndex:
-        """A fresh index of `kind` ("flat", "hnsw" or "ivfpq") holding vectors (N, D) under ids (N,)."""
+    def build(
+        cls, kind: str, dim: int, vectors: np.ndarray, ids: np.ndarray, n_total: int | None = None
+    ) -> VectorIndex:
+        """A fresh index of `kind` ("flat", "hnsw" or "ivfpq") holding vectors (N, D) under ids (N,).
+
+        IVF-PQ trains on `vectors`; with no ids they are only a training sample of the `n_total` vectors
+        to be added later in chunks (which sets the number of lists)."""
         faiss = _faiss()
         if kind == "flat":
             index = faiss.IndexIDMap2(faiss.IndexFlatIP(dim))
@@ -82,7 +87,7 @@ class VectorIndex:
             inner.hnsw.efConstruction = HNSW_EF_CONSTRUCTION
             index = faiss.IndexIDMap2(inner)
         elif kind == "ivfpq":
-            index = _train_ivfpq(dim, _f32(vectors))
+            index = _train_ivfpq(dim, _f32(vectors), n_total or len(vectors))
         else:
             raise ValueError(f"cannot build index kind {kind!r}")
         out = cls(kind, dim, index)
@@ -209,11 +214,16 @@ def rerank(q: np.ndarray, cand: np.ndarray, k: int, fetch: FetchVectors) -> tupl
     return scores, ids
 
 
-def _train_ivfpq(dim: int, vectors: np.ndarray):
+def ivf_lists(n_total: int, n_train: int) -> int:
+    """Inverted lists for `n_total` vectors trained on `n_train`: ~4 sqrt(N), >= 39 training points each."""
+    nlist = int(np.clip(4 * np.sqrt(n_total), 16, 65536))
+    return min(nlist, max(16, n_train // 39))  # k-means wants >= 39 points per centroid
+
+
+def _train_ivfpq(dim: int, vectors: np.ndarray, n_total: int):
     faiss = _faiss()
     n = len(vectors)
-    nlist = int(np.clip(4 * np.sqrt(n), 16, 65536))
-    nlist = min(nlist, max(16, n // 39))  # k-means wants >= 39 points per centroid
+    nlist = ivf_lists(n_total, n)
     m = next(
         m for m in (dim // 8, dim // 4, dim // 2, dim) if m and dim % m == 0
     )  # ~8 dims per sub-quantiser

@@ -172,7 +172,7 @@ class Collection:
                 continue  # deleted by the writer meanwhile, or unreadable: an older one or the db will do
             self._ann, self._gen, self._saved_gen = index, gen, gen
             self.refresh(force=True)  # HNSW snapshots keep tombstoned vectors: always re-derive them
-            if ann.effective_kind(self.kind, self._ann.ntotal) == self._ann.kind:
+            if self._kind_fits():
                 return self._ann
             break
         return self._rebuild()
@@ -186,6 +186,23 @@ class Collection:
         self._ann = ann.VectorIndex.build(ann.effective_kind(self.kind, len(ids)), self.dim, vecs, ids)
         self._gen = gen
         return self._ann
+
+    def _kind_fits(self) -> bool:
+        """Is the in-memory index the kind wanted at this size? A trained IVF-PQ stays, whatever its size."""
+        if self.kind == "ivfpq" and self._ann.kind == "ivfpq":
+            return True
+        return ann.effective_kind(self.kind, self._ann.ntotal) == self._ann.kind
+
+    def train_index(self, sample: np.ndarray, n_total: int) -> None:
+        """Give an empty "ivfpq" collection an IVF-PQ index trained on `sample` (N, D), for a bulk load of
+        `n_total` vectors that then arrive in chunks (see bulk.py): nothing needs them all in memory."""
+        self._writable()
+        if self.kind != "ivfpq" or len(self):
+            raise CollectionError(
+                f"train_index needs an empty 'ivfpq' collection; {self.path} is {self.kind!r}"
+            )
+        x = unit(as_matrix(sample, self.dim, "training sample"))
+        self._ann = ann.VectorIndex.build("ivfpq", self.dim, x, np.zeros(0, np.int64), n_total=n_total)
 
     def refresh(self, force: bool = False) -> None:
         """Catch the in-memory index up with the database (rows others committed since we last looked)."""
@@ -236,7 +253,7 @@ class Collection:
         self._ann.remove(np.asarray(drop, np.int64))
         self._ann.add(vectors, np.asarray(ids, np.int64))
         self._gen = gen
-        if ann.effective_kind(self.kind, self._ann.ntotal) != self._ann.kind:
+        if not self._kind_fits():
             self._rebuild()  # "auto" crossed a size threshold, or IVF-PQ now has enough to train
         self._unsaved_batches += 1
         overdue = time.monotonic() - self._last_save > SNAPSHOT_SECONDS
@@ -280,15 +297,24 @@ class Collection:
         *,
         batch_size: int = 64,
         progress: bool = False,
+        workers: int | None = None,
+        exact_decode: bool = False,
     ) -> AddReport:
         """Add image files and folders (recursively). Unchanged files (same path, same sha256) are skipped, changed
-        ones replaced; unreadable images are reported in `failed` and never stop the others."""
-        from .adding import add_files
+        ones replaced; unreadable images are reported in `failed` and never stop the others.
+
+        With a clipforge `Encoder`, files are hashed, decoded (fast JPEG path unless `exact_decode`) and
+        preprocessed in `workers` processes (default: cores - 1; 0: in this process), see embed.py."""
+        from .adding import add_files, add_files_parallel, uses_pipeline
+        from .embed import default_workers
 
         self._writable()
         self.check_encoder(encoder)
         if batch_size <= 0:
             raise ValueError(f"batch_size must be positive, got {batch_size}")
+        if uses_pipeline(encoder):
+            w = default_workers() if workers is None else workers
+            return add_files_parallel(self, items, encoder, batch_size, progress, w, exact_decode)
         return add_files(self, items, encoder, batch_size, progress)
 
     def add_texts(

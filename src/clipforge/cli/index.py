@@ -1,0 +1,403 @@
+"""Search sub-commands: `index create|add|remove|info|build-ivfpq`, `search`, `dedup`, `embed`.
+
+Commands that need the model load the one the collection records, unless --model names another path to the
+same weights; a different model is refused (ModelMismatchError, a one-line error)."""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import sys
+import tempfile
+from pathlib import Path
+
+from clipforge.cli.common import add_json_flag, emit
+
+MANIFEST_OR_SHARD = (".jsonl", ".csv", ".tsv", ".tar")
+
+
+def _model_flags(p: argparse.ArgumentParser, required: bool = False) -> None:
+    help_ = "checkpoint directory or 'default'" + ("" if required else " (default: the collection's model)")
+    p.add_argument("--model", "-m", required=required, default=None, help=help_)
+    p.add_argument("--vocab", default=None, help="vocabulary for a checkpoint that carries none")
+    p.add_argument("--device", default="cpu", help="torch device (default: cpu)")
+
+
+def _pipeline_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--batch-size", type=int, default=64, help="images per model call (default 64)")
+    p.add_argument("--workers", type=int, default=None, help="decode processes (default: cores - 1)")
+    p.add_argument(
+        "--exact-decode",
+        action="store_true",
+        help="decode JPEGs at full size (default: DCT-scaled draft decode)",
+    )
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("index", help="persistent search collections: create, add, remove, info, build-ivfpq")
+    acts = p.add_subparsers(dest="index_action", metavar="ACTION")
+    _register_index(acts)
+    _register_search(sub)
+    _register_embed(sub)
+
+
+def _register_index(acts: argparse._SubParsersAction) -> None:
+    c = acts.add_parser("create", help="a new empty collection bound to a model")
+    c.add_argument("collection")
+    _model_flags(c, required=True)
+    c.add_argument("--index", choices=["auto", "flat", "hnsw", "ivfpq"], default="auto", help="index kind")
+    add_json_flag(c)
+    c.set_defaults(run=lambda a: create(Path(a.collection), a.model, a.vocab, a.device, a.index, a.json))
+
+    d = acts.add_parser("add", help="add folders, files, manifests, shards or `clipforge embed` folders")
+    d.add_argument("collection")
+    d.add_argument("paths", nargs="*", help="inputs to add")
+    d.add_argument("--texts", default=None, help="a file of captions, one per line (image-to-text search)")
+    _model_flags(d)
+    _pipeline_flags(d)
+    add_json_flag(d)
+    d.set_defaults(
+        run=lambda a: add(
+            Path(a.collection),
+            a.paths,
+            a.texts,
+            a.model,
+            a.vocab,
+            a.device,
+            a.batch_size,
+            a.workers,
+            a.exact_decode,
+            not a.quiet and sys.stderr.isatty(),
+            a.json,
+        )
+    )
+
+    r = acts.add_parser("remove", help="remove files, folders (everything under them) or ids")
+    r.add_argument("collection")
+    r.add_argument("paths", nargs="+")
+    add_json_flag(r)
+    r.set_defaults(run=lambda a: remove(Path(a.collection), a.paths, a.json))
+
+    i = acts.add_parser("info", help="vectors, rows, model, index kind and (approximate indexes) recall@10")
+    i.add_argument("collection")
+    add_json_flag(i)
+    i.set_defaults(run=lambda a: info(Path(a.collection), a.json))
+
+    b = acts.add_parser("build-ivfpq", help="a new IVF-PQ collection from an embedding folder, in chunks")
+    b.add_argument("embeddings", help="folder written by `clipforge embed`")
+    b.add_argument("--out", required=True, help="the collection to create")
+    add_json_flag(b)
+    b.set_defaults(run=lambda a: build_ivfpq(Path(a.embeddings), Path(a.out), a.json))
+
+
+def _register_search(sub: argparse._SubParsersAction) -> None:
+    s = sub.add_parser("search", help="text, image or combined queries against a collection")
+    s.add_argument("collection")
+    s.add_argument("query", nargs="?", default=None, help='text; words starting with "-" are negatives')
+    s.add_argument("--image", action="append", default=None, help="query image (repeatable)")
+    s.add_argument("--k", type=int, default=10)
+    s.add_argument("--text-weight", type=float, default=1.0)
+    s.add_argument("--image-weight", type=float, default=1.0)
+    s.add_argument("--negative", action="append", default=[], help="text to steer away from (repeatable)")
+    s.add_argument("--negative-weight", type=float, default=0.5)
+    s.add_argument("--path-prefix", default=None, help="only items whose path starts with this")
+    s.add_argument(
+        "--after", default=None, help="only items added after this date (ISO 8601 or epoch seconds)"
+    )
+    s.add_argument("--before", default=None, help="only items added before this date")
+    _model_flags(s)
+    add_json_flag(s)
+    s.set_defaults(run=lambda a: search(Path(a.collection), a, a.json))
+
+    d = sub.add_parser("dedup", help="groups of near-duplicate items")
+    d.add_argument("collection")
+    d.add_argument("--threshold", type=float, default=0.95, help="cosine at or above which two items match")
+    add_json_flag(d)
+    d.set_defaults(run=lambda a: dedup(Path(a.collection), a.threshold, a.json))
+
+
+def _register_embed(sub: argparse._SubParsersAction) -> None:
+    e = sub.add_parser("embed", help="embed a folder, manifest or shards into clip-retrieval's output layout")
+    e.add_argument("inputs", nargs="+", help="folders, manifests (.jsonl/.csv), webdataset shards (.tar)")
+    _model_flags(e, required=True)
+    e.add_argument("--out", required=True, help="output folder (img_emb/, text_emb/, metadata/)")
+    e.add_argument("--part-size", type=int, default=100_000, help="vectors per output part (default 100000)")
+    e.add_argument("--dtype", choices=["float16", "float32"], default="float16")
+    _pipeline_flags(e)
+    e.add_argument("--ray", action="store_true", help="run on Ray Data (RAY_ADDRESS or a local instance)")
+    e.add_argument("--ray-actors", type=int, default=None, help="model actors (default: one per GPU, else 1)")
+    add_json_flag(e)
+    e.set_defaults(run=lambda a: embed(a))
+
+
+# ---- plain functions -------------------------------------------------------------------------------------
+
+
+def _load_encoder(model: str, vocab: str | None, device: str):
+    from clipforge.encoder import Encoder
+
+    p = Path(model).expanduser()
+    return Encoder.load(str(p.absolute()) if p.exists() else model, vocab=vocab, device=device)
+
+
+def collection_encoder(coll, model: str | None, vocab: str | None, device: str):
+    """The collection's own model, or `model` if it is the same one (else ModelMismatchError)."""
+    recorded = coll.identity.get("model")
+    if model is None and not recorded:
+        raise ValueError(f"collection {coll.path} records no model path; pass --model")
+    if model is not None:
+        enc = _load_encoder(model, vocab, device)
+    else:
+        try:
+            enc = _load_encoder(recorded, vocab, device)
+        except FileNotFoundError as e:
+            raise FileNotFoundError(
+                f"collection {coll.path} records model {recorded}, which cannot be loaded ({e}); pass --model"
+            ) from e
+    coll.check_encoder(enc)
+    return enc
+
+
+def create(path: Path, model: str, vocab: str | None, device: str, index: str, as_json: bool) -> int:
+    from clipforge.index import Collection
+
+    enc = _load_encoder(model, vocab, device)
+    with Collection.create(path, identity=enc.identity, dim=enc.dim, index=index) as coll:
+        out = coll.info()
+    emit(out, as_json, f"created {path} for {enc.name} ({enc.dim}-d, index {index})")
+    return 0
+
+
+def add(
+    path: Path,
+    inputs: list[str],
+    texts: str | None,
+    model: str | None,
+    vocab: str | None,
+    device: str,
+    batch_size: int,
+    workers: int | None,
+    exact_decode: bool,
+    progress: bool,
+    as_json: bool,
+) -> int:
+    from clipforge.index import AddReport, Collection
+    from clipforge.index.bulk import add_embedding_folder
+    from clipforge.index.embed_output import is_embedding_folder
+
+    if not inputs and not texts:
+        raise ValueError("index add needs PATH arguments or --texts FILE")
+    report, caption_ids = AddReport(), []
+    with Collection.open(path) as coll:
+        folders = [p for p in inputs if is_embedding_folder(p)]
+        bulk = [p for p in inputs if p not in folders and Path(p).suffix.lower() in MANIFEST_OR_SHARD]
+        files = [p for p in inputs if p not in folders and p not in bulk]
+        for f in folders:
+            _merge(report, add_embedding_folder(coll, f))
+        if files or bulk or texts:
+            enc = collection_encoder(coll, model, vocab, device)
+            if files:
+                _merge(
+                    report,
+                    coll.add(
+                        files,
+                        enc,
+                        batch_size=batch_size,
+                        progress=progress,
+                        workers=workers,
+                        exact_decode=exact_decode,
+                    ),
+                )
+            if bulk:
+                _merge(
+                    report, _add_via_embedding(coll, bulk, enc, batch_size, workers, exact_decode, progress)
+                )
+            if texts:
+                lines = [t.strip() for t in Path(texts).read_text(encoding="utf-8").splitlines() if t.strip()]
+                caption_ids = coll.add_texts(lines, enc)
+        info = {"vectors": len(coll), "rows": coll.info()["rows"]}
+    result = {
+        "added": len(report.added),
+        "updated": len(report.updated),
+        "unchanged": len(report.unchanged),
+        "skipped": len(report.skipped),
+        "captions": len(caption_ids),
+        "failed": [{"path": p, "reason": r} for p, r in report.failed],
+        **info,
+    }
+    lines = [report.summary() + (f", captions {len(caption_ids)}" if texts else "")]
+    lines += [f"  failed: {p}: {r}" for p, r in report.failed]
+    emit(result, as_json, "\n".join(lines))
+    return 0
+
+
+def _merge(into, part) -> None:
+    for name in ("added", "updated", "unchanged", "skipped", "failed", "ids"):
+        getattr(into, name).extend(getattr(part, name))
+
+
+def _add_via_embedding(coll, inputs, enc, batch_size, workers, exact_decode, progress):
+    """Manifests and shards go through the bulk pipeline into a scratch embedding folder, then in."""
+    from clipforge.index.bulk import add_embedding_folder
+    from clipforge.index.embed import embed_to_folder
+
+    with tempfile.TemporaryDirectory(prefix="clipforge-add-") as tmp:
+        embed_to_folder(
+            inputs,
+            enc,
+            Path(tmp) / "emb",
+            batch_size=batch_size,
+            workers=workers,
+            exact_decode=exact_decode,
+            dtype="float32",
+            progress=progress,
+        )
+        return add_embedding_folder(coll, Path(tmp) / "emb")
+
+
+def remove(path: Path, items: list[str], as_json: bool) -> int:
+    from clipforge.index import Collection
+
+    with Collection.open(path) as coll:
+        n = coll.remove([int(x) if x.isdigit() else x for x in items])
+        info = {"removed": n, "vectors": len(coll), "rows": coll.info()["rows"]}
+    emit(info, as_json, f"removed {n} items; {info['vectors']} left")
+    return 0
+
+
+def info(path: Path, as_json: bool) -> int:
+    from clipforge.index import Collection
+
+    with Collection.open(path, readonly=True) as coll:
+        out = coll.info()
+    recall = f", recall@10 {out['recall@10']:.3f}" if "recall@10" in out else ""
+    text = (
+        f"{path}: {out['vectors']} vectors, {out['rows']} rows, index {out['index_active']}{recall}\n"
+        f"  model: {out['model'].get('model')} ({out['model'].get('fingerprint', '')[:19]}..., {out['dim']}-d)"
+    )
+    emit(out, as_json, text)
+    return 0
+
+
+def build_ivfpq(folder: Path, out: Path, as_json: bool) -> int:
+    from clipforge.index.bulk import build_ivfpq as build
+
+    with build(folder, out) as coll:
+        res = coll.info()
+    emit(
+        res,
+        as_json,
+        f"built {out}: {res['vectors']} vectors, IVF-PQ recall@10 {res.get('recall@10', 1.0):.3f}",
+    )
+    return 0
+
+
+def parse_query(query: str | None) -> tuple[str | None, list[str]]:
+    """'bicycle -people -cars' -> ('bicycle', ['people', 'cars']); a lone '-' stays a word."""
+    if query is None:
+        return None, []
+    words, negs = [], []
+    for w in query.split():
+        (negs.append(w[1:]) if w.startswith("-") and len(w) > 1 else words.append(w))
+    return (" ".join(words) or None), negs
+
+
+def parse_time(value: str | None, flag: str) -> float | None:
+    if value is None:
+        return None
+    try:
+        return float(value)
+    except ValueError:
+        pass
+    try:
+        return dt.datetime.fromisoformat(value).timestamp()
+    except ValueError:
+        raise ValueError(f"{flag} {value!r} is neither a date (ISO 8601) nor epoch seconds") from None
+
+
+def search(path: Path, a: argparse.Namespace, as_json: bool) -> int:
+    from clipforge.index import Collection
+
+    text, negs = parse_query(a.query)
+    negs += a.negative
+    if text is None and not a.image:
+        raise ValueError("search needs a text query (with at least one positive word) or --image PATH")
+    with Collection.open(path, readonly=True) as coll:
+        enc = collection_encoder(coll, a.model, a.vocab, a.device)
+        hits = coll.search(
+            text=text,
+            image=a.image,
+            weights=(a.text_weight, a.image_weight),
+            negative=negs or None,
+            negative_weight=a.negative_weight,
+            k=a.k,
+            path_prefix=a.path_prefix,
+            added_after=parse_time(a.after, "--after"),
+            added_before=parse_time(a.before, "--before"),
+            encoder=enc,
+        )
+    rows = [
+        {"id": h.id, "score": round(h.score, 6), "path": h.path, "caption": h.caption, "metadata": h.metadata}
+        for h in hits
+    ]
+    query = {"text": text, "negative": negs, "image": a.image}
+    lines = [f"{r['score']:.4f}  {r['path'] or r['caption']}" for r in rows]
+    emit({"query": query, "hits": rows}, as_json, "\n".join(lines) or "no results")
+    return 0
+
+
+def dedup(path: Path, threshold: float, as_json: bool) -> int:
+    from clipforge.index import Collection
+
+    if not -1.0 <= threshold <= 1.0:
+        raise ValueError(f"--threshold is a cosine in [-1, 1], got {threshold}")
+    with Collection.open(path, readonly=True) as coll:
+        groups = coll.dedup(threshold)
+    out = [
+        [{"id": h.id, "path": h.path, "caption": h.caption, "score": round(h.score, 6)} for h in g]
+        for g in groups
+    ]
+    text = "\n\n".join("\n".join(f"{m['score']:.4f}  {m['path'] or m['caption']}" for m in g) for g in out)
+    emit({"threshold": threshold, "groups": out}, as_json, text or "no near-duplicates")
+    return 0
+
+
+def embed(a: argparse.Namespace) -> int:
+    progress = not a.quiet and sys.stderr.isatty()
+    if a.ray:
+        from clipforge.index.embed_ray import embed_with_ray
+
+        summary = embed_with_ray(
+            a.inputs,
+            a.model,
+            a.out,
+            vocab=a.vocab,
+            part_size=a.part_size,
+            batch_size=a.batch_size,
+            exact_decode=a.exact_decode,
+            dtype=a.dtype,
+            actors=a.ray_actors,
+        )
+    else:
+        from clipforge.index.embed import embed_to_folder
+
+        enc = _load_encoder(a.model, a.vocab, a.device)
+        summary = embed_to_folder(
+            a.inputs,
+            enc,
+            a.out,
+            part_size=a.part_size,
+            batch_size=a.batch_size,
+            workers=a.workers,
+            exact_decode=a.exact_decode,
+            dtype=a.dtype,
+            progress=progress,
+        )
+    lines = [
+        f"embedded {summary.embedded} of {summary.items} images into {summary.out} ({summary.parts} parts, "
+        f"{summary.parts_done_before} already done)"
+    ]
+    lines += [f"  skipped {k}: {r}" for k, r in summary.skipped]
+    emit(summary.to_dict(), a.json, "\n".join(lines))
+    return 0

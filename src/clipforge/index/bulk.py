@@ -1,0 +1,112 @@
+"""Collections from embedding folders (`clipforge embed` output), without re-embedding and without holding
+all vectors in memory: parts are memory-mapped and stored a chunk at a time.
+
+`add_embedding_folder` adds a folder to any collection (the model identity in the folder's sidecar must be
+the collection's). `build_ivfpq` makes a new IVF-PQ collection: it trains the quantisers on a sample drawn
+across all parts, then adds every vector in chunks, so peak memory is the sample plus one chunk.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from . import ann
+from . import embed_output as eo
+from .store import Collection
+from .types import AddReport, ModelMismatchError, identity_name, same_model
+
+CHUNK = 65_536
+MAX_TRAIN = 2_000_000  # training sample cap: ~4 GB of 512-d float32, enough for 65,536 lists x ~30 points
+
+
+def check_folder_model(coll: Collection, folder: Path, side: dict) -> None:
+    ident = {**side["model"], "dim": side["dim"]}
+    if not same_model(coll.identity, ident):
+        raise ModelMismatchError(
+            f"embedding folder {folder} was made with {identity_name(ident)}, but collection {coll.path} "
+            f"holds {identity_name(coll.identity)}; embed with the collection's model or use another collection"
+        )
+
+
+def _record(row: dict) -> dict:
+    meta = {k: v for k, v in row.items() if k not in ("image_path", "caption", "sha256") and v is not None}
+    return {
+        "path": row["image_path"],
+        "caption": row.get("caption"),
+        "sha256": row.get("sha256"),
+        "metadata": meta,
+    }
+
+
+def add_embedding_folder(coll: Collection, folder: str | Path, chunk: int = CHUNK) -> AddReport:
+    """Store every vector of an embedding folder with its metadata; rows already stored under the same
+    image_path and sha256 are skipped, changed ones replaced (as `Collection.add` does for files)."""
+    folder = Path(folder)
+    side = eo.read_sidecar(folder)
+    check_folder_model(coll, folder, side)
+    report = AddReport(failed=[(k, r) for k, r in eo.collect_skipped(folder)])
+    for vecs, rows in eo.iter_parts(folder):
+        for start in range(0, len(rows), chunk):
+            _add_chunk(
+                coll, np.asarray(vecs[start : start + chunk], np.float32), rows[start : start + chunk], report
+            )
+    return report
+
+
+def _add_chunk(coll: Collection, x: np.ndarray, rows: list[dict], report: AddReport) -> None:
+    keep, drop, kept = [], [], []
+    for i, row in enumerate(rows):
+        old = coll.conn.execute("SELECT id, sha256 FROM items WHERE key=?", (row["image_path"],)).fetchall()
+        if old and all(sha == row.get("sha256") for _, sha in old):
+            report.unchanged.append(row["image_path"])
+            continue
+        keep.append(i)
+        drop += [rid for rid, _ in old]
+        kept.append((row["image_path"], bool(old)))
+    if not keep:
+        return
+    xs = x[keep]
+    xs /= np.maximum(np.linalg.norm(xs, axis=1, keepdims=True), 1e-12)  # float16 storage: renormalise
+    coll._writable()
+    report.ids += coll._commit(xs, [_record(rows[i]) for i in keep], drop)
+    for path, replaced in kept:
+        (report.updated if replaced else report.added).append(path)
+
+
+def sample_vectors(folder: Path, n: int, seed: int = 0) -> np.ndarray:
+    """Up to `n` vectors (n, D) float32 drawn uniformly across all parts, reading only the rows drawn."""
+    parts = [v for v, _ in eo.iter_parts(folder)]
+    sizes = np.array([len(v) for v in parts])
+    total = int(sizes.sum())
+    rng = np.random.default_rng(seed)
+    pick = np.sort(rng.choice(total, min(n, total), replace=False))
+    starts = np.concatenate([[0], np.cumsum(sizes)])
+    out = []
+    for p, v in enumerate(parts):
+        local = pick[(pick >= starts[p]) & (pick < starts[p + 1])] - starts[p]
+        if len(local):
+            out.append(np.asarray(v[local], np.float32))  # fancy indexing a memmap reads just these rows
+    return np.concatenate(out)
+
+
+def build_ivfpq(
+    folder: str | Path, out: str | Path, *, chunk: int = CHUNK, max_train: int = MAX_TRAIN, seed: int = 0
+) -> Collection:
+    """A new IVF-PQ collection at `out` holding every vector of the embedding folder. Returns it open."""
+    folder = Path(folder)
+    side = eo.read_sidecar(folder)
+    total = sum(len(v) for v, _ in eo.iter_parts(folder))
+    if total < 2 * 39 * 16:  # too few to train even 16 lists
+        raise ValueError(f"{folder} holds {total} vectors; IVF-PQ needs at least {2 * 39 * 16}")
+    coll = Collection.create(out, identity=side["model"], dim=int(side["dim"]), index="ivfpq")
+    try:
+        n_train = min(total, max_train, max(64 * ann.ivf_lists(total, total), 100_000))
+        coll.train_index(sample_vectors(folder, n_train, seed), total)
+        add_embedding_folder(coll, folder, chunk)
+        coll.save()
+    except BaseException:
+        coll.close()
+        raise
+    return coll

@@ -1,0 +1,184 @@
+"""The embedding folder: clip-retrieval's inference layout plus a sidecar and per-part done-markers.
+
+    embeddings.json               what made it: model identity, dim, dtype, part size, input fingerprint
+    img_emb/img_emb_<i>.npy       (n_i, D) image embeddings, L2-normalised (float16 by default, as clip-retrieval)
+    text_emb/text_emb_<i>.npy     (n_i, D) caption embeddings, when every input has a caption
+    metadata/metadata_<i>.parquet one row per vector: image_path, caption, sha256, then the input's metadata keys
+    _done/part_<i>.json           written last for part i: its row count and skipped files with reasons
+
+Part numbers are zero-padded to the digits of the part count, as clip-retrieval pads them, so a sorted file
+listing is the input order. A part is finished iff its marker exists; a rerun redoes only unfinished parts.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+SIDECAR = "embeddings.json"
+FORMAT = "clipforge-embeddings/1"
+DTYPES = ("float16", "float32")
+
+
+class EmbeddingFolderError(ValueError):
+    """An embedding folder that is missing parts, malformed, or was made by another model or input."""
+
+
+@dataclass
+class EmbedSummary:
+    out: str
+    items: int = 0
+    embedded: int = 0
+    parts: int = 0
+    parts_done_before: int = 0  # finished by an earlier (interrupted) run and skipped this time
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # (image_path, reason)
+
+    def to_dict(self) -> dict:
+        return {**self.__dict__, "skipped": [{"image_path": k, "reason": r} for k, r in self.skipped]}
+
+
+def part_name(i: int, n_parts: int) -> str:
+    return str(i).zfill(len(str(max(n_parts, 1))))
+
+
+def input_fingerprint(keys: Sequence[str], part_size: int) -> str:
+    h = hashlib.sha256(str(part_size).encode())
+    for k in keys:
+        h.update(k.encode("utf-8", "surrogatepass") + b"\0")
+    return "sha256:" + h.hexdigest()
+
+
+def _atomic(path: Path, write) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        write(f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def write_json(path: Path, obj: dict) -> None:
+    _atomic(path, lambda f: f.write(json.dumps(obj, indent=2, sort_keys=True).encode()))
+
+
+def prepare(out: Path, header: dict) -> set[int]:
+    """Create `out` with its sidecar, or check a previous run's sidecar matches; returns finished parts."""
+    out.mkdir(parents=True, exist_ok=True)
+    side = out / SIDECAR
+    if side.exists():
+        old = read_sidecar(out)
+        for key in ("model", "dim", "dtype", "part_size", "input", "captions"):
+            if old.get(key) != header.get(key):
+                raise EmbeddingFolderError(
+                    f"{out} holds embeddings of another run ({key}: {old.get(key)!r} there, "
+                    f"{header.get(key)!r} now); use a new --out folder or delete it"
+                )
+    else:
+        write_json(side, header)
+    for sub in ("img_emb", "metadata", "_done") + (("text_emb",) if header["captions"] else ()):
+        (out / sub).mkdir(exist_ok=True)
+    return done_parts(out)
+
+
+def done_parts(out: Path) -> set[int]:
+    d = out / "_done"
+    return {int(p.stem.split("_")[1]) for p in d.glob("part_*.json")} if d.is_dir() else set()
+
+
+def _table(rows: list[dict]):
+    import pyarrow as pa
+
+    cols: dict[str, list] = {"image_path": [], "caption": [], "sha256": []}
+    for r in rows:
+        for k in r:
+            cols.setdefault(k, [])
+    for r in rows:
+        for k, v in cols.items():
+            x = r.get(k)
+            v.append(json.dumps(x) if isinstance(x, (dict, list)) else x)
+    arrays = {}
+    for k, v in cols.items():
+        try:
+            arrays[k] = pa.array(v)
+        except (pa.ArrowInvalid, pa.ArrowTypeError):  # mixed types across rows: keep them as text
+            arrays[k] = pa.array([None if x is None else str(x) for x in v], pa.string())
+    return pa.table(arrays)
+
+
+def write_part(
+    out: Path,
+    i: int,
+    n_parts: int,
+    img: np.ndarray,
+    text: np.ndarray | None,
+    rows: list[dict],
+    skipped: list[tuple[str, str]],
+    dtype: str,
+) -> None:
+    """Part i: vectors (n, D), caption vectors (n, D) or None, one metadata row each; the marker goes last."""
+    import pyarrow.parquet as pq
+
+    name = part_name(i, n_parts)
+    _atomic(out / "img_emb" / f"img_emb_{name}.npy", lambda f: np.save(f, img.astype(dtype)))
+    if text is not None:
+        _atomic(out / "text_emb" / f"text_emb_{name}.npy", lambda f: np.save(f, text.astype(dtype)))
+    table = _table(rows)
+    _atomic(out / "metadata" / f"metadata_{name}.parquet", lambda f: pq.write_table(table, f))
+    write_json(
+        out / "_done" / f"part_{name}.json", {"rows": len(rows), "skipped": [list(s) for s in skipped]}
+    )
+
+
+def read_sidecar(folder: Path) -> dict:
+    try:
+        side = json.loads((Path(folder) / SIDECAR).read_text())
+    except FileNotFoundError:
+        raise EmbeddingFolderError(
+            f"{folder} is not a clipforge embedding folder ({SIDECAR} missing)"
+        ) from None
+    except json.JSONDecodeError as e:
+        raise EmbeddingFolderError(f"{Path(folder) / SIDECAR} is not valid JSON: {e}") from None
+    if side.get("format") != FORMAT or "model" not in side:
+        raise EmbeddingFolderError(f"{Path(folder) / SIDECAR} is not a {FORMAT} sidecar")
+    return side
+
+
+def is_embedding_folder(path: str | Path) -> bool:
+    return (Path(path) / SIDECAR).is_file() and (Path(path) / "img_emb").is_dir()
+
+
+def collect_skipped(out: Path) -> list[tuple[str, str]]:
+    skipped = []
+    for p in sorted((out / "_done").glob("part_*.json")):
+        skipped += [tuple(s) for s in json.loads(p.read_text())["skipped"]]
+    return skipped
+
+
+def iter_parts(folder: str | Path, mmap: bool = True) -> Iterator[tuple[np.ndarray, list[dict]]]:
+    """(image vectors (n, D), metadata rows) of each finished part, in order. `mmap` leaves vectors on disk."""
+    import pyarrow.parquet as pq
+
+    folder = Path(folder)
+    side = read_sidecar(folder)
+    n_parts = int(side["parts"])
+    missing = [i for i in range(n_parts) if i not in done_parts(folder)]
+    if missing:
+        raise EmbeddingFolderError(
+            f"{folder} is unfinished: parts {missing[:10]} missing; rerun `clipforge embed` to complete it"
+        )
+    for i in range(n_parts):
+        name = part_name(i, n_parts)
+        vecs = np.load(folder / "img_emb" / f"img_emb_{name}.npy", mmap_mode="r" if mmap else None)
+        rows = pq.read_table(folder / "metadata" / f"metadata_{name}.parquet").to_pylist()
+        if len(rows) != len(vecs) or (len(vecs) and vecs.shape[1] != side["dim"]):
+            raise EmbeddingFolderError(
+                f"{folder}: part {name} has {len(vecs)} vectors of shape {vecs.shape} but {len(rows)} metadata "
+                f"rows (dim {side['dim']} expected)"
+            )
+        yield vecs, rows

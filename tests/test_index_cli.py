@@ -1,0 +1,157 @@
+"""`clipforge index|search|dedup|embed` round trips on synthetic images with a tiny random model, checked
+against the Python API (Collection.search with the same Encoder) and against Encoder outputs."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from test_embed import make_model
+
+from clipforge.cli import main
+from clipforge.cli.index import parse_query
+from clipforge.data.synthetic import shape_samples
+from clipforge.encoder import Encoder
+from clipforge.index import Collection
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory) -> Path:
+    return make_model(tmp_path_factory.mktemp("model") / "m")
+
+
+@pytest.fixture(scope="module")
+def enc(model) -> Encoder:
+    return Encoder.load(model)
+
+
+@pytest.fixture()
+def images(tmp_path) -> Path:
+    d = tmp_path / "photos"
+    (d / "sub").mkdir(parents=True)
+    for i, s in enumerate(shape_samples(6, size=40, seed=2)):
+        s.image.save(d / ("sub" if i >= 4 else "") / f"{i}.png")
+    shutil.copy(d / "0.png", d / "sub" / "copy_of_0.png")  # an exact duplicate for dedup
+    return d
+
+
+def run(capsys, *args) -> dict:
+    code = main([str(a) for a in args])
+    out = capsys.readouterr()
+    assert code == 0, out.err
+    return json.loads(out.out)
+
+
+def fail(capsys, *args) -> str:
+    assert main([str(a) for a in args]) == 2
+    return capsys.readouterr().err
+
+
+def test_round_trip(capsys, model, enc, images, tmp_path):
+    col = tmp_path / "col"
+    run(capsys, "index", "create", col, "--model", model, "--json")
+    rep = run(capsys, "index", "add", col, images, "--workers", "1", "--json")
+    assert rep["added"] == 7 and rep["vectors"] == rep["rows"] == 7 and rep["failed"] == []
+    again = run(capsys, "index", "add", col, images, "--workers", "0", "--json")
+    assert again["unchanged"] == 7 and again["added"] == 0
+    info = run(capsys, "index", "info", col, "--json")
+    assert (
+        info["vectors"] == info["rows"] == 7 and info["model"]["fingerprint"] == enc.identity["fingerprint"]
+    )
+
+    res = run(capsys, "search", col, "a red circle -square", "--k", "3", "--json")
+    assert res["query"] == {"text": "a red circle", "negative": ["square"], "image": None}
+    with Collection.open(col, readonly=True) as c:
+        ref = c.search(text="a red circle", negative=["square"], k=3, encoder=enc)
+        stored = {h.path: c._fetch(np.array([h.id]))[0] for h in c.search(vector=np.ones(enc.dim), k=7)}
+    assert [h["id"] for h in res["hits"]] == [h.id for h in ref]
+    np.testing.assert_allclose([h["score"] for h in res["hits"]], [h.score for h in ref], atol=1e-5)
+    paths = sorted(stored)
+    np.testing.assert_allclose(np.stack([stored[p] for p in paths]), enc.embed_images(paths), atol=2e-5)
+
+    img = run(capsys, "search", col, "--image", images / "sub" / "4.png", "--k", "2", "--json")
+    assert img["hits"][0]["path"] == str(images / "sub" / "4.png") and img["hits"][0]["score"] > 0.9999
+    sub = run(capsys, "search", col, "a shape", "--path-prefix", images / "sub", "--json")
+    assert {Path(h["path"]).parent.name for h in sub["hits"]} == {"sub"} and len(sub["hits"]) == 3
+    later = run(capsys, "search", col, "a shape", "--after", time.time() + 60, "--json")
+    assert later["hits"] == []
+    assert len(run(capsys, "search", col, "a shape", "--before", "2999-01-01", "--json")["hits"]) == 7
+
+    groups = run(capsys, "dedup", col, "--threshold", "0.9999", "--json")["groups"]
+    assert [sorted(Path(m["path"]).name for m in g) for g in groups] == [["0.png", "copy_of_0.png"]]
+
+    removed = run(capsys, "index", "remove", col, images / "sub", "--json")
+    assert removed["removed"] == 3 and removed["vectors"] == removed["rows"] == 4
+
+
+def test_parse_query():
+    assert parse_query("bicycle -people -cars") == ("bicycle", ["people", "cars"])
+    assert parse_query("a - b") == ("a - b", [])
+    assert parse_query("-people") == (None, ["people"])
+
+
+def test_other_model_is_refused(capsys, model, images, tmp_path):
+    col = tmp_path / "col"
+    run(capsys, "index", "create", col, "--model", model, "--json")
+    other = make_model(tmp_path / "other", seed=1)
+    err = fail(capsys, "search", col, "a red circle", "--model", other)
+    assert "was built with" in err and str(col) in err
+    assert "needs a text query" in fail(capsys, "search", col, "--", "-people")
+    emb = tmp_path / "emb"
+    run(capsys, "embed", images, "--model", other, "--out", emb, "--workers", "0", "--json")
+    assert "was made with" in fail(capsys, "index", "add", col, emb)
+
+
+def test_embed_folder_then_index_add_without_reembedding(capsys, model, enc, images, tmp_path):
+    emb = tmp_path / "emb"
+    s = run(
+        capsys,
+        "embed",
+        images,
+        "--model",
+        model,
+        "--out",
+        emb,
+        "--part-size",
+        "4",
+        "--workers",
+        "1",
+        "--exact-decode",
+        "--json",
+    )
+    assert s["embedded"] == 7 and s["parts"] == 2
+    col = tmp_path / "col"
+    run(capsys, "index", "create", col, "--model", model, "--index", "flat", "--json")
+    rep = run(capsys, "index", "add", col, emb, "--json")
+    assert rep["added"] == 7 and rep["vectors"] == 7
+    assert run(capsys, "index", "add", col, emb, "--json")["unchanged"] == 7
+    assert run(capsys, "index", "add", col, images, "--json")["unchanged"] == 7  # same sha256 as the files
+    with Collection.open(col, readonly=True) as c:
+        hits = c.search(vector=np.ones(enc.dim), k=7)
+        got = c._fetch(np.array([h.id for h in hits]))
+    np.testing.assert_allclose(got, enc.embed_images([h.path for h in hits]), atol=2e-3)  # stored as float16
+
+
+def test_captions_and_image_to_text(capsys, model, images, tmp_path):
+    caps = tmp_path / "captions.txt"
+    caps.write_text("\n".join(s.label for s in shape_samples(6, size=40, seed=2)))
+    col = tmp_path / "caps"
+    run(capsys, "index", "create", col, "--model", model, "--json")
+    assert run(capsys, "index", "add", col, "--texts", caps, "--json")["captions"] == 6
+    res = run(capsys, "search", col, "--image", images / "0.png", "--k", "3", "--json")
+    assert len(res["hits"]) == 3 and all(h["caption"] and h["path"] is None for h in res["hits"])
+
+
+def test_approximate_index_reports_recall(capsys, model, tmp_path):
+    col = tmp_path / "col"
+    run(capsys, "index", "create", col, "--model", model, "--index", "hnsw", "--json")
+    rng = np.random.default_rng(0)
+    with Collection.open(col) as c:
+        x = rng.standard_normal((300, c.dim)).astype(np.float32)
+        c.add_vectors(x, [{"key": f"k{i}"} for i in range(300)])
+    info = run(capsys, "index", "info", col, "--json")
+    assert {"vectors", "rows", "model", "recall@10"} <= set(info) and info["recall@10"] >= 0.95
