@@ -12,6 +12,7 @@ from clipforge.checkpoint import CheckpointError, load, save_model
 from clipforge.model import CLIP, CLIPConfig, create_model, get_config, list_models
 from clipforge.tokenizer import Tokenizer, get_tokenizer, train_tokenizer
 from clipforge.transforms import ImageError, Preprocess, load_image
+from clipforge.zeroshot import ZeroShotClassifier
 
 __all__ = [
     "CLIP",
@@ -20,6 +21,7 @@ __all__ = [
     "ImageError",
     "Preprocess",
     "Tokenizer",
+    "ZeroShotClassifier",
     "__version__",
     "create_model",
     "get_config",

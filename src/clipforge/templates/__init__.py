@@ -1,0 +1,1 @@
+"""Built-in prompt template sets, one template a line: simple.txt, ensemble.txt."""
