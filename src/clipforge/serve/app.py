@@ -1,0 +1,150 @@
+"""The FastAPI application: wiring only. Endpoints live in api.py (clipforge's own) and compat.py
+(clip-retrieval's); the work is done by engine.Engine and the library below it.
+
+    create_app(config, encoder=None)  one process's app; the model and collection load here, once
+    app_from_env()                    the factory uvicorn calls in each `--workers N` process
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse
+from fastapi.staticfiles import StaticFiles
+from starlette.exceptions import HTTPException
+
+from clipforge.index.types import EncoderLike
+
+from . import api, compat
+from .config import CONFIG_ENV, ServeConfig
+from .engine import Engine, NotFound
+from .guard import Guard
+from .metrics import Metrics
+
+STATIC = Path(__file__).parent / "static"
+log = logging.getLogger("clipforge.serve")
+
+
+def load_encoder(config: ServeConfig, identity: dict) -> EncoderLike:
+    """The checkpoint named by --model, else the one recorded in the collection when it was built."""
+    from clipforge.checkpoint import resolve
+    from clipforge.encoder import Encoder
+
+    name = config.model or identity.get("model") or "default"
+    enc = Encoder.load(resolve(name), vocab=config.vocab, device=config.device)
+    enc.name = str(identity.get("model") or name) if config.model is None else enc.name
+    return enc
+
+
+def _error(status: int, message: str, detail: Any = None, headers: dict | None = None) -> JSONResponse:
+    body: dict[str, Any] = {"error": message}
+    if detail is not None:
+        body["detail"] = detail
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+def _install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(RequestValidationError)
+    async def invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
+        errs = [{"loc": list(e.get("loc", ())), "msg": str(e.get("msg", ""))} for e in exc.errors()]
+        first = errs[0] if errs else {"loc": [], "msg": "invalid request"}
+        where = ".".join(str(x) for x in first["loc"] if x != "body") or "request"
+        return _error(422, f"invalid request: {where}: {first['msg']}", errs)
+
+    @app.exception_handler(HTTPException)
+    async def http_error(_: Request, exc: HTTPException) -> JSONResponse:
+        return _error(exc.status_code, str(exc.detail), headers=getattr(exc, "headers", None))
+
+    @app.exception_handler(NotFound)
+    async def not_found(_: Request, exc: NotFound) -> JSONResponse:
+        return _error(404, str(exc.args[0] if exc.args else exc))
+
+    @app.exception_handler(ValueError)
+    async def bad_value(_: Request, exc: ValueError) -> JSONResponse:
+        # Library errors about the input (ImageError, ModelMismatchError, ...) are the client's to fix.
+        from clipforge.index import CollectionError
+
+        if isinstance(exc, CollectionError) and "another process" in str(exc):
+            return _error(409, f"{exc}; retry the write later")
+        return _error(400, str(exc))
+
+    @app.exception_handler(Exception)
+    async def internal(_: Request, exc: Exception) -> JSONResponse:
+        log.exception("unhandled error", exc_info=exc)
+        return _error(500, f"internal error: {type(exc).__name__}")
+
+
+def create_app(config: ServeConfig, encoder: EncoderLike | None = None) -> FastAPI:
+    """The app for one process. Pass `encoder` to serve with a model already in memory (tests do)."""
+    if encoder is None:
+        from clipforge.index import Collection
+
+        with Collection.open(config.collection, readonly=True) as c:
+            identity = dict(c.identity)
+        encoder = load_encoder(config, identity)
+    eng = Engine(config, encoder)
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI):
+        yield
+        eng.close()
+
+    app = FastAPI(
+        title=f"{config.title} search service",
+        version=_version(),
+        description="Search a clipforge collection by text or image; zero-shot classify; embed.",
+        lifespan=lifespan,
+        docs_url=None,  # Swagger UI and ReDoc load their scripts from a CDN; this server stays offline
+        redoc_url=None,
+    )
+    app.state.engine = eng
+    app.state.metrics = metrics = Metrics()
+    _install_error_handlers(app)
+    app.include_router(api.router)
+    app.include_router(compat.router)
+
+    @app.get("/metrics", response_class=PlainTextResponse, tags=["service"])
+    async def metrics_endpoint() -> PlainTextResponse:
+        stats = await eng.info()
+        gauges = {"clipforge_collection_items": ("Items in the collection.", float(stats["items"]))}
+        text = metrics.render(
+            gauges,
+            lambda: {"text": len(eng.text_batcher.batch_sizes), "image": len(eng.image_batcher.batch_sizes)},
+        )
+        return PlainTextResponse(text, media_type="text/plain; version=0.0.4")
+
+    @app.get("/", include_in_schema=False)
+    async def page() -> FileResponse:
+        return FileResponse(STATIC / "index.html", media_type="text/html")
+
+    app.mount("/static", StaticFiles(directory=STATIC), name="static")
+    if config.cors_origins:
+        from fastapi.middleware.cors import CORSMiddleware
+
+        app.add_middleware(
+            CORSMiddleware, allow_origins=list(config.cors_origins), allow_methods=["*"], allow_headers=["*"]
+        )
+    app.add_middleware(
+        Guard, max_body=config.max_upload_bytes, timeout_s=config.request_timeout_s, metrics=metrics
+    )
+    return app
+
+
+def app_from_env() -> FastAPI:
+    """uvicorn's factory for worker processes: settings from $CLIPFORGE_SERVE_CONFIG, token from the env."""
+    raw = os.environ.get(CONFIG_ENV)
+    if not raw:
+        raise ValueError(f"${CONFIG_ENV} is not set; start the server with `clipforge serve COLLECTION`")
+    return create_app(ServeConfig.from_json(raw).with_env_token())
+
+
+def _version() -> str:
+    from clipforge import __version__
+
+    return str(__version__)

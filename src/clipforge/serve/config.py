@@ -1,0 +1,76 @@
+"""The service's settings: one frozen dataclass that the CLI fills from flags and the environment."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+TOKEN_ENV = "CLIPFORGE_TOKEN"  # bearer token for writes; unset = writes disabled
+CONFIG_ENV = "CLIPFORGE_SERVE_CONFIG"  # how `--workers N` hands the settings to each worker process
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    collection: Path
+    model: str | None = None  # checkpoint to load; None: the one the collection records
+    vocab: str | None = None
+    device: str = "cpu"
+    policy: Path | None = None  # moderation policy file; None: /api/moderate answers 404
+    token: str | None = None  # writes need "Authorization: Bearer <token>"; None disables them
+    cors_origins: tuple[str, ...] = ()  # empty: no CORS headers at all
+    max_upload_bytes: int = 10 * 1024 * 1024  # whole request body
+    max_pixels: int = 40_000_000  # decompression-bomb guard, checked from the image header
+    max_k: int = 1000
+    max_texts: int = 256  # per /api/embed or /api/classify request
+    max_images: int = 16
+    request_timeout_s: float = 30.0
+    batch_size: int = 32  # micro-batching of concurrent encoder calls
+    batch_wait_ms: float = 3.0
+    thumb_size: int = 256
+    thumb_dir: Path | None = None  # None: <cache_dir>/thumbs/<collection hash>
+    title: str = "clipforge"
+
+    def __post_init__(self) -> None:
+        checks = {
+            "max_upload_bytes": self.max_upload_bytes,
+            "max_pixels": self.max_pixels,
+            "max_k": self.max_k,
+            "max_texts": self.max_texts,
+            "max_images": self.max_images,
+            "batch_size": self.batch_size,
+            "thumb_size": self.thumb_size,
+        }
+        for name, value in checks.items():
+            if int(value) <= 0:
+                raise ValueError(f"{name} must be positive, got {value}")
+        if self.request_timeout_s <= 0:
+            raise ValueError(f"request_timeout_s must be positive, got {self.request_timeout_s}")
+
+    def with_env_token(self) -> ServeConfig:
+        """The token from $CLIPFORGE_TOKEN unless one is set already (an empty variable counts as unset)."""
+        return self if self.token else replace(self, token=os.environ.get(TOKEN_ENV) or None)
+
+    def to_json(self) -> str:
+        d = asdict(self)
+        d.pop("token")  # the token travels through its own environment variable, never in this blob
+        return json.dumps({k: str(v) if isinstance(v, Path) else v for k, v in d.items()})
+
+    @classmethod
+    def from_json(cls, text: str) -> ServeConfig:
+        d = json.loads(text)
+        for key in ("collection", "policy", "thumb_dir"):
+            if d.get(key) is not None:
+                d[key] = Path(d[key])
+        d["cors_origins"] = tuple(d.get("cors_origins") or ())
+        return cls(**d)
+
+
+def default_thumb_dir(collection: Path) -> Path:
+    import hashlib
+
+    from clipforge.paths import cache_dir
+
+    digest = hashlib.sha256(str(Path(collection).absolute()).encode()).hexdigest()[:16]
+    return cache_dir() / "thumbs" / digest

@@ -1,0 +1,294 @@
+"""What the HTTP layer calls: one collection and one encoder per process, used from asyncio handlers.
+
+- The collection's SQLite connection belongs to the thread that opened it, so every collection call runs
+  on one dedicated thread (FAISS search and a row lookup take well under a millisecond at 100k items).
+- Encoder calls from concurrent requests are grouped by `MicroBatcher`s (one for texts, one for images),
+  and recent text vectors are cached (repeated queries and classifier prompts cost nothing).
+- Writes open the collection for writing on that same thread, one batch at a time, then catch the
+  read-only view up; several worker processes therefore share one collection folder safely.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import hashlib
+import io
+import os
+from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, TypeVar
+
+import numpy as np
+
+from clipforge.batching import MicroBatcher
+from clipforge.index import Collection, Hit
+from clipforge.index import db as index_db
+from clipforge.index.search import query_vector
+from clipforge.index.types import EncoderLike
+
+from .config import ServeConfig, default_thumb_dir
+
+T = TypeVar("T")
+MAX_ID = 2**63 - 1  # SQLite integer range: a larger id cannot exist, and would overflow the driver
+TEXT_CACHE = 8192
+
+
+class NotFound(LookupError):
+    """An id that names no stored item (or an item with no image file)."""
+
+
+class _Precomputed:
+    """An encoder stand-in holding vectors already computed (by the batchers), so that the collection's
+    own `query_vector` combines text, image and negatives exactly as `Collection.search` does."""
+
+    def __init__(self, identity: dict, dim: int, texts: dict[str, np.ndarray], images: list[np.ndarray]):
+        self.identity, self.dim, self._texts, self._images = identity, dim, texts, images
+        self.logit_scale = 100.0
+
+    def embed_texts(self, texts: list[str]) -> np.ndarray:
+        return np.stack([self._texts[t] for t in texts])
+
+    def embed_images(self, images: list[int]) -> np.ndarray:
+        return np.stack([self._images[i] for i in images])
+
+
+class Engine:
+    def __init__(self, config: ServeConfig, encoder: EncoderLike) -> None:
+        self.config = config
+        self.encoder = encoder
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="clipforge-collection")
+        self._closed = False
+        self.collection: Collection = self._pool.submit(
+            Collection.open, config.collection, readonly=True
+        ).result()
+        self.collection.check_encoder(encoder)  # refuse to serve vectors from another model
+        self.identity = dict(self.collection.identity)
+        self.thumb_dir = config.thumb_dir or default_thumb_dir(config.collection)
+        self.text_batcher = MicroBatcher(self._embed_texts, config.batch_size, config.batch_wait_ms)
+        self.image_batcher = MicroBatcher(self._embed_images, config.batch_size, config.batch_wait_ms)
+        self._text_cache: OrderedDict[str, np.ndarray] = OrderedDict()
+        self.policy = None  # an apps.moderation.Moderator: its prompts are embedded once, here
+        if config.policy is not None:
+            from clipforge.apps.moderation import Moderator
+
+            self.policy = Moderator(encoder, config.policy)
+
+    def _embed_texts(self, texts: list[str]) -> list[np.ndarray]:
+        return list(np.asarray(self.encoder.embed_texts(texts), np.float32))
+
+    def _embed_images(self, images: list[Any]) -> list[np.ndarray]:
+        return list(np.asarray(self.encoder.embed_images(images), np.float32))
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self.text_batcher.close()
+        self.image_batcher.close()
+        self._pool.submit(self.collection.close).result()
+        self._pool.shutdown()
+
+    # ---- threads ------------------------------------------------------------------------------------
+    async def on_collection(self, fn: Any, *args: Any) -> Any:
+        return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
+
+    async def embed_texts(self, texts: list[str]) -> np.ndarray:
+        """(N, D) unit vectors; cached texts skip the model, the rest join whatever batch is forming."""
+        todo = [t for t in dict.fromkeys(texts) if t not in self._text_cache]
+        vecs = await asyncio.gather(*(self.text_batcher.acall(t) for t in todo))
+        for t, v in zip(todo, vecs):
+            self._text_cache[t] = v
+        out = np.stack([self._text_cache[t] for t in texts]) if texts else np.zeros((0, self.dim), np.float32)
+        for t in texts:
+            self._text_cache.move_to_end(t)
+        while len(self._text_cache) > TEXT_CACHE:
+            self._text_cache.popitem(last=False)
+        return out
+
+    async def embed_images(self, images: list[Any]) -> np.ndarray:
+        """Decoded PIL images -> (N, D) unit vectors."""
+        if not images:
+            return np.zeros((0, self.dim), np.float32)
+        return np.stack(await asyncio.gather(*(self.image_batcher.acall(im) for im in images)))
+
+    @property
+    def dim(self) -> int:
+        return int(self.collection.dim)
+
+    # ---- reading ------------------------------------------------------------------------------------
+    def _row(self, id: int) -> Hit:
+        if not 0 <= id <= MAX_ID:
+            raise NotFound(f"no item with id {id}")
+        self.collection.refresh()
+        hit = self.collection.get(id)
+        if hit is None:
+            raise NotFound(f"no item with id {id}")
+        return hit
+
+    async def get(self, id: int) -> Hit:
+        return await self.on_collection(self._row, id)
+
+    def _vector(self, id: int) -> np.ndarray:
+        self._row(id)
+        return index_db.vectors_for(self.collection.conn, np.array([id], np.int64), self.dim)[0]
+
+    async def vector_of(self, id: int) -> np.ndarray:
+        return await self.on_collection(self._vector, id)
+
+    async def search(
+        self,
+        *,
+        texts: list[str] | None,
+        images: list[Any],
+        vectors: list[np.ndarray],
+        weights: tuple[float, float],
+        negatives: list[str] | None,
+        negative_weight: float,
+        k: int,
+        path_prefix: str | None = None,
+        added_after: float | None = None,
+        added_before: float | None = None,
+    ) -> list[Hit]:
+        """Top-k hits for any mix of texts, decoded images and raw vectors (see `index.search`)."""
+        all_texts = (texts or []) + (negatives or [])
+        text_vecs = dict(zip(all_texts, await self.embed_texts(all_texts))) if all_texts else {}
+        image_vecs = list(await self.embed_images(images))
+        stand_in = _Precomputed(self.identity, self.dim, text_vecs, image_vecs)
+        q = query_vector(
+            self.dim,
+            stand_in,
+            text=texts or None,
+            image=list(range(len(image_vecs))) or None,
+            vector=np.stack(vectors) if vectors else None,
+            weights=weights,
+            negative=negatives or None,
+            negative_weight=negative_weight,
+        )
+
+        def run() -> list[Hit]:
+            self.collection.refresh()  # pick up rows another process (or our own writes) committed
+            return self.collection.search(
+                vector=q,
+                k=k,
+                path_prefix=path_prefix,
+                added_after=added_after,
+                added_before=added_before,
+            )
+
+        if not np.isfinite(q).all() or np.linalg.norm(q) < 1e-6:
+            raise ValueError("the query cancels out to a zero vector; change the weights or the negatives")
+        return await self.on_collection(run)
+
+    async def info(self) -> dict:
+        def run() -> dict:
+            self.collection.refresh()
+            return {"items": len(self.collection), "index": self.collection.kind}
+
+        return await self.on_collection(run)
+
+    # ---- zero-shot ----------------------------------------------------------------------------------
+    async def classifier(self, labels: list[str], templates: list[str]) -> Any:
+        """A `zeroshot.ZeroShotClassifier` whose prompt vectors came through the batcher and text cache."""
+        from clipforge.zeroshot import ZeroShotClassifier, load_templates, logit_scale_of
+
+        templates = load_templates(templates)  # validates: each holds "{}" once
+        prompts = [t.format(label) for label in labels for t in templates]
+        stand_in = _Precomputed({}, self.dim, dict(zip(prompts, await self.embed_texts(prompts))), [])
+        stand_in.logit_scale = logit_scale_of(self.encoder)
+        return ZeroShotClassifier(stand_in, labels, templates, cache=False, clean=False)
+
+    async def classify(self, image_vec: np.ndarray, labels: list[str], templates: list[str]) -> np.ndarray:
+        """Probabilities (L,) of each label for one image vector (D,)."""
+        from clipforge.zeroshot import softmax
+
+        clf = await self.classifier(labels, templates)
+        return softmax(clf.logits(image_vec[None]))[0]
+
+    async def moderate(self, image_vec: np.ndarray) -> dict:
+        """The policy's decision for one image vector (D,): allow / review / block, and each category's."""
+        if self.policy is None:
+            raise NotFound("no moderation policy is configured (start the server with --policy FILE)")
+        moderator = copy.copy(self.policy)  # shallow: shares the prompt vectors, swaps in this image
+        moderator.encoder = _Precomputed(self.identity, self.dim, {}, [image_vec])
+        result = (await asyncio.to_thread(moderator.moderate, [0]))[0]
+        cats = [
+            {"name": name, "score": c["score"], "decision": c["decision"], "fired": c["fired"]}
+            for name, c in result["categories"].items()
+        ]
+        return {"decision": result["decision"], "categories": cats}
+
+    # ---- files --------------------------------------------------------------------------------------
+    async def image_file(self, id: int) -> Path:
+        hit = await self.get(id)
+        if not hit.path:
+            raise NotFound(f"item {id} is a text item and has no image")
+        p = Path(hit.path)
+        if not p.is_file():
+            raise NotFound(f"the image file of item {id} is no longer on the server")
+        return p
+
+    async def thumbnail(self, id: int) -> Path:
+        """A JPEG of at most thumb_size per side, made once and cached under the item's content hash."""
+        hit = await self.get(id)
+        size = self.config.thumb_size
+        target = self.thumb_dir / f"{id}-{(hit.sha256 or 'nohash')[:16]}-{size}.jpg"
+        if target.is_file():
+            return target
+        src = await self.image_file(id)
+        await asyncio.to_thread(self._make_thumb, src, target, size)
+        return target
+
+    def _make_thumb(self, src: Path, target: Path, size: int) -> None:
+        from clipforge.transforms import load_image
+
+        img = load_image(src, max_pixels=self.config.max_pixels, draft_size=size)
+        img.thumbnail((size, size))
+        buf = io.BytesIO()
+        img.save(buf, format="JPEG", quality=85)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_name(f"{target.name}.{os.getpid()}.tmp")
+        tmp.write_bytes(buf.getvalue())
+        os.replace(tmp, target)  # atomic: concurrent requests for one thumbnail never see half a file
+
+    # ---- writing ------------------------------------------------------------------------------------
+    def _save_upload(self, data: bytes, fmt: str) -> str:
+        ext = {"JPEG": ".jpg", "PNG": ".png", "WEBP": ".webp", "GIF": ".gif", "BMP": ".bmp"}.get(fmt, ".png")
+        folder = self.config.collection / "uploads"
+        folder.mkdir(exist_ok=True)
+        p = folder / (hashlib.sha256(data).hexdigest()[:32] + ext)
+        if not p.exists():
+            p.write_bytes(data)
+        return str(p.absolute())
+
+    async def add(self, paths: list[str], texts: list[str], uploads: list[tuple[bytes, str]]) -> dict:
+        def run() -> dict:
+            saved = [self._save_upload(data, fmt) for data, fmt in uploads]
+            out = {"ids": [], "added": 0, "updated": 0, "unchanged": 0, "failed": []}
+            with Collection.open(self.config.collection) as writer:
+                if paths or saved:
+                    rep = writer.add([*paths, *saved], self.encoder)
+                    out["ids"] += rep.ids
+                    out["added"] += len(rep.added)
+                    out["updated"] += len(rep.updated)
+                    out["unchanged"] += len(rep.unchanged)
+                    out["failed"] += [[p, why] for p, why in rep.failed]
+                if texts:
+                    ids = writer.add_texts(texts, self.encoder)
+                    out["ids"] += ids
+                    out["added"] += len(ids)
+            self.collection.refresh()
+            return out
+
+        return await self.on_collection(run)
+
+    async def remove(self, id: int) -> int:
+        def run() -> int:
+            self._row(id)
+            with Collection.open(self.config.collection) as writer:
+                n = writer.remove(id)
+            self.collection.refresh()
+            return n
+
+        return await self.on_collection(run)
