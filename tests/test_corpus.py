@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 from clipforge.data import captions as cap
-from clipforge.data import corpus
+from clipforge.data import corpus, render
 
 SVG_TEMPLATE = """<?xml version="1.0"?>
 <svg xmlns="http://www.w3.org/2000/svg" xmlns:cc="http://web.resource.org/cc/"
@@ -213,7 +213,7 @@ def test_iconify_svg_renders_and_flips() -> None:
     skips = corpus.Skips()
     assert corpus._iconify_names(icons, skips, "x") == ["left", "right"]
     left, right = (
-        corpus.render_svg(corpus._iconify_svg(icons, n), 8, long_side=32) for n in ("left", "right")
+        render.render_svg(corpus._iconify_svg(icons, n), 8, long_side=32) for n in ("left", "right")
     )
     a_left, a_right = np.asarray(left)[..., 3], np.asarray(right)[..., 3]
     assert a_left[16, 2] == 255 and a_left[16, 30] == 0
@@ -249,7 +249,7 @@ def test_split_is_by_concept_deterministic_and_near_fraction() -> None:
 def test_normalize_image_centres_content_on_white_square() -> None:
     img = Image.new("RGBA", (200, 100), (0, 0, 0, 0))  # transparent background
     img.paste((0, 0, 255, 255), (10, 20, 50, 60))  # a 40x40 blue square off-centre
-    out = corpus.normalize_image(img, 64, margin=0.25)
+    out = render.normalize_image(img, 64, margin=0.25)
     a = np.asarray(out).astype(int)
     assert out.mode == "RGB" and out.size == (64, 64)
     # 40 px of content + 2 * 25% margin = 60 px side: content spans 64 * 40/60 = 42.7 px, centred.
@@ -259,8 +259,8 @@ def test_normalize_image_centres_content_on_white_square() -> None:
     assert abs((xs.max() - xs.min() + 1) - 42.7) <= 2
     np.testing.assert_array_equal(a[0, 0], [255, 255, 255])
     np.testing.assert_array_equal(a[32, 32], [0, 0, 255])
-    with pytest.raises(corpus.CorpusError, match="blank"):
-        corpus.normalize_image(Image.new("RGBA", (8, 8)), 16)
+    with pytest.raises(render.RenderError, match="blank"):
+        render.normalize_image(Image.new("RGBA", (8, 8)), 16)
 
 
 def test_pt_and_mm_svg_sizes_are_restated_and_render() -> None:
@@ -269,35 +269,35 @@ def test_pt_and_mm_svg_sizes_are_restated_and_render() -> None:
     svg = make_svg(size='width="75pt" height="75pt"')
     with pytest.raises(ValueError):
         resvg_py.svg_to_bytes(svg_string=svg, width=64)  # the trap: resvg rejects the unit size
-    fixed = corpus.fix_svg_size(svg)
+    fixed = render.fix_svg_size(svg)
     assert 'width="93.750"' in fixed and 'viewBox="0 0 93.750 93.750"' in fixed
-    img = corpus.render_svg(svg, 32, long_side=375)  # 4x the 93.75 px page
+    img = render.render_svg(svg, 32, long_side=375)  # 4x the 93.75 px page
     assert img.size == (375, 375)
     # The 40x20 red rectangle at (20, 30) in user units, scaled by 4.
     solid = img.getchannel("A").point(lambda v: 255 if v > 127 else 0)  # ignore anti-aliased edges
     np.testing.assert_allclose(solid.getbbox(), (80, 120, 240, 200), atol=1)
-    mm = corpus.fix_svg_size(make_svg(size='width="210mm" height="297mm"'))
+    mm = render.fix_svg_size(make_svg(size='width="210mm" height="297mm"'))
     assert 'viewBox="0 0 744.094 1052.362"' in mm
-    assert corpus._svg_aspect(mm) == pytest.approx(210 / 297)
+    assert render._svg_aspect(mm) == pytest.approx(210 / 297)
     # Unit sizes next to a viewBox are rejected too: restate them, keep the viewBox.
-    inch = corpus.fix_svg_size(make_svg(size='width="1in" height="2in" viewBox="0 0 100 100"'))
+    inch = render.fix_svg_size(make_svg(size='width="1in" height="2in" viewBox="0 0 100 100"'))
     assert 'width="90.000" height="180.000" viewBox="0 0 100 100"' in inch
-    assert corpus.render_svg(inch, 8, long_side=64).size == (32, 64)
+    assert render.render_svg(inch, 8, long_side=64).size == (32, 64)
 
 
 def test_render_task_writes_png_and_reports_failures(tmp_path: Path) -> None:
     out = tmp_path / "a.png"
-    assert corpus._render_task(("x/a", "svg_text", make_svg(), str(out), 32)) == ("x/a", "")
+    assert render.render_task(("x/a", "svg_text", make_svg(), str(out), 32)) == ("x/a", "")
     img = Image.open(out)
     assert img.size == (32, 32) and img.mode == "RGB"
-    key, err = corpus._render_task(("x/b", "svg_text", "<svg", str(tmp_path / "b.png"), 32))
+    key, err = render.render_task(("x/b", "svg_text", "<svg", str(tmp_path / "b.png"), 32))
     assert key == "x/b" and err.startswith("ValueError") and not (tmp_path / "b.png").exists()
     big = tmp_path / "big.png"
     buf = io.BytesIO()
     Image.new("L", (300, 300)).save(buf, format="PNG")
     big.write_bytes(buf.getvalue())
-    with pytest.raises(corpus.CorpusError, match="over 1000 pixels"):
-        corpus.load_png(str(big), max_pixels=1000)
+    with pytest.raises(render.RenderError, match="over 1000 pixels"):
+        render.load_png(str(big), max_pixels=1000)
 
 
 def test_fetch_corpus_rejects_unknown_source(tmp_path: Path) -> None:
