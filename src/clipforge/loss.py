@@ -60,6 +60,9 @@ def clip_loss(
     return (F.cross_entropy(per_image, labels) + F.cross_entropy(per_text, labels)) / 2
 
 
+LOSSES = ("clip", "sigmoid")
+
+
 def sigmoid_loss(
     image_features: torch.Tensor,
     text_features: torch.Tensor,
@@ -67,11 +70,37 @@ def sigmoid_loss(
     logit_bias: torch.Tensor,
 ) -> torch.Tensor:
     """SigLIP (Zhai et al., 2023): every pair is an independent binary decision, +1 on the diagonal, -1 off it.
-    Normalised by the number of images, as the paper does. Gathers texts across ranks with gradient."""
+    Normalised by the number of images, as the paper does. Gathers texts across ranks with gradient.
+    After DDP averages the ranks' gradients the result equals the single-process gradient on the global batch
+    (each rank's value is its share of the global sum; average it across ranks to report the global loss)."""
     rank, _ = world()
     all_txt = gather_with_grad(text_features)
     B = image_features.shape[0]
     logits = logit_scale * image_features @ all_txt.t() + logit_bias  # (B, N)
     targets = -torch.ones_like(logits)
-    targets[torch.arange(B), torch.arange(B) + rank * B] = 1.0
+    rows = torch.arange(B, device=logits.device)
+    targets[rows, rows + rank * B] = 1.0
     return -F.logsigmoid(targets * logits).sum() / B
+
+
+def contrastive_loss(
+    kind: str,
+    image_features: torch.Tensor,
+    text_features: torch.Tensor,
+    logit_scale: torch.Tensor,
+    logit_bias: torch.Tensor | None = None,
+    *,
+    local: bool = False,
+) -> torch.Tensor:
+    """The training loss by name: "clip" (InfoNCE; `local` picks the row-local variant) or "sigmoid".
+    Features are cast to fp32 first: the (N, N) logits and their softmax are where bf16 loses accuracy."""
+    img, txt = image_features.float(), text_features.float()
+    if kind == "clip":
+        return clip_loss(img, txt, logit_scale.float(), local=local)
+    if kind == "sigmoid":
+        if logit_bias is None:
+            raise ValueError(
+                "the sigmoid loss needs a model with a logit_bias (logit_bias_init in its config)"
+            )
+        return sigmoid_loss(img, txt, logit_scale.float(), logit_bias.float())
+    raise ValueError(f"unknown loss {kind!r}; valid: 'clip', 'sigmoid'")

@@ -9,7 +9,7 @@ import sys
 
 # Modules that register sub-commands, in the order `--help` lists them. A module whose optional
 # dependencies are missing still registers; the command says what to install when run.
-COMMAND_MODULES = ["core"]
+COMMAND_MODULES = ["core", "export", "train", "data", "index", "serve", "apps", "eval"]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,319 @@
+"""The training loop: one function, the same code for one process and for many (world size 1 is no special case).
+
+run/config.json        the resolved TrainConfig
+run/log.txt            what happened, in words
+run/metrics.jsonl      one JSON line per logged step ({"step", "loss", "lr", ...}) and per evaluation
+run/tokenizer/         the run's vocabulary
+run/checkpoints/step-N resumable state (model, optimiser, scaler, RNG, data position), the last K kept
+run/final/             the final model: clipforge.load(run / "final") and Hugging Face both read it
+run/plots/curves.png   loss, learning rate and evaluation curves
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import time
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+
+from clipforge.checkpoint import save_model
+from clipforge.train import optim
+from clipforge.train.build import initial_model
+from clipforge.train.config import TrainConfig
+from clipforge.train.dist import DistInfo, barrier, init_distributed, mean_across
+from clipforge.train.state import Position, find_resume, load_state, rng_state, save_state, set_rng_state
+from clipforge.train.step import forward_backward
+
+LoaderFactory = Callable[..., Any]  # clipforge.data.loader.build_loader's signature
+
+
+def train(
+    cfg: TrainConfig,
+    *,
+    loader_factory: LoaderFactory | None = None,
+    captions: Sequence[str] | None = None,
+    stop_after: int | None = None,
+) -> Path:
+    """Train (or fine-tune, or resume) as `cfg` says and return the run directory.
+
+    `loader_factory` defaults to clipforge.data.loader.build_loader; `captions` to the training captions (read
+    from `cfg.data`) for the vocabulary of a run from scratch. `stop_after` stops cleanly after that many steps
+    in this call, leaving a checkpoint to resume from, as an interrupted run would."""
+    info = init_distributed(cfg.device)
+    if cfg.precision == "fp16" and info.device.type != "cuda":
+        raise ValueError("precision fp16 needs a CUDA device; use bf16 or fp32 on CPU")
+    run = Path(cfg.out)
+    log = _logger(run, info)
+    model, tok, pretrained = initial_model(cfg, run, captions, info.is_main, lambda: barrier(info))
+    model = _prepare(model, cfg, info.device)
+    opt = optim.build_optimizer(
+        model,
+        optim.param_groups(
+            model,
+            weight_decay=cfg.weight_decay,
+            pretrained=pretrained,
+            pretrained_lr_scale=cfg.pretrained_lr_scale,
+        ),
+        cfg.lr,
+        (cfg.beta1, cfg.beta2),
+        cfg.eps,
+    )
+    scaler = torch.amp.GradScaler(info.device.type, enabled=cfg.precision == "fp16")
+    pos = _maybe_resume(cfg, run, info, model, opt, scaler, log)
+    wrapped = _wrap(model, cfg, info)
+    make_loader = _loader_maker(cfg, info, model, tok, loader_factory)
+    steps_per_epoch = len(make_loader(pos.epoch, 0))
+    if steps_per_epoch == 0:
+        raise ValueError(
+            f"{cfg.data}: no full batch of {cfg.batch_size} x {info.world_size} ranks in the data"
+        )
+    total = cfg.steps or cfg.epochs * steps_per_epoch
+    if info.is_main:
+        run.mkdir(parents=True, exist_ok=True)
+        (run / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
+        log.info(
+            "run %s: %d steps of %d x %d, %d steps per epoch",
+            run,
+            total,
+            cfg.batch_size,
+            info.world_size,
+            steps_per_epoch,
+        )
+    amp = torch.autocast(info.device.type, dtype=_AMP[cfg.precision], enabled=cfg.precision != "fp32")
+    bar = _progress(cfg, info, total, pos.step)
+    metrics = _Metrics(run, info.is_main)
+    done_here, last_eval_step, t_last = 0, -1, time.perf_counter()
+    for epoch, index, (images, tokens) in _batches(make_loader, pos, steps_per_epoch):
+        if pos.step >= total:
+            break
+        lr = optim.lr_at(pos.step, base=cfg.lr, total=total, warmup=cfg.warmup_steps, minimum=cfg.min_lr)
+        optim.set_lr(opt, lr)
+        loss = forward_backward(
+            wrapped,
+            images.to(info.device, non_blocking=True),
+            tokens.to(info.device, non_blocking=True),
+            loss=cfg.loss,
+            local_loss=cfg.local_loss,
+            accum_steps=cfg.accum_steps,
+            autocast=amp,
+            backward=lambda t: scaler.scale(t).backward(),
+        )
+        _optimizer_step(model, opt, scaler, cfg.grad_clip)
+        pos, done_here = Position(pos.step + 1, epoch, index + 1), done_here + 1
+        now = time.perf_counter()
+        rate, t_last = cfg.batch_size * info.world_size / max(now - t_last, 1e-9), now
+        if pos.step % cfg.log_every == 0 or pos.step == total:
+            value = mean_across(loss, info)
+            metrics.write(
+                step=pos.step,
+                epoch=epoch,
+                loss=value,
+                lr=lr,
+                samples_per_s=rate,
+                logit_scale=float(model.scale().detach()),
+            )
+            bar.set_postfix(loss=f"{value:.4f}", lr=f"{lr:.2e}", samples_s=f"{rate:.1f}")
+        bar.update(1)
+        if index + 1 == steps_per_epoch or pos.step == total:
+            _end_of_epoch(cfg, info, model, tok, metrics, pos, log)
+            last_eval_step = pos.step
+        stopping = pos.step == total or (stop_after is not None and done_here >= stop_after)
+        if pos.step % cfg.checkpoint_every == 0 or stopping:
+            _checkpoint(run, pos, cfg, info, model, opt, scaler)
+        if stopping:
+            break
+    bar.close()
+    if pos.step >= total and info.is_main:
+        save_model(
+            model, run / "final", tokenizer=tok, extra={"training": {"steps": pos.step, "run": str(run)}}
+        )
+        log.info("final model saved to %s (last evaluation at step %d)", run / "final", last_eval_step)
+        _plot(run, log)
+    barrier(info)
+    _close(log)
+    if info.distributed:
+        dist.destroy_process_group()
+    return run
+
+
+_AMP = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def _prepare(model: torch.nn.Module, cfg: TrainConfig, device: torch.device) -> torch.nn.Module:
+    model = model.to(device).train()
+    if cfg.lock_image:
+        optim.lock_tower(model.visual, norm_trainable=cfg.lock_image_norm_trainable)
+    if cfg.lock_text:
+        optim.lock_tower(model.text)
+    model.set_grad_checkpointing(cfg.grad_checkpointing)
+    _train_mode(model, cfg)
+    return model
+
+
+def _train_mode(model: torch.nn.Module, cfg: TrainConfig) -> None:
+    model.train()
+    if cfg.lock_image and not cfg.lock_image_norm_trainable:
+        optim.freeze_batchnorm_stats(model.visual)
+
+
+def _wrap(model: torch.nn.Module, cfg: TrainConfig, info: DistInfo) -> torch.nn.Module:
+    wrapped = model
+    if info.distributed:
+        ids = [info.device.index] if info.device.type == "cuda" else None
+        wrapped = DistributedDataParallel(model, device_ids=ids)
+    if cfg.compile:
+        wrapped = torch.compile(wrapped)
+    return wrapped
+
+
+def _optimizer_step(model, opt, scaler, grad_clip: float | None) -> None:
+    if grad_clip is not None:
+        scaler.unscale_(opt)
+        torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], grad_clip)
+    scaler.step(opt)
+    scaler.update()
+    opt.zero_grad(set_to_none=True)
+
+
+def _loader_maker(cfg: TrainConfig, info: DistInfo, model, tok, factory: LoaderFactory | None):
+    if factory is None:
+        try:
+            from clipforge.data.loader import build_loader as factory
+        except ImportError as e:
+            raise ImportError(f"clipforge.data.loader is needed to read training data ({e})") from e
+    if not cfg.data:
+        raise ValueError("no training data: pass data=[...] (--data PATH)")
+    source = list(cfg.data) if len(cfg.data) > 1 else cfg.data[0]
+
+    def make(epoch: int, start_batch: int):
+        return factory(
+            source,
+            preprocess_cfg=model.config.preprocess,
+            tokenizer=tok,
+            batch_size=cfg.batch_size,
+            train=True,
+            rank=info.rank,
+            world_size=info.world_size,
+            workers=cfg.workers,
+            seed=cfg.seed,
+            epoch=epoch,
+            max_bad_fraction=cfg.max_bad_fraction,
+            samples_per_epoch=cfg.samples_per_epoch,
+            start_batch=start_batch,
+        )
+
+    return make
+
+
+def _batches(make, pos: Position, steps_per_epoch: int) -> Iterator[tuple[int, int, Any]]:
+    """(epoch, batch index within it, batch) from the saved data position onwards, epoch after epoch."""
+    epoch, start = pos.epoch, pos.batch
+    while True:
+        if start < steps_per_epoch:
+            for index, batch in enumerate(make(epoch, start), start):
+                yield epoch, index, batch
+        epoch, start = epoch + 1, 0
+
+
+def _maybe_resume(cfg, run: Path, info: DistInfo, model, opt, scaler, log) -> Position:
+    path = find_resume(run, cfg.resume)
+    if path is None:
+        return Position(0, 0, 0)
+    pos, state = load_state(path)
+    model.load_state_dict(state["model"])
+    opt.load_state_dict(state["optimizer"])
+    scaler.load_state_dict(state["scaler"])
+    rngs = state["rng"]
+    set_rng_state(rngs[info.rank] if info.rank < len(rngs) else rngs[0])
+    if state.get("world_size", info.world_size) != info.world_size:
+        log.warning(
+            "resuming a %s-rank run on %s ranks: the data order changes", state["world_size"], info.world_size
+        )
+    log.info("resumed from %s at step %d (epoch %d, batch %d)", path, pos.step, pos.epoch, pos.batch)
+    return pos
+
+
+def _checkpoint(run: Path, pos: Position, cfg, info: DistInfo, model, opt, scaler) -> None:
+    rngs = [rng_state()]
+    if info.distributed:
+        rngs = [None] * info.world_size
+        dist.all_gather_object(rngs, rng_state())
+    if info.is_main:
+        state = {
+            "model": model.state_dict(),
+            "optimizer": opt.state_dict(),
+            "scaler": scaler.state_dict(),
+            "rng": rngs,
+            "world_size": info.world_size,
+            "config": json.dumps(cfg.to_dict()),
+        }
+        save_state(run, pos, state, keep=cfg.keep_checkpoints)
+
+
+def _end_of_epoch(cfg, info: DistInfo, model, tok, metrics, pos: Position, log) -> None:
+    if info.is_main and cfg.eval_data:
+        from clipforge.encoder import Encoder
+        from clipforge.train.evaluate import evaluate
+        from clipforge.transforms import Preprocess
+
+        model.eval()
+        with torch.no_grad():
+            result = evaluate(Encoder(model, Preprocess(model.config.preprocess), tok), cfg.eval_data)
+        _train_mode(model, cfg)
+        metrics.write(step=pos.step, epoch=pos.epoch, eval=result)
+        log.info("step %d evaluation: %s", pos.step, json.dumps(result))
+    barrier(info)
+
+
+class _Metrics:
+    def __init__(self, run: Path, enabled: bool):
+        self.path, self.enabled = run / "metrics.jsonl", enabled
+
+    def write(self, **record: Any) -> None:
+        if self.enabled:
+            with open(self.path, "a") as f:
+                f.write(json.dumps({"time": round(time.time(), 3), **record}) + "\n")
+
+
+def _progress(cfg: TrainConfig, info: DistInfo, total: int, initial: int):
+    from tqdm import tqdm
+
+    return tqdm(
+        total=total,
+        initial=initial,
+        disable=not (cfg.progress and info.is_main),
+        unit="step",
+        dynamic_ncols=True,
+    )
+
+
+def _logger(run: Path, info: DistInfo) -> logging.Logger:
+    log = logging.getLogger(f"clipforge.train.{id(run)}")
+    log.setLevel(logging.INFO)
+    log.propagate = False
+    if info.is_main:
+        run.mkdir(parents=True, exist_ok=True)
+        handler = logging.FileHandler(run / "log.txt")
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+        log.addHandler(handler)
+    return log
+
+
+def _close(log: logging.Logger) -> None:
+    for h in list(log.handlers):
+        h.close()
+        log.removeHandler(h)
+
+
+def _plot(run: Path, log: logging.Logger) -> None:
+    with contextlib.suppress(ImportError):
+        from clipforge.train.plot import plot_run
+
+        log.info("curves drawn to %s", plot_run(run))

@@ -1,0 +1,433 @@
+"""Training loop: schedule and parameter groups, accumulation == large batch, a run that learns and writes its
+directory, resume == straight run (clean stop and SIGKILL), tower locking, and fine-tuning from an fp16 file.
+
+Data comes from an in-memory loader over the synthetic shapes with build_loader's signature, so these tests do
+not depend on the data package."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import clipforge
+from clipforge.data.synthetic import shape_samples
+from clipforge.model import CLIPConfig, create_model, get_config
+from clipforge.train import TrainConfig, load_config, optim, train
+from clipforge.train.state import load_state, step_dirs
+from clipforge.train.step import forward_backward
+from clipforge.transforms import Preprocess
+
+TESTS = Path(__file__).parent
+_PIXELS: dict[tuple, torch.Tensor] = {}
+
+
+class MemoryLoader:
+    """Global batch i of an epoch = a seeded permutation's slice [iG, (i+1)G), G = batch_size x world_size; this
+    rank takes its B rows. Deterministic in (seed, epoch), starts at `start_batch`, as build_loader does."""
+
+    def __init__(
+        self,
+        samples,
+        preprocess_cfg,
+        tokenizer,
+        batch_size,
+        rank,
+        world_size,
+        seed,
+        epoch,
+        start_batch,
+        block_from=None,
+    ):
+        key = (id(samples), preprocess_cfg.image_size)
+        if key not in _PIXELS:
+            _PIXELS[key] = Preprocess(preprocess_cfg).batch([s.image for s in samples])
+        self.pixels, self.samples, self.tok = _PIXELS[key], samples, tokenizer
+        self.B, self.rank, self.world, self.start = batch_size, rank, world_size, start_batch
+        self.order = torch.randperm(
+            len(samples), generator=torch.Generator().manual_seed(seed * 1000 + epoch)
+        )
+        self.epoch, self.block_from = epoch, block_from
+        self.stats = {"bad": 0, "seen": 0}
+
+    def __len__(self) -> int:  # batches this iteration yields, as build_loader's Loader counts them
+        return len(self.samples) // (self.B * self.world) - self.start
+
+    def __iter__(self):
+        G = self.B * self.world
+        for i in range(self.start, self.start + len(self)):
+            if self.block_from is not None and i >= self.block_from:
+                time.sleep(3600)  # the SIGKILL test kills the process here
+            idx = self.order[i * G : (i + 1) * G][self.rank * self.B : (self.rank + 1) * self.B]
+            caps = [self.samples[j].captions[(j + self.epoch) % 3] for j in idx.tolist()]
+            yield self.pixels[idx], self.tok(caps)
+
+
+def memory_factory(samples, block_from=None):
+    def build_loader(
+        source,
+        *,
+        preprocess_cfg,
+        tokenizer,
+        batch_size,
+        train=True,
+        rank=0,
+        world_size=1,
+        workers=2,
+        seed=0,
+        epoch=0,
+        max_bad_fraction=0.01,
+        samples_per_epoch=None,
+        start_batch=0,
+    ):
+        return MemoryLoader(
+            samples,
+            preprocess_cfg,
+            tokenizer,
+            batch_size,
+            rank,
+            world_size,
+            seed,
+            epoch,
+            start_batch,
+            block_from,
+        )
+
+    return build_loader
+
+
+# A model small enough for tests on two busy cores; heads are 64 wide, so a bare state dict's config is inferable.
+MICRO = {
+    "embed_dim": 32,
+    "activation": "gelu",
+    "vision": {"kind": "vit", "image_size": 32, "patch_size": 8, "width": 64, "layers": 2, "heads": 1},
+    "text": {
+        "context_length": 16,
+        "vocab_size": 600,
+        "width": 64,
+        "heads": 1,
+        "layers": 2,
+        "sot_token_id": 598,
+        "eot_token_id": 599,
+    },
+}
+MICRO_PATH = Path(tempfile.gettempdir()) / "clipforge-test-micro-model.json"
+MICRO_PATH.write_text(json.dumps(MICRO))
+SAMPLES = shape_samples(96, size=32, seed=0)
+CAPTIONS = [c for s in SAMPLES for c in s.captions]
+
+
+def tiny_cfg(out: Path, **kw) -> TrainConfig:
+    base = dict(
+        data=("memory",),
+        out=str(out),
+        model=str(MICRO_PATH),
+        vocab_size=600,
+        batch_size=16,
+        steps=6,
+        lr=1e-3,
+        warmup_steps=2,
+        checkpoint_every=3,
+        progress=False,
+        workers=0,
+        device="cpu",
+        log_every=1,
+    )
+    return load_config(None, **{**base, **kw})
+
+
+def params(model_or_sd) -> dict[str, torch.Tensor]:
+    sd = model_or_sd if isinstance(model_or_sd, dict) else model_or_sd.state_dict()
+    return {k: v.detach().clone() for k, v in sd.items()}
+
+
+def max_diff(a: dict, b: dict) -> float:
+    assert a.keys() == b.keys()
+    return max(float((a[k].float() - b[k].float()).abs().max()) for k in a)
+
+
+# --- schedule, groups, config ------------------------------------------------------------------------------
+
+
+def test_lr_schedule_warmup_then_cosine():
+    lr = [optim.lr_at(s, base=1.0, total=10, warmup=4, minimum=0.1) for s in range(11)]
+    assert lr[:4] == [0.25, 0.5, 0.75, 1.0]
+    assert lr[4] == pytest.approx(1.0) and lr[7] == pytest.approx(0.55) and lr[10] == pytest.approx(0.1)
+    assert all(a >= b for a, b in zip(lr[3:], lr[4:]))
+
+
+def test_param_groups_exempt_gains_biases_embeddings_and_scale():
+    model = create_model(get_config("tiny").replace(vision={"image_size": 32}))
+    model.requires_grad_(True)
+    groups = optim.param_groups(model, weight_decay=0.2, pretrained={"visual.proj"}, pretrained_lr_scale=0.1)
+    ids = {id(p): n for n, p in model.named_parameters()}
+    names = {(g["weight_decay"], g["lr_scale"]): {ids[id(p)] for p in g["params"]} for g in groups}
+    exempt = names[(0.0, 1.0)]
+    for n in (
+        "logit_scale",
+        "text.token_embedding.weight",
+        "text.positional_embedding",
+        "visual.class_embedding",
+        "visual.ln_pre.weight",
+        "text.transformer.resblocks.0.mlp.c_fc.bias",
+    ):
+        assert n in exempt
+    assert "text.transformer.resblocks.0.mlp.c_fc.weight" in names[(0.2, 1.0)]
+    assert names[(0.2, 0.1)] == {"visual.proj"}
+    assert sum(len(v) for v in names.values()) == len(list(model.parameters()))
+
+
+def test_config_presets_json_and_errors(tmp_path):
+    cfg = load_config("tiny", out="x")
+    assert cfg.image_size == 32 and cfg.out == "x"
+    p = tmp_path / "c.json"
+    p.write_text(json.dumps({"preset": "tiny", "lr": 0.01, "data": "m.jsonl"}))
+    cfg = load_config(p)
+    assert cfg.lr == 0.01 and cfg.data == ("m.jsonl",) and cfg.batch_size == 32
+    with pytest.raises(ValueError, match="unknown key.*'lrr'"):
+        load_config("tiny", lrr=1)
+    with pytest.raises(ValueError, match="unknown training config 'huge'"):
+        load_config("huge")
+    with pytest.raises(ValueError, match="not divisible by accum_steps"):
+        TrainConfig(batch_size=10, accum_steps=3)
+    for f in sorted(Path(TESTS.parent / "configs").glob("*.json")):
+        load_config(f)  # every shipped config is valid
+
+
+# --- accumulation -----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("loss", ["clip", "sigmoid"])
+def test_accumulated_gradient_equals_large_batch_gradient(loss):
+    cfg = CLIPConfig.from_dict(MICRO).replace(logit_bias_init=-5.0 if loss == "sigmoid" else None)
+    model = create_model(cfg, seed=0).double()
+    images = torch.randn(8, 3, 32, 32, dtype=torch.float64)
+    tokens = torch.zeros(8, 16, dtype=torch.long)
+    tokens[:, 0], tokens[:, 1:5] = cfg.text.sot_token_id, torch.randint(1, 100, (8, 4))
+    tokens[torch.arange(8), 5 + torch.arange(8) % 3] = cfg.text.eot_token_id
+    grads = []
+    for accum in (1, 4):
+        model.zero_grad()
+        value = forward_backward(model, images, tokens, loss=loss, accum_steps=accum)
+        grads.append((value, {n: p.grad.clone() for n, p in model.named_parameters()}))
+    (v1, g1), (v4, g4) = grads
+    assert torch.allclose(v1, v4, atol=1e-12)
+    for n in g1:
+        assert torch.allclose(g1[n], g4[n], atol=1e-10, rtol=1e-8), n
+    # Summing per-micro-batch losses instead would give a different gradient: the check is not vacuous.
+    model.zero_grad()
+    for i, t in zip(images.chunk(4), tokens.chunk(4)):
+        out = model(i, t)
+        clipforge.loss.contrastive_loss(loss, *out).backward()
+    assert not torch.allclose(model.logit_scale.grad, g1["logit_scale"])
+
+
+# --- a run end to end -------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def straight_run(tmp_path_factory):
+    """6 steps in one go (checkpoints at 3 and 6)."""
+    out = tmp_path_factory.mktemp("straight")
+    train(tiny_cfg(out, eval_data=None), loader_factory=memory_factory(SAMPLES), captions=CAPTIONS)
+    return out
+
+
+def test_run_directory_and_final_model(straight_run):
+    run = straight_run
+    assert json.loads((run / "config.json").read_text())["steps"] == 6
+    records = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in records if "loss" in r]
+    assert [r["step"] for r in steps] == [1, 2, 3, 4, 5, 6]
+    assert all(r["samples_per_s"] > 0 for r in steps)
+    assert steps[1]["lr"] == pytest.approx(1e-3)  # end of warm-up
+    assert "resumed" not in (run / "log.txt").read_text()
+    assert [d.name for d in step_dirs(run)] == ["step-3", "step-6"]
+    assert (run / "plots" / "curves.png").stat().st_size > 1000
+    model, _, tok = clipforge.load(run / "final")
+    _, state = load_state(step_dirs(run)[-1])
+    assert max_diff(params(model), params(state["model"])) == 0.0
+    assert tok.vocab_size == model.config.text.vocab_size < 600
+
+
+def test_clean_stop_then_resume_equals_straight_run(straight_run, tmp_path):
+    cfg, factory = tiny_cfg(tmp_path, vocab=str(straight_run / "tokenizer")), memory_factory(SAMPLES)
+    train(cfg, loader_factory=factory, captions=CAPTIONS, stop_after=3)
+    assert [d.name for d in step_dirs(tmp_path)] == ["step-3"] and not (tmp_path / "final").exists()
+    train(cfg, loader_factory=factory, captions=CAPTIONS)
+    assert "resumed from" in (tmp_path / "log.txt").read_text()
+    _, a = load_state(step_dirs(straight_run)[-1])
+    _, b = load_state(step_dirs(tmp_path)[-1])
+    # Same numbers to within float32 rounding (in practice bit-identical on one machine).
+    assert max_diff(params(a["model"]), params(b["model"])) < 1e-6
+    ea, eb = a["optimizer"]["state"], b["optimizer"]["state"]
+    assert max(float((ea[k]["exp_avg_sq"] - eb[k]["exp_avg_sq"]).abs().max()) for k in ea) < 1e-9
+
+
+def _child(out: str, vocab: str) -> None:
+    """Run in a subprocess: train 6 steps with a loader that blocks forever at batch 4 (after step 3's
+    checkpoint is written), to be killed with SIGKILL."""
+    train(tiny_cfg(Path(out), vocab=vocab), loader_factory=memory_factory(SAMPLES, block_from=4))
+
+
+def test_sigkill_then_resume_equals_straight_run(straight_run, tmp_path):
+    # The same vocabulary as the straight run: BPE training breaks ties differently from process to process.
+    vocab = straight_run / "tokenizer"
+    code = (
+        f"import sys; sys.path[:0] = [{str(TESTS)!r}, {str(TESTS.parent / 'src')!r}]; "
+        f"import test_train; test_train._child({str(tmp_path)!r}, {str(vocab)!r})"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", code])
+    try:
+        deadline = time.time() + 120
+        while not step_dirs(tmp_path) and time.time() < deadline and proc.poll() is None:
+            time.sleep(0.2)
+        time.sleep(1.0)  # let it reach the blocking batch, mid-epoch, past the checkpoint
+        assert proc.poll() is None, "the child exited before it was killed"
+    finally:
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+    assert [d.name for d in step_dirs(tmp_path)] == ["step-3"]
+    train(tiny_cfg(tmp_path, vocab=str(vocab)), loader_factory=memory_factory(SAMPLES))
+    _, a = load_state(step_dirs(straight_run)[-1])
+    _, b = load_state(step_dirs(tmp_path)[-1])
+    assert max_diff(params(a["model"]), params(b["model"])) < 1e-6
+
+
+def test_bf16_accumulation_checkpointing_and_sigmoid_run(straight_run, tmp_path):
+    cfg = tiny_cfg(
+        tmp_path,
+        vocab=str(straight_run / "tokenizer"),
+        steps=2,
+        precision="bf16",
+        accum_steps=2,
+        grad_checkpointing=True,
+        loss="sigmoid",
+        local_loss=True,
+    )
+    train(cfg, loader_factory=memory_factory(SAMPLES))
+    losses = [json.loads(x)["loss"] for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert len(losses) == 2 and all(0 < v < 1e3 for v in losses)
+    model, _, _ = clipforge.load(tmp_path / "final")
+    assert model.logit_bias is not None and model.logit_scale.dtype == torch.float32
+    with pytest.raises(ValueError, match="fp16 needs a CUDA device"):
+        train(cfg.replace(precision="fp16", out=str(tmp_path / "x")), loader_factory=memory_factory(SAMPLES))
+
+
+# --- fine-tuning ------------------------------------------------------------------------------------------
+
+
+def _label_recall(model, tok, samples) -> float:
+    """Text -> image recall@1 by class: for each class's caption, is the most similar image of that class?"""
+    pre = Preprocess(model.config.preprocess)
+    with torch.no_grad():
+        img = model.encode_image(pre.batch([s.image for s in samples]), normalize=True)
+        labels = sorted({s.label for s in samples})
+        txt = model.encode_text(tok([f"a sketch showing {lb}" for lb in labels]), normalize=True)
+    best = (txt @ img.t()).argmax(dim=1)
+    return sum(samples[int(b)].label == lb for b, lb in zip(best, labels)) / len(labels)
+
+
+class NewCaptions:
+    """The same shapes with a caption wording the model never saw."""
+
+    def __init__(self, s):
+        self.image, self.label = s.image, s.label
+        self.captions = [f"a sketch showing {s.label}"] * 3
+
+
+def test_finetune_from_fp16_file_raises_recall_and_locks_the_image_tower(tmp_path):
+    base = create_model(CLIPConfig.from_dict(MICRO), seed=1)
+    tok = clipforge.train_tokenizer(CAPTIONS + [c for s in SAMPLES for c in NewCaptions(s).captions], 600, 16)
+    base = create_model(
+        base.config.replace(
+            text={
+                "vocab_size": tok.vocab_size,
+                "sot_token_id": tok.sot_token_id,
+                "eot_token_id": tok.eot_token_id,
+            }
+        ),
+        seed=1,
+    )
+    from safetensors.torch import save_file
+
+    from clipforge.model import convert
+
+    sd = {k: v.half().contiguous() for k, v in convert.to_openai(base.state_dict()).items()}
+    save_file(sd, tmp_path / "base.safetensors")  # an fp16 OpenAI-layout state dict, as OpenAI ships them
+    tok.save(tmp_path / "vocab")
+    new = [NewCaptions(s) for s in SAMPLES]
+    before_model, _, _ = clipforge.load(tmp_path / "base.safetensors", vocab=tmp_path / "vocab")
+    before = _label_recall(before_model, tok, new)
+    cfg = tiny_cfg(
+        tmp_path / "run",
+        init=str(tmp_path / "base.safetensors"),
+        vocab=str(tmp_path / "vocab"),
+        steps=40,
+        checkpoint_every=40,
+        lock_image=True,
+        lock_image_norm_trainable=True,
+        pretrained_lr_scale=0.5,
+        lr=4e-3,
+        log_every=10,
+    )
+    run = train(cfg, loader_factory=memory_factory(new))
+    _, state = load_state(step_dirs(run)[-1])
+    assert all(v.dtype == torch.float32 for v in state["model"].values())  # fp32 master weights
+    after_model, _, _ = clipforge.load(run / "final")
+    after = _label_recall(after_model, tok, new)
+    chance = 1 / 24
+    assert after >= 3 * chance and after >= before + 3 * chance, (before, after)
+    b, a = params(before_model), params(after_model)
+    assert torch.equal(b["visual.conv1.weight"], a["visual.conv1.weight"])  # locked
+    assert torch.equal(b["visual.proj"], a["visual.proj"])
+    assert not torch.equal(b["visual.ln_post.weight"], a["visual.ln_post.weight"])  # norm layers trainable
+    assert not torch.equal(b["text.text_projection"], a["text.text_projection"])
+    assert (
+        F.cosine_similarity(b["text.text_projection"].flatten(), a["text.text_projection"].flatten(), 0) > 0.5
+    )
+
+
+def test_cli_train_and_plot(straight_run, tmp_path):
+    pytest.importorskip("clipforge.data.loader")
+    from clipforge.cli import main
+    from clipforge.data.synthetic import write_shapes
+
+    manifest = write_shapes(tmp_path / "data", 32, size=32)
+    code = main(
+        [
+            "train",
+            "--config",
+            "tiny",
+            "--model",
+            str(MICRO_PATH),
+            "--data",
+            str(manifest),
+            "--out",
+            str(tmp_path / "run"),
+            "--steps",
+            "2",
+            "--batch-size",
+            "16",
+            "--no-progress",
+            "--eval-data",
+            str(manifest),
+            "--vocab",
+            str(straight_run / "tokenizer"),
+        ]
+    )
+    assert code == 0
+    records = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert any("eval" in r for r in records)
+    assert main(["plot", str(tmp_path / "run"), "--out", str(tmp_path / "c.png")]) == 0
+    assert (tmp_path / "c.png").exists()
+    clipforge.load(tmp_path / "run" / "final")
