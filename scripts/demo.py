@@ -1,5 +1,5 @@
 """The main job (`make demo`): fetch the open corpus, train the default model, evaluate it on held-out concepts,
-build a search collection, show a few searches, and serve the search page.
+build a search collection of the corpus, show a few searches, and serve the search page.
 
 Every step is one `clipforge` command, printed before it runs, so the same steps can be typed by hand.
 Steps whose output already exists are skipped; `--retrain` trains again. On 2 CPU cores: about 5 minutes to
@@ -69,13 +69,14 @@ def main() -> None:
 
     if not COLLECTION.exists():
         step("index", "create", str(COLLECTION), "--model", "default")
-    step("index", "add", str(COLLECTION), str(corpus / "heldout.jsonl"))
+    # The whole corpus, so searches find concepts the model was trained on as well as held-out ones.
+    step("index", "add", str(COLLECTION), str(corpus / "train.jsonl"), str(corpus / "heldout.jsonl"))
     step("index", "info", str(COLLECTION), "--json")
     for q in QUERIES:
         step("search", str(COLLECTION), q, "--k", "5")
 
     if not args.no_serve and sys.stdin.isatty():
-        print(f"\nOpen http://127.0.0.1:{args.port}/ to search the held-out images (Ctrl-C stops the server).")
+        print(f"\nOpen http://127.0.0.1:{args.port}/ to search the corpus (Ctrl-C stops the server).")
         step("serve", str(COLLECTION), "--port", args.port)
 
 
