@@ -20,6 +20,25 @@ from clipforge.transforms import Preprocess
 IMAGE_SIZE = 32
 
 
+def save_tiny_model(path, seed: int = 0):
+    """A random one-layer `tiny` model (32 px) with a vocabulary trained on shape captions, saved at `path`.
+
+    For tests that need a real checkpoint directory but no trained weights (CLI, embedding, index)."""
+    tok = clipforge.train_tokenizer(
+        [c for s in shape_samples(48) for c in s.captions], 560, context_length=32
+    )
+    cfg = clipforge.get_config("tiny").replace(
+        vision={"image_size": 32, "layers": 1},
+        text={
+            "vocab_size": tok.vocab_size,
+            "sot_token_id": tok.sot_token_id,
+            "eot_token_id": tok.eot_token_id,
+            "layers": 1,
+        },
+    )
+    return clipforge.save_model(clipforge.create_model(cfg, seed=seed), path, tokenizer=tok)
+
+
 def train_shapes_model(steps: int = 800, seed: int = 0) -> Encoder:
     """A ViT (patch 8 on 32 px: a 4x4 grid) and a text tower trained with InfoNCE on shape captions."""
     torch.manual_seed(seed)

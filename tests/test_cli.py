@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import save_tiny_model
 
 import clipforge
 from clipforge.cli import main
@@ -21,19 +22,7 @@ from clipforge.encoder import Encoder
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
     d = tmp_path_factory.mktemp("model")
-    tok = clipforge.train_tokenizer(
-        [s for x in shape_samples(48) for s in x.captions], 560, context_length=32
-    )
-    cfg = clipforge.get_config("tiny").replace(
-        vision={"image_size": 32, "layers": 1},
-        text={
-            "vocab_size": tok.vocab_size,
-            "sot_token_id": tok.sot_token_id,
-            "eot_token_id": tok.eot_token_id,
-            "layers": 1,
-        },
-    )
-    clipforge.save_model(clipforge.create_model(cfg, seed=0), d / "m", tokenizer=tok)
+    save_tiny_model(d / "m")
     for i, s in enumerate(shape_samples(3)):
         s.image.save(d / f"img{i}.png")
     return d

@@ -11,9 +11,9 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+from conftest import save_tiny_model
 from PIL import Image
 
-import clipforge
 from clipforge.data.synthetic import shape_samples, write_shapes
 from clipforge.encoder import Encoder
 from clipforge.index import embed_output as eo
@@ -22,25 +22,9 @@ from clipforge.index.embed import embed_to_folder
 from clipforge.index.sources import list_items
 
 
-def make_model(path: Path, seed: int = 0) -> Path:
-    tok = clipforge.train_tokenizer(
-        [c for s in shape_samples(48) for c in s.captions], 560, context_length=32
-    )
-    cfg = clipforge.get_config("tiny").replace(
-        vision={"image_size": 32, "layers": 1},
-        text={
-            "vocab_size": tok.vocab_size,
-            "sot_token_id": tok.sot_token_id,
-            "eot_token_id": tok.eot_token_id,
-            "layers": 1,
-        },
-    )
-    return clipforge.save_model(clipforge.create_model(cfg, seed=seed), path, tokenizer=tok)
-
-
 @pytest.fixture(scope="module")
 def enc(tmp_path_factory) -> Encoder:
-    return Encoder.load(make_model(tmp_path_factory.mktemp("model") / "m"))
+    return Encoder.load(save_tiny_model(tmp_path_factory.mktemp("model") / "m"))
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from test_embed import make_model
+from conftest import save_tiny_model
 
 from clipforge.cli import main
 from clipforge.cli.index import parse_query
@@ -21,7 +21,7 @@ from clipforge.index import Collection
 
 @pytest.fixture(scope="module")
 def model(tmp_path_factory) -> Path:
-    return make_model(tmp_path_factory.mktemp("model") / "m")
+    return save_tiny_model(tmp_path_factory.mktemp("model") / "m")
 
 
 @pytest.fixture(scope="module")
@@ -97,7 +97,7 @@ def test_parse_query():
 def test_other_model_is_refused(capsys, model, images, tmp_path):
     col = tmp_path / "col"
     run(capsys, "index", "create", col, "--model", model, "--json")
-    other = make_model(tmp_path / "other", seed=1)
+    other = save_tiny_model(tmp_path / "other", seed=1)
     err = fail(capsys, "search", col, "a red circle", "--model", other)
     assert "was built with" in err and str(col) in err
     assert "needs a text query" in fail(capsys, "search", col, "--", "-people")

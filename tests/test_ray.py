@@ -8,7 +8,8 @@ import os
 
 import numpy as np
 import pytest
-from test_embed import make_model, read_folder
+from conftest import save_tiny_model
+from test_embed import read_folder
 
 from clipforge.cli import main
 from clipforge.data.synthetic import write_shapes
@@ -23,7 +24,7 @@ def test_ray_output_equals_single_process(tmp_path, monkeypatch, capsys):
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     import ray  # a missing install is a failure, not a skip
 
-    model = make_model(tmp_path / "m")
+    model = save_tiny_model(tmp_path / "m")
     manifest = write_shapes(tmp_path / "shapes", 9, 40, 0)
     (tmp_path / "shapes" / "images" / "00004.png").write_bytes(b"broken")
     single = embed_to_folder(
