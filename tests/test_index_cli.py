@@ -67,7 +67,7 @@ def test_round_trip(capsys, model, enc, images, tmp_path):
     assert res["query"] == {"text": "a red circle", "negative": ["square"], "image": None}
     with Collection.open(col, readonly=True) as c:
         ref = c.search(text="a red circle", negative=["square"], k=3, encoder=enc)
-        stored = {h.path: c._fetch(np.array([h.id]))[0] for h in c.search(vector=np.ones(enc.dim), k=7)}
+        stored = {h.path: c.vectors(np.array([h.id]))[0] for h in c.search(vector=np.ones(enc.dim), k=7)}
     assert [h["id"] for h in res["hits"]] == [h.id for h in ref]
     np.testing.assert_allclose([h["score"] for h in res["hits"]], [h.score for h in ref], atol=1e-5)
     paths = sorted(stored)
@@ -132,7 +132,7 @@ def test_embed_folder_then_index_add_without_reembedding(capsys, model, enc, ima
     assert run(capsys, "index", "add", col, images, "--json")["unchanged"] == 7  # same sha256 as the files
     with Collection.open(col, readonly=True) as c:
         hits = c.search(vector=np.ones(enc.dim), k=7)
-        got = c._fetch(np.array([h.id for h in hits]))
+        got = c.vectors(np.array([h.id for h in hits]))
     np.testing.assert_allclose(got, enc.embed_images([h.path for h in hits]), atol=2e-3)  # stored as float16
 
 

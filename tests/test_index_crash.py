@@ -117,7 +117,7 @@ def check(coll_path: Path, root: Path, lines: list[str], state: dict[int, str]) 
             assert per_folder.get(f"f{f:02d}", 0) in expected, (f, word, per_folder)
         assert all(v % BATCH == 0 for v in per_folder.values()), per_folder  # whole batches only
         # the survivors are searchable: each stored vector finds itself first
-        s, ids = c.search_batch(c._fetch(in_db[:20]), 1)
+        s, ids = c.search_batch(c.vectors(in_db[:20]), 1)
         assert np.array_equal(ids[:, 0], in_db[:20]) or np.allclose(s[:, 0], 1.0, atol=1e-5)
 
 

@@ -146,7 +146,7 @@ def dedup_groups(coll: Collection, threshold: float, neighbours: int) -> list[li
     groups = []
     for comp in components(len(uniq), inv.reshape(-1, 2)):
         member_ids = uniq[comp]
-        vecs = coll._fetch(member_ids)
+        vecs = coll.vectors(member_ids)
         rows = db.rows_by_id(coll.conn, member_ids)
         groups.append([hit_from_row(rows[int(i)], float(v @ vecs[0])) for i, v in zip(member_ids, vecs)])
     return sorted(groups, key=lambda g: (-len(g), g[0].id))
@@ -170,7 +170,7 @@ def recall_at_k(coll: Collection, k: int, sample: int, seed: int) -> float:
     if not len(all_ids):
         return 1.0
     rng = np.random.default_rng(seed)
-    q = coll._fetch(np.sort(rng.choice(all_ids, min(sample, len(all_ids)), replace=False)))
-    _, approx = coll._ann.search(q, k, None, coll._fetch)
+    q = coll.vectors(np.sort(rng.choice(all_ids, min(sample, len(all_ids)), replace=False)))
+    _, approx = coll._ann.search(q, k, None, coll.vectors)
     exact = exact_topk(coll.conn, coll.dim, q, k)
     return float(np.mean([len(set(a) & set(e)) / min(k, len(all_ids)) for a, e in zip(approx, exact)]))

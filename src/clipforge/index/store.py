@@ -349,19 +349,20 @@ class Collection:
         return len(ids)
 
     # ---- reading ------------------------------------------------------------------------------------
-    def _fetch(self, ids: np.ndarray) -> np.ndarray:
-        return db.vectors_for(self.conn, ids, self.dim)
+    def vectors(self, ids: np.ndarray) -> np.ndarray:
+        """(len(ids), dim) stored unit vectors of these ids, in order ("more like this", re-ranking)."""
+        return db.vectors_for(self.conn, np.asarray(ids, np.int64), self.dim)
 
     def _search(
         self, q: np.ndarray, k: int, allowed: np.ndarray | None = None
     ) -> tuple[np.ndarray, np.ndarray]:
         if allowed is not None and len(allowed) <= EXACT_FILTER_LIMIT:
-            s = q @ self._fetch(allowed).T  # (Q, A): exact over the few rows the filter leaves
+            s = q @ self.vectors(allowed).T  # (Q, A): exact over the few rows the filter leaves
             order = np.argsort(-s, axis=1, kind="stable")[:, :k]
             pad = k - order.shape[1]
             scores = np.pad(np.take_along_axis(s, order, 1), ((0, 0), (0, pad)), constant_values=-np.inf)
             return scores.astype(np.float32), np.pad(allowed[order], ((0, 0), (0, pad)), constant_values=-1)
-        return self._ann.search(q, k, allowed, self._fetch)
+        return self._ann.search(q, k, allowed, self.vectors)
 
     def search(
         self,

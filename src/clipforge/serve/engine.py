@@ -24,7 +24,6 @@ import numpy as np
 
 from clipforge.batching import MicroBatcher
 from clipforge.index import Collection, Hit
-from clipforge.index import db as index_db
 from clipforge.index.search import query_vector
 from clipforge.index.types import EncoderLike
 
@@ -96,12 +95,13 @@ class Engine:
 
     async def embed_texts(self, texts: list[str]) -> np.ndarray:
         """(N, D) unit vectors; cached texts skip the model, the rest join whatever batch is forming."""
-        todo = [t for t in dict.fromkeys(texts) if t not in self._text_cache]
-        vecs = await asyncio.gather(*(self.text_batcher.acall(t) for t in todo))
-        for t, v in zip(todo, vecs):
-            self._text_cache[t] = v
-        out = np.stack([self._text_cache[t] for t in texts]) if texts else np.zeros((0, self.dim), np.float32)
-        for t in texts:
+        # Take the cached vectors before awaiting: other requests may evict entries meanwhile.
+        found = {t: self._text_cache[t] for t in texts if t in self._text_cache}
+        todo = [t for t in dict.fromkeys(texts) if t not in found]
+        found.update(zip(todo, await asyncio.gather(*(self.text_batcher.acall(t) for t in todo))))
+        out = np.stack([found[t] for t in texts]) if texts else np.zeros((0, self.dim), np.float32)
+        for t in found:
+            self._text_cache[t] = found[t]
             self._text_cache.move_to_end(t)
         while len(self._text_cache) > TEXT_CACHE:
             self._text_cache.popitem(last=False)
@@ -132,7 +132,7 @@ class Engine:
 
     def _vector(self, id: int) -> np.ndarray:
         self._row(id)
-        return index_db.vectors_for(self.collection.conn, np.array([id], np.int64), self.dim)[0]
+        return self.collection.vectors([id])[0]
 
     async def vector_of(self, id: int) -> np.ndarray:
         return await self.on_collection(self._vector, id)
