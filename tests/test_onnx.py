@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
 
@@ -67,3 +68,24 @@ def test_onnx_rejects_overlong_text(exported):
     onnx_model, _, _ = load(out)
     with pytest.raises(ValueError, match="context length"):
         onnx_model.encode_text(torch.ones(1, 40, dtype=torch.long))
+
+
+def test_encoder_and_cli_run_an_onnx_export(exported, capsys):
+    """The numpy Encoder (used by search, apps and the CLI) runs an export like a PyTorch model."""
+    from clipforge.encoder import Encoder
+
+    model, tok, out = exported
+    enc = Encoder.load(out)
+    assert enc.identity["fingerprint"].startswith("sha256:") and enc.dim == model.config.embed_dim
+    with torch.no_grad():
+        ref = model.encode_text(tok(["a red circle"]), normalize=True).numpy()
+    np.testing.assert_allclose(enc.embed_texts(["a red circle"]), ref, atol=1e-4)
+    assert main(["embed-text", "a red circle", "--model", str(out), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["dim"] == model.config.embed_dim
+
+
+def test_onnx_export_refuses_a_wrong_vocabulary(exported, tmp_path):
+    _, _, out = exported
+    train_tokenizer(CAPTIONS[:3], vocab_size=520, context_length=32).save(tmp_path / "v")
+    with pytest.raises(clipforge.CheckpointError, match="wrong vocabulary"):
+        load(out, vocab=tmp_path / "v")

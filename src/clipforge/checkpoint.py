@@ -259,6 +259,26 @@ def resolve(path: str | Path) -> Path:
     return p
 
 
+def choose_tokenizer(
+    found: Tokenizer | None, vocab: str | Path | None, cfg: CLIPConfig, source: str
+) -> Tokenizer | None:
+    """The tokenizer a loaded model runs with: `vocab` if given, else the checkpoint's own, else None with a
+    warning; refused when its vocabulary size does not match the text tower's."""
+    tokenizer = Tokenizer.from_pretrained(vocab, context_length=cfg.text.context_length) if vocab else found
+    if tokenizer is None:
+        warnings.warn(
+            f"{source} carries no vocabulary, so the tokenizer is None; pass vocab=PATH "
+            "(a bpe_simple_vocab_16e6.txt.gz file or a tokenizer directory) to get one",
+            stacklevel=3,
+        )
+    elif tokenizer.vocab_size != cfg.text.vocab_size:
+        raise CheckpointError(
+            f"tokenizer has {tokenizer.vocab_size} tokens but the model's text tower expects "
+            f"{cfg.text.vocab_size}: wrong vocabulary for {source}"
+        )
+    return tokenizer
+
+
 def load(
     path: str | Path,
     *,
@@ -281,7 +301,9 @@ def load(
 
     if is_onnx_dir(p):
         if precision != "fp32" or compile or channels_last:
-            raise ValueError(f"{p} is an ONNX export: precision, compile and channels_last apply to PyTorch models")
+            raise ValueError(
+                f"{p} is an ONNX export: precision, compile and channels_last apply to PyTorch models"
+            )
         return load_onnx(p, vocab=vocab)
     loaded = read_checkpoint(p, preset=preset, activation=activation)
     model = build_model(loaded).to(device)
@@ -289,18 +311,5 @@ def load(
         from clipforge.fast import optimize
 
         model = optimize(model, precision=precision, compile=compile, channels_last=channels_last)
-    tokenizer = loaded.tokenizer
-    if vocab is not None:
-        tokenizer = Tokenizer.from_pretrained(vocab, context_length=loaded.config.text.context_length)
-    elif tokenizer is None:
-        warnings.warn(
-            f"{loaded.source} carries no vocabulary, so the tokenizer is None; pass vocab=PATH "
-            "(a bpe_simple_vocab_16e6.txt.gz file or a tokenizer directory) to get one",
-            stacklevel=2,
-        )
-    if tokenizer is not None and tokenizer.vocab_size != loaded.config.text.vocab_size:
-        raise CheckpointError(
-            f"tokenizer has {tokenizer.vocab_size} tokens but the model's text tower expects "
-            f"{loaded.config.text.vocab_size}: wrong vocabulary for {loaded.source}"
-        )
+    tokenizer = choose_tokenizer(loaded.tokenizer, vocab, loaded.config, loaded.source)
     return model, Preprocess(loaded.config.preprocess), tokenizer

@@ -23,6 +23,10 @@ from clipforge.transforms import Preprocess
 
 def fingerprint(model: CLIP) -> str:
     """sha256 over the config and every tensor's bytes: two encoders give the same vectors iff it matches."""
+    if hasattr(
+        model, "fingerprint"
+    ):  # runtimes without PyTorch tensors (an ONNX export) hash their own files
+        return model.fingerprint()
     h = hashlib.sha256(json.dumps(model.config.to_dict(), sort_keys=True).encode())
     for name, t in sorted(model.state_dict().items()):
         h.update(name.encode())
@@ -45,7 +49,7 @@ class Encoder:
         self.tokenizer = tokenizer
         self.name = name or model.config.name or "model"
         self.batch_size = batch_size
-        self.device = next(model.parameters()).device
+        self.device = getattr(model, "device", None) or next(model.parameters()).device
 
     @classmethod
     def load(cls, path: str | Path, *, batch_size: int = 32, **load_options: Any) -> Encoder:

@@ -10,6 +10,7 @@ onnx, onnxscript (export) and onnxruntime (run) are optional dependencies, impor
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import warnings
@@ -20,9 +21,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from clipforge.model.clip import CLIP
+from clipforge.model.clip import CLIP, MAX_LOGIT_SCALE
 from clipforge.model.config import CLIPConfig
 from clipforge.model.convert import CheckpointError
+from clipforge.model.text import eot_positions
 from clipforge.tokenizer import Tokenizer
 from clipforge.transforms import Preprocess, to_hf_preprocessor_config
 
@@ -165,9 +167,18 @@ class OnnxCLIP:
             for k in ("image", "text")
         )
 
+    device = torch.device("cpu")
+
     @property
     def dtype(self) -> torch.dtype:
         return torch.float32
+
+    def fingerprint(self) -> str:
+        """sha256 over the config and both graphs (an export's vectors differ from its source's by ~1e-6)."""
+        h = hashlib.sha256(json.dumps(self.config.to_dict(), sort_keys=True).encode())
+        for name in (IMAGE_FILE, TEXT_FILE):
+            h.update((self.directory / name).read_bytes())
+        return "sha256:" + h.hexdigest()
 
     def eval(self) -> OnnxCLIP:
         return self
@@ -185,15 +196,13 @@ class OnnxCLIP:
                 f"text has {tokens.shape[1]} tokens; this model's context length is {t.context_length}"
             )
         # Trim to the longest text, as TextTransformer does: causal attention makes it exact.
-        is_eot = tokens == t.eot_token_id
-        pos = torch.where(is_eot.any(dim=-1), is_eot.int().argmax(dim=-1), tokens.argmax(dim=-1))
-        tokens = tokens[:, : max(int(pos.max()) + 1, 2)]
+        tokens = tokens[:, : max(int(eot_positions(tokens, t.eot_token_id).max()) + 1, 2)]
         (f,) = self.text_session.run(None, {"tokens": tokens.to("cpu", torch.long).contiguous().numpy()})
         f = torch.from_numpy(np.asarray(f))
         return F.normalize(f, dim=-1) if normalize else f
 
     def scale(self) -> torch.Tensor:
-        return torch.tensor(min(float(np.exp(self._logit_scale)), 100.0))
+        return torch.tensor(min(float(np.exp(self._logit_scale)), MAX_LOGIT_SCALE))
 
     def logits(self, images: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         img = self.encode_image(images, normalize=True)
@@ -207,12 +216,9 @@ class OnnxCLIP:
 def load_onnx(
     directory: str | Path, vocab: str | Path | None = None
 ) -> tuple[OnnxCLIP, Preprocess, Tokenizer | None]:
+    from clipforge.checkpoint import _read_tokenizer, choose_tokenizer
+
     model = OnnxCLIP(directory)
-    ctx = model.config.text.context_length
-    d = Path(directory)
-    tokenizer = None
-    if vocab is not None:
-        tokenizer = Tokenizer.from_pretrained(vocab, context_length=ctx)
-    elif (d / "tokenizer.json").exists() or (d / "vocab.json").exists():
-        tokenizer = Tokenizer.from_pretrained(d, context_length=ctx)
+    found = _read_tokenizer(Path(directory), model.config.text.context_length)
+    tokenizer = choose_tokenizer(found, vocab, model.config, f"ONNX export {directory}")
     return model, Preprocess(model.config.preprocess), tokenizer

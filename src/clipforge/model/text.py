@@ -9,6 +9,13 @@ from clipforge.model.config import TextConfig
 from clipforge.model.layers import LayerNorm, Transformer
 
 
+def eot_positions(tokens: torch.Tensor, eot_token_id: int) -> torch.Tensor:
+    """(N, T) ids -> (N,) index of the first end-of-text token per row; rows without one fall back to the largest
+    id, as OpenAI's argmax pooling does (its end-of-text token is the largest id)."""
+    is_eot = tokens == eot_token_id
+    return torch.where(is_eot.any(dim=-1), is_eot.int().argmax(dim=-1), tokens.argmax(dim=-1))
+
+
 class TextTransformer(nn.Module):
     def __init__(self, cfg: TextConfig, embed_dim: int, activation: str):
         super().__init__()
@@ -32,11 +39,7 @@ class TextTransformer(nn.Module):
         nn.init.normal_(self.text_projection, std=self.transformer.width**-0.5)
 
     def eot_positions(self, tokens: torch.Tensor) -> torch.Tensor:
-        """Index of the first end-of-text token per row; rows without one fall back to the largest id, as
-        OpenAI's argmax pooling does (its end-of-text token is the largest id)."""
-        is_eot = tokens == self.eot_token_id
-        first_eot = is_eot.int().argmax(dim=-1)
-        return torch.where(is_eot.any(dim=-1), first_eot, tokens.argmax(dim=-1))
+        return eot_positions(tokens, self.eot_token_id)
 
     def forward_tokens(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, T) ids -> ((B, T', width) token features after ln_final, (B,) pooling positions); T' <= T."""
