@@ -106,6 +106,15 @@ def test_contrastive_loss_dispatch_and_errors():
     img, txt = features(4)
     s = torch.tensor(5.0)
     assert torch.allclose(L.contrastive_loss("clip", img, txt, s), L.clip_loss(img.float(), txt.float(), s))
+    b = torch.tensor(-2.0)
+    assert torch.allclose(
+        L.contrastive_loss("sigmoid", img, txt, s, b), L.sigmoid_loss(img.float(), txt.float(), s, b)
+    )
+    # bf16 features (autocast) are lifted to fp32 before the (N, N) logits, where bf16 loses accuracy
+    low = L.contrastive_loss("clip", img.bfloat16(), txt.bfloat16(), s.bfloat16())
+    assert low.dtype == torch.float32
+    exact = L.clip_loss(img.bfloat16().float(), txt.bfloat16().float(), s.bfloat16().float())
+    assert torch.allclose(low, exact, atol=1e-6)
     with pytest.raises(ValueError, match="logit_bias"):
         L.contrastive_loss("sigmoid", img, txt, s, None)
     with pytest.raises(ValueError, match="unknown loss 'triplet'"):

@@ -431,3 +431,18 @@ def test_cli_train_and_plot(straight_run, tmp_path):
     assert main(["plot", str(tmp_path / "run"), "--out", str(tmp_path / "c.png")]) == 0
     assert (tmp_path / "c.png").exists()
     clipforge.load(tmp_path / "run" / "final")
+
+
+def test_vocabulary_captions_are_read_like_the_loader_reads_them(tmp_path):
+    """A from-scratch run trains its vocabulary on the same captions the loader yields, for shards too."""
+    from clipforge.data.manifest import read_manifest
+    from clipforge.data.shards import write_shards
+    from clipforge.data.synthetic import write_shapes
+    from clipforge.train.vocab import read_captions
+
+    manifest = write_shapes(tmp_path / "shapes", 12, size=16)
+    expected = [c for s in read_manifest(manifest) for c in s.captions]
+    assert read_captions([manifest]) == expected
+    write_shards(manifest, tmp_path / "shards", shard_size=5)
+    assert sorted(read_captions([tmp_path / "shards"])) == sorted(expected)
+    assert read_captions([manifest], limit=4) == expected[:4]

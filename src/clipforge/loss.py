@@ -9,6 +9,8 @@ Across processes each rank holds B of the global N = world * B pairs. Two exact 
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -23,10 +25,9 @@ def world() -> tuple[int, int]:
 
 def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
     """(B, D) on each rank -> (world * B, D) in rank order, differentiable with respect to every rank's rows."""
-    rank, size = world()
+    _, size = world()
     if size == 1:
         return x
-    import warnings
 
     from torch.distributed.nn.functional import all_gather
 
@@ -45,7 +46,7 @@ def clip_loss(
     local: bool = False,
 ) -> torch.Tensor:
     """Symmetric cross-entropy over the similarity matrix. Features are (B, D), L2-normalised, per rank."""
-    rank, size = world()
+    rank, _ = world()
     all_img, all_txt = gather_with_grad(image_features), gather_with_grad(text_features)
     if local:
         B = image_features.shape[0]
@@ -103,4 +104,4 @@ def contrastive_loss(
                 "the sigmoid loss needs a model with a logit_bias (logit_bias_init in its config)"
             )
         return sigmoid_loss(img, txt, logit_scale.float(), logit_bias.float())
-    raise ValueError(f"unknown loss {kind!r}; valid: 'clip', 'sigmoid'")
+    raise ValueError(f"unknown loss {kind!r}; valid: {', '.join(LOSSES)}")

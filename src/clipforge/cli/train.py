@@ -7,9 +7,10 @@ import argparse
 import dataclasses
 from typing import Any
 
+from clipforge.loss import LOSSES
 from clipforge.train.config import PRECISIONS, PRESETS, TrainConfig, field_types
 
-CHOICES = {"loss": ("clip", "sigmoid"), "precision": PRECISIONS}
+CHOICES = {"loss": LOSSES, "precision": PRECISIONS}
 
 
 def register(sub: argparse._SubParsersAction) -> None:

@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from clipforge.loss import LOSSES
+
 PRECISIONS = ("fp32", "bf16", "fp16")
 
 
@@ -84,7 +86,7 @@ class TrainConfig:
         object.__setattr__(self, "data", tuple(_expand(d) for d in self.data))
         if self.eval_data is not None:
             object.__setattr__(self, "eval_data", _expand(self.eval_data))
-        _check_choice("loss", self.loss, ("clip", "sigmoid"))
+        _check_choice("loss", self.loss, LOSSES)
         _check_choice("precision", self.precision, PRECISIONS)
         for name in (
             "batch_size",

@@ -65,11 +65,3 @@ def mean_across(value: torch.Tensor, info: DistInfo) -> float:
     v = value.detach().float().reshape(1).clone()
     dist.all_reduce(v)
     return float(v) / info.world_size
-
-
-def broadcast_object(obj: object, info: DistInfo) -> object:
-    if not info.distributed:
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]

@@ -1,77 +1,44 @@
 """The tokenizer of a run: trained on the training captions for a run from scratch, else reused.
 
-Reading captions for the vocabulary needs only the text, not the images, so it is a light pass over the
-sources: JSONL / CSV / TSV manifests, folders of `.txt` captions, and `.tar` shards (their `.txt` members).
+Reading captions for the vocabulary needs only the text, not the images: a light pass over the same sources
+the loader reads (manifests, folders of images with `.txt` captions, `.tar` shards).
 """
 
 from __future__ import annotations
 
-import csv
-import json
-import tarfile
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
+from clipforge.data import shards as sh
+from clipforge.data.loader import open_source
+from clipforge.data.manifest import SampleError
 from clipforge.tokenizer import Tokenizer, train_tokenizer
 
-CAPTION_KEYS = ("captions", "caption", "text")
 
+def _shard_captions(urls: Sequence[str]) -> Iterator[str]:
+    def skip(e: Exception) -> bool:
+        return True  # a corrupt member is the loader's to count and report; the vocabulary just skips it
 
-def _from_record(rec: dict, source: str) -> list[str]:
-    for key in CAPTION_KEYS:
-        v = rec.get(key)
-        if v:
-            return [v] if isinstance(v, str) else [str(c) for c in v]
-    return []
-
-
-def _jsonl(path: Path) -> Iterator[str]:
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            if line.strip():
-                try:
-                    yield from _from_record(json.loads(line), str(path))
-                except json.JSONDecodeError:
-                    continue  # the loader reports bad lines; the vocabulary just skips them
-
-
-def _table(path: Path) -> Iterator[str]:
-    delimiter = "\t" if path.suffix == ".tsv" else ","
-    with open(path, encoding="utf-8", newline="") as f:
-        for row in csv.DictReader(f, delimiter=delimiter):
-            for c in _from_record(row, str(path)):
-                yield from (p for p in c.split("|") if p.strip())
-
-
-def _tar(path: Path) -> Iterator[str]:
-    with tarfile.open(path) as t:
-        for m in t:
-            if m.isfile() and m.name.endswith(".txt"):
-                yield t.extractfile(m).read().decode("utf-8", errors="replace").strip()
+    for rec in sh.iter_records(urls, skip):
+        try:
+            yield from sh.parse_record(rec)[2]
+        except SampleError:
+            continue
 
 
 def read_captions(sources: Sequence[str | Path], limit: int = 200_000) -> list[str]:
-    """Up to `limit` captions from the training sources, in order."""
+    """Up to `limit` captions from the training sources, in order, read exactly as the loader reads them
+    (clipforge.data.loader.open_source: manifests, caption folders, shards)."""
+    kind, items = open_source(list(sources))
+    it: Iterator[str] = (
+        (c for s in items for c in s.captions) if kind == "manifest" else _shard_captions(items)
+    )
     out: list[str] = []
-    for s in sources:
-        p = Path(s)
-        if not p.exists():
-            raise FileNotFoundError(f"training data not found: {p}")
-        if p.is_dir():
-            it: Iterator[str] = (f.read_text(encoding="utf-8").strip() for f in sorted(p.rglob("*.txt")))
-        elif p.suffix == ".jsonl":
-            it = _jsonl(p)
-        elif p.suffix in (".csv", ".tsv"):
-            it = _table(p)
-        elif p.suffix == ".tar":
-            it = _tar(p)
-        else:
-            raise ValueError(f"{p}: unknown data format (expected .jsonl, .csv, .tsv, .tar or a folder)")
-        for c in it:
-            if c:
-                out.append(c)
-                if len(out) >= limit:
-                    return out
+    for c in it:
+        if c:
+            out.append(c)
+            if len(out) >= limit:
+                break
     return out
 
 
