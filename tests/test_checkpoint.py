@@ -294,3 +294,14 @@ def test_default_model_missing_says_how_to_make_it(tmp_path, monkeypatch):
     monkeypatch.setenv("CLIPFORGE_CACHE", str(tmp_path))
     with pytest.raises(FileNotFoundError, match="make demo"):
         load("default")
+
+
+def test_malformed_config_files_are_named(tmp_path, tok):
+    save_model(create_model(tiny_cfg(tok), seed=10), tmp_path / "m", tokenizer=tok)
+    (tmp_path / "m" / "clipforge.json").write_text("{not json")
+    with pytest.raises(CheckpointError, match="clipforge.json: unreadable JSON"):
+        load(tmp_path / "m")
+    (tmp_path / "hf").mkdir()
+    (tmp_path / "hf" / "config.json").write_text(json.dumps({"model_type": "clip", "text_config": {}}))
+    with pytest.raises(CheckpointError, match="config.json: malformed model config"):
+        load(tmp_path / "hf")

@@ -68,6 +68,26 @@ def _write_json(path: Path, obj: Any) -> None:
     _atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(obj, indent=2) + "\n"))
 
 
+def export_state_dict(model: CLIP, layout: str) -> convert.StateDict:
+    """fp32 CPU tensors of `model` in a foreign layout: "hf" (transformers' CLIPModel) or "openai"."""
+    sd = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in model.state_dict().items()}
+    sd = {k: v for k, v in sd.items() if not k.endswith("num_batches_tracked")}
+    return convert.to_hf(sd) if layout == "hf" else convert.to_openai(sd)
+
+
+def save_openai(model: CLIP, path: str | Path) -> Path:
+    """A state dict in OpenAI's layout, which OpenAI's and OpenCLIP's code load: .safetensors or a .pt pickle of
+    tensors only (loads with weights_only=True)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sd = export_state_dict(model, "openai")
+    if path.suffix == ".safetensors":
+        _atomic_write(path, lambda tmp: save_file(sd, tmp, metadata={"format": "pt"}))
+    else:
+        _atomic_write(path, lambda tmp: torch.save(sd, tmp))
+    return path
+
+
 def save_model(
     model: CLIP, directory: str | Path, tokenizer: Tokenizer | None = None, extra: dict | None = None
 ) -> Path:
@@ -77,10 +97,8 @@ def save_model(
     out = Path(directory)
     out.mkdir(parents=True, exist_ok=True)
     cfg = model.config
-    sd = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in model.state_dict().items()}
-    sd = {k: v for k, v in sd.items() if not k.endswith("num_batches_tracked")}
     layout = "hf" if cfg.vision.kind == "vit" else "openai"
-    sd = convert.to_hf(sd) if layout == "hf" else convert.to_openai(sd)
+    sd = export_state_dict(model, layout)
     _atomic_write(out / WEIGHTS_FILE, lambda tmp: save_file(sd, tmp, metadata={"format": "pt"}))
     if layout == "hf":
         _write_json(out / "config.json", convert.hf_config(cfg))
@@ -146,8 +164,18 @@ def _read_tokenizer(directory: Path, context_length: int) -> Tokenizer | None:
     return None
 
 
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        obj = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{path}: unreadable JSON ({e})") from None
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"{path}: expected a JSON object, found {type(obj).__name__}")
+    return obj
+
+
 def _read_clipforge_dir(d: Path) -> Loaded:
-    meta = json.loads((d / FORMAT_FILE).read_text())
+    meta = _read_json(d / FORMAT_FILE)
     if meta.get("format") != "clipforge" or meta.get("format_version", 0) > FORMAT_VERSION:
         raise CheckpointError(
             f"{d / FORMAT_FILE}: unsupported format {meta.get('format')!r} v{meta.get('format_version')}"
@@ -159,10 +187,10 @@ def _read_clipforge_dir(d: Path) -> Loaded:
 
 
 def _read_hf_dir(d: Path) -> Loaded:
-    hf = json.loads((d / "config.json").read_text())
+    hf = _read_json(d / "config.json")
     pre = None
     if (d / "preprocessor_config.json").exists():
-        pre = from_hf_preprocessor_config(json.loads((d / "preprocessor_config.json").read_text()))
+        pre = from_hf_preprocessor_config(_read_json(d / "preprocessor_config.json"))
     cfg = convert.config_from_hf(hf, pre)
     weights = [d / n for n in ("model.safetensors", "pytorch_model.bin") if (d / n).exists()]
     if not weights:
@@ -174,7 +202,7 @@ def _read_hf_dir(d: Path) -> Loaded:
 
 
 def _read_open_clip_dir(d: Path, activation: str | None) -> Loaded:
-    meta = json.loads((d / "open_clip_config.json").read_text())
+    meta = _read_json(d / "open_clip_config.json")
     names = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")
     weights = [d / n for n in names if (d / n).exists()]
     if not weights:
@@ -203,12 +231,19 @@ def read_checkpoint(path: str | Path, *, preset: str | None = None, activation: 
     overrides the activation where the file does not record it."""
     p = Path(path).expanduser()
     if p.is_dir():
-        if (p / FORMAT_FILE).exists():
-            return _read_clipforge_dir(p)
-        if (p / "open_clip_config.json").exists():
-            return _read_open_clip_dir(p, activation)
-        if (p / "config.json").exists():
-            return _read_hf_dir(p)
+        readers = [
+            (FORMAT_FILE, _read_clipforge_dir),
+            ("open_clip_config.json", lambda d: _read_open_clip_dir(d, activation)),
+            ("config.json", _read_hf_dir),
+        ]
+        for name, reader in readers:
+            if (p / name).exists():
+                try:
+                    return reader(p)
+                except (KeyError, TypeError) as e:  # a config file missing a field or holding a wrong type
+                    raise CheckpointError(
+                        f"{p / name}: malformed model config ({type(e).__name__}: {e})"
+                    ) from None
         raise CheckpointError(
             f"{p}: not a model directory (no {FORMAT_FILE}, config.json or open_clip_config.json in it)"
         )

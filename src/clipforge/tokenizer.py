@@ -102,8 +102,14 @@ class Tokenizer:
 
     pad_token_id: int = 0  # OpenAI's clip.tokenize pads with 0 (which is also the "!" token)
 
-    def __init__(self, vocab: dict[str, int], merges: Sequence[tuple[str, str]], context_length: int = 77):
-        _check_vocab(vocab, merges, source="vocabulary")
+    def __init__(
+        self,
+        vocab: dict[str, int],
+        merges: Sequence[tuple[str, str]],
+        context_length: int = 77,
+        source: str = "vocabulary",
+    ):
+        _check_vocab(vocab, merges, source=source)
         if context_length < 2:
             raise ValueError(f"context_length must be at least 2 (sot and eot), got {context_length}")
         self.vocab = dict(vocab)
@@ -198,8 +204,7 @@ class Tokenizer:
             vocab, merges = _read_hf_directory(path)
         else:
             vocab, merges = _read_openai_merges(path)
-        _check_vocab(vocab, merges, source=str(path))
-        return cls(vocab, merges, context_length=context_length)
+        return cls(vocab, merges, context_length=context_length, source=str(path))
 
 
 def get_tokenizer(path: str | Path, context_length: int = 77) -> Tokenizer:

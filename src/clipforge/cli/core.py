@@ -57,9 +57,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_model_flags(p, fast=True)
     p.add_argument("--out", default=None, help="write the (N, D) float32 array to this .npy file")
     add_json_flag(p)
-    p.set_defaults(
-        run=lambda a: embed(a.model, model_options(a), images=a.images, out=a.out, as_json=a.json)
-    )
+    p.set_defaults(run=lambda a: embed(a.model, model_options(a), images=a.images, out=a.out, as_json=a.json))
 
 
 def info(model: str, vocab: str | None, preset: str | None, as_json: bool) -> int:
@@ -107,27 +105,26 @@ def convert(
 ) -> int:
     import warnings
 
-    import torch
-    from safetensors.torch import save_file
-
-    from clipforge.checkpoint import build_model, read_checkpoint, resolve, save_model
-    from clipforge.model import convert as names
-    from clipforge.tokenizer import Tokenizer
+    from clipforge.checkpoint import (
+        build_model,
+        choose_tokenizer,
+        read_checkpoint,
+        resolve,
+        save_model,
+        save_openai,
+    )
 
     loaded = read_checkpoint(resolve(src), preset=preset, activation=activation)
     model = build_model(loaded)
-    tok = Tokenizer.from_pretrained(vocab, loaded.config.text.context_length) if vocab else loaded.tokenizer
     if fmt == "clipforge":
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # said below in the CLI's own words
+            tok = choose_tokenizer(loaded.tokenizer, vocab, loaded.config, loaded.source)
         if tok is None:
             warnings.warn("no vocabulary saved with the model: pass --vocab to include one", stacklevel=1)
         save_model(model, out, tokenizer=tok)
     else:
-        sd = names.to_openai({k: v.detach().contiguous() for k, v in model.state_dict().items()})
-        out.parent.mkdir(parents=True, exist_ok=True)
-        if out.suffix == ".safetensors":
-            save_file(sd, str(out), metadata={"format": "pt"})
-        else:
-            torch.save(sd, out)
+        save_openai(model, out)
     emit({"source": loaded.source, "out": str(out), "format": fmt}, as_json, f"wrote {out} ({fmt})")
     return 0
 
