@@ -301,3 +301,31 @@ def test_malformed_merges_name_file_and_line(saved_dir: Path, tmp_path: Path) ->
     (tmp_path / "merges.txt").write_text("#version: 0.2\nzz qq\n", encoding="utf-8")
     with pytest.raises(ValueError, match="not in the vocabulary"):
         get_tokenizer(tmp_path)
+
+
+def test_training_is_reproducible_across_processes(tmp_path):
+    """Two processes (different hash seeds) learn the same merges from the same captions."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    import clipforge as cf
+
+    script = (
+        "import json, sys; from clipforge.tokenizer import train_tokenizer; "
+        "caps = [f'{c} {o} number {i % 7}' for i in range(300) for c, o in [('red', 'cat'), ('blue', 'car'), ('tall', 'tree')]]; "
+        "print(json.dumps(train_tokenizer(caps, 700).merges))"
+    )
+    src = str(Path(cf.__file__).parents[1])
+    outs = [
+        subprocess.run(
+            [sys.executable, "-c", script],
+            capture_output=True,
+            text=True,
+            check=True,
+            env={**os.environ, "PYTHONPATH": src, "PYTHONHASHSEED": seed},
+        ).stdout
+        for seed in ("1", "2")
+    ]
+    assert outs[0] == outs[1] and len(json.loads(outs[0])) > 10

@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import functools
 import gzip
+import heapq
 import html
 import json
+from collections import Counter, defaultdict
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
@@ -22,7 +24,7 @@ import ftfy
 import regex
 import torch
 from tokenizers import Tokenizer as _RustTokenizer
-from tokenizers import decoders, models, pre_tokenizers, trainers
+from tokenizers import decoders, models, pre_tokenizers
 
 SOT = "<|startoftext|>"
 EOT = "<|endoftext|>"
@@ -315,27 +317,68 @@ def train_tokenizer(
 
 
 def _learn_merges(texts: Iterable[str], num_merges: int, min_frequency: int) -> list[tuple[str, str]]:
+    """Byte-pair merges learned from the captions' words, most frequent pair first.
+
+    Written here rather than with the tokenizers library's BpeTrainer, which breaks ties between equally
+    frequent pairs in hash order: the same captions gave different vocabularies in two processes. Ties here go
+    to the lexicographically smallest pair, so a vocabulary is reproducible. Pair counts are updated
+    incrementally (only words holding the merged pair are touched), with a lazy max-heap over pairs."""
     if num_merges == 0:
         return []
+    counts: Counter[str] = Counter()
+    for text in texts:
+        counts.update(_to_byte_symbols(w) for w in split_words(text) if w not in (SOT, EOT))
+    words: list[list[str]] = []
+    freqs: list[int] = []
+    for word, n in sorted(counts.items()):
+        symbols = list(word)
+        symbols[-1] += EOW
+        words.append(symbols)
+        freqs.append(n)
 
-    # Each caption becomes its byte-symbol words joined by spaces (the table never yields whitespace), so
-    # the Rust trainer sees exactly the words of the Python split; it appends `</w>` to each word's end.
-    def words() -> Iterable[str]:
-        for text in texts:
-            yield " ".join(_to_byte_symbols(w) for w in split_words(text) if w not in (SOT, EOT))
+    pairs: Counter[tuple[str, str]] = Counter()
+    where: dict[tuple[str, str], set[int]] = defaultdict(set)
+    for i, symbols in enumerate(words):
+        for pair in zip(symbols, symbols[1:]):
+            pairs[pair] += freqs[i]
+            where[pair].add(i)
+    heap = [(-n, pair) for pair, n in pairs.items()]
+    heapq.heapify(heap)
 
-    backend = _RustTokenizer(models.BPE(end_of_word_suffix=EOW, continuing_subword_prefix=""))
-    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    trainer = trainers.BpeTrainer(
-        # The trainer counts its alphabet (up to all 512 base symbols) inside vocab_size.
-        vocab_size=num_merges + len(byte_symbols()),
-        min_frequency=min_frequency,
-        initial_alphabet=list(bytes_to_unicode().values()),
-        end_of_word_suffix=EOW,
-        show_progress=False,
-    )
-    backend.train_from_iterator(words(), trainer)
-    model = json.loads(backend.to_str())["model"]
-    merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in model["merges"]]
-    # Merges are ordered, so a prefix is a valid smaller vocabulary.
-    return merges[:num_merges]
+    merges: list[tuple[str, str]] = []
+    while heap and len(merges) < num_merges:
+        negative, pair = heapq.heappop(heap)
+        if -negative != pairs.get(pair, 0):
+            continue  # a stale entry: the pair's count changed after it was pushed
+        if -negative < min_frequency:
+            break
+        merges.append(pair)
+        a, b = pair
+        changed: set[tuple[str, str]] = set()
+        for i in sorted(where.pop(pair)):
+            old = words[i]
+            new, j = [], 0
+            while j < len(old):
+                if j + 1 < len(old) and old[j] == a and old[j + 1] == b:
+                    new.append(a + b)
+                    j += 2
+                else:
+                    new.append(old[j])
+                    j += 1
+            if len(new) == len(old):
+                continue
+            for p in zip(old, old[1:]):
+                pairs[p] -= freqs[i]
+                changed.add(p)
+            for p in zip(new, new[1:]):
+                pairs[p] += freqs[i]
+                where[p].add(i)
+                changed.add(p)
+            words[i] = new
+        pairs.pop(pair, None)
+        for p in changed:
+            if pairs.get(p, 0) > 0:
+                heapq.heappush(heap, (-pairs[p], p))
+            else:
+                pairs.pop(p, None)
+    return merges

@@ -33,7 +33,7 @@ import numpy as np
 
 from clipforge.apps.calibration import precision_recall, threshold_for_precision, threshold_for_recall
 from clipforge.eval.manifest import ManifestError, read_manifest
-from clipforge.zeroshot import as_encoder, logit_scale_of
+from clipforge.zeroshot import as_encoder, logit_scale_of, softmax
 
 DEFAULT_NEUTRAL = ("a photo", "an ordinary everyday scene", "a picture of an object")
 DEFAULT_REVIEW_MARGIN = 0.2
@@ -181,8 +181,7 @@ class Moderator:
             sp = feats @ pos.T  # (N, P)
             so = feats @ np.concatenate([neg.reshape(-1, feats.shape[1]), self._neutral]).T  # (N, Q)
             logits = self.scale * np.concatenate([sp, so], axis=1)
-            e = np.exp(logits - logits.max(axis=1, keepdims=True))
-            scores[:, k] = e[:, : sp.shape[1]].sum(axis=1) / e.sum(axis=1)
+            scores[:, k] = softmax(logits)[:, : sp.shape[1]].sum(axis=1)
             beats = sp > so.max(axis=1, keepdims=True)
             for i in range(len(feats)):
                 fired[i].append([cat.prompts[j] for j in np.flatnonzero(beats[i])])

@@ -49,16 +49,24 @@ def ref_clip_score(
     similarity to its item's reference captions (clipped at 0)."""
     if len(references) != len(captions):
         raise ValueError(f"{len(references)} reference lists for {len(captions)} captions")
+    if not all(references):
+        raise ValueError(
+            f"item {next(i for i, r in enumerate(references) if not r)} has no reference captions"
+        )
+    if len(images) != len(captions):
+        raise ValueError(f"{len(images)} images but {len(captions)} captions: scores are computed pairwise")
     enc = as_encoder(model)
-    clip_s = clip_score(enc, images, captions, kind="clipscore")
+    img = enc.embed_images(list(images))  # (N, D)
     cand = enc.embed_texts(list(captions))  # (N, D)
-    out = np.zeros(len(captions))
-    for i, refs in enumerate(references):
-        if not refs:
-            raise ValueError(f"item {i} has no reference captions")
-        ref_s = max(float((enc.embed_texts(list(refs)) @ cand[i]).max()), 0.0)
-        c = float(clip_s[i])
-        out[i] = 0.0 if c + ref_s == 0 else 2 * c * ref_s / (c + ref_s)
+    clip_s = SCALES["clipscore"] * np.maximum((img * cand).sum(axis=1), 0.0)
+    # Every reference caption in one batch; offsets say which item each belongs to.
+    refs = enc.embed_texts([r for rs in references for r in rs])
+    bounds = np.cumsum([0] + [len(rs) for rs in references])
+    ref_s = np.array(
+        [max(float((refs[a:b] @ cand[i]).max()), 0.0) for i, (a, b) in enumerate(zip(bounds, bounds[1:]))]
+    )
+    total = clip_s + ref_s
+    out = np.where(total > 0, 2 * clip_s * ref_s / np.where(total > 0, total, 1.0), 0.0)
     return out
 
 

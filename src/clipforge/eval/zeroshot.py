@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from clipforge.eval.manifest import ManifestError, read_manifest
-from clipforge.zeroshot import EncoderLike, ZeroShotClassifier, as_encoder, softmax
+from clipforge.zeroshot import EncoderLike, ZeroShotClassifier, as_encoder, read_labels, softmax
 
 
 def topk_accuracy(scores: np.ndarray, targets: np.ndarray, k: int) -> float:
@@ -44,10 +44,7 @@ def read_classes(classes: str | os.PathLike | Sequence[str] | None, rows: list[d
     if classes is None:
         return sorted({str(r["label"]) for r in rows})
     if isinstance(classes, (str, os.PathLike)):
-        p = Path(classes)
-        if not p.is_file():
-            raise FileNotFoundError(f"classes file {p} does not exist")
-        return [ln.strip() for ln in p.read_text("utf-8").splitlines() if ln.strip()]
+        return read_labels(labels_file=classes)
     return [str(c) for c in classes]
 
 
