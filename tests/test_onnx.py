@@ -89,3 +89,12 @@ def test_onnx_export_refuses_a_wrong_vocabulary(exported, tmp_path):
     train_tokenizer(CAPTIONS[:3], vocab_size=520, context_length=32).save(tmp_path / "v")
     with pytest.raises(clipforge.CheckpointError, match="wrong vocabulary"):
         load(out, vocab=tmp_path / "v")
+
+
+def test_export_leaves_the_callers_model_alone(exported, tmp_path):
+    from clipforge.onnx_export import export_onnx
+
+    model, tok, _ = exported
+    half = clipforge.create_model(model.config, seed=0).to(torch.bfloat16)
+    export_onnx(half, tmp_path / "x", tok)
+    assert half.text.trim is True and next(half.parameters()).dtype == torch.bfloat16

@@ -10,6 +10,7 @@ onnx, onnxscript (export) and onnxruntime (run) are optional dependencies, impor
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import logging
@@ -67,21 +68,23 @@ def _export(module: nn.Module, example: torch.Tensor, path: Path, dynamic: dict,
     log = logging.getLogger("torch.onnx")
     level = log.level
     log.setLevel(logging.ERROR)  # the exporter logs a line per torchvision op it skips
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(
-            wrapper,
-            (example,),
-            str(path),
-            dynamo=True,
-            dynamic_shapes=shapes,
-            input_names=[name],
-            output_names=["features"],
-            opset_version=OPSET,
-            external_data=big,  # protobuf files stop at 2 GB
-            verbose=False,
-        )
-    log.setLevel(level)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(
+                wrapper,
+                (example,),
+                str(path),
+                dynamo=True,
+                dynamic_shapes=shapes,
+                input_names=[name],
+                output_names=["features"],
+                opset_version=OPSET,
+                external_data=big,  # protobuf files stop at 2 GB
+                verbose=False,
+            )
+    finally:
+        log.setLevel(level)
 
 
 class _Named(nn.Module):
@@ -100,20 +103,17 @@ def export_onnx(model: CLIP, out_dir: str | Path, tokenizer: Tokenizer | None = 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     cfg = model.config
-    model = model.float().eval().cpu()
-    trim = model.text.trim
+    # Export a CPU fp32 copy: the caller's model keeps its device, dtype, mode and trimming.
+    model = copy.deepcopy(model).float().eval().cpu()
     model.text.trim = False  # no host-side slicing inside the graph; OnnxCLIP trims before running it
-    try:
-        size = cfg.vision.image_size
-        images = torch.zeros(2, 3, size, size)
-        _export(_ImageTower(model), images, out / IMAGE_FILE, {0: ("batch", 1, 4096)}, "images")
-        ctx = cfg.text.context_length
-        tokens = torch.zeros(2, ctx, dtype=torch.long)
-        tokens[:, -1] = cfg.text.eot_token_id
-        dyn = {0: ("batch", 1, 65536), 1: ("length", 2, ctx)}
-        _export(_TextTower(model), tokens, out / TEXT_FILE, dyn, "tokens")
-    finally:
-        model.text.trim = trim
+    size = cfg.vision.image_size
+    images = torch.zeros(2, 3, size, size)
+    _export(_ImageTower(model), images, out / IMAGE_FILE, {0: ("batch", 1, 4096)}, "images")
+    ctx = cfg.text.context_length
+    tokens = torch.zeros(2, ctx, dtype=torch.long)
+    tokens[:, -1] = cfg.text.eot_token_id
+    dyn = {0: ("batch", 1, 65536), 1: ("length", 2, ctx)}
+    _export(_TextTower(model), tokens, out / TEXT_FILE, dyn, "tokens")
     (out / "preprocessor_config.json").write_text(json.dumps(to_hf_preprocessor_config(cfg.preprocess)))
     if tokenizer is not None:
         tokenizer.save(out)
