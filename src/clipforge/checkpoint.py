@@ -5,11 +5,13 @@ model.safetensors, tokenizer files, preprocessor_config.json) plus `clipforge.js
 config (activation and preprocessing included) and the weights' layout:
 
 - ViT image towers: weights in Hugging Face's CLIPModel names, so `CLIPModel.from_pretrained(dir)` works.
-- ResNet image towers (which transformers lacks): weights in OpenAI's layout, which OpenAI's `build_model` and
-  OpenCLIP read; no config.json is written, so transformers refuses the directory instead of misreading it.
+- ResNet image towers (which transformers lacks): weights in OpenAI's layout in `openai_model.safetensors`, which
+  OpenAI's `build_model` and OpenCLIP read. With neither config.json nor a weights file of a name it knows,
+  `CLIPModel.from_pretrained(dir)` raises OSError instead of building a randomly initialised ViT.
 
 Foreign inputs: OpenAI `.pt` (state dicts and TorchScript archives), OpenCLIP state dicts (.pt/.bin/.safetensors,
-or a directory with open_clip_config.json) and Hugging Face directories. Nothing is unpickled beyond tensors.
+or a directory with open_clip_config.json) and Hugging Face directories. No code from a checkpoint runs: pickles
+load with weights_only=True and TorchScript archives are read for their tensors (torchscript_reader.py).
 """
 
 from __future__ import annotations
@@ -17,8 +19,8 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+import typing
 import warnings
-import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,17 +29,21 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from clipforge import paths
-from clipforge.model import convert
+from clipforge.model import config_json, convert
 from clipforge.model.clip import CLIP
 from clipforge.model.config import CLIPConfig, PreprocessConfig
 from clipforge.model.convert import CheckpointError
 from clipforge.model.registry import get_config
 from clipforge.tokenizer import Tokenizer
+from clipforge.torchscript_reader import is_torchscript, read_torchscript
 from clipforge.transforms import Preprocess, from_hf_preprocessor_config, to_hf_preprocessor_config
 
 FORMAT_FILE = "clipforge.json"
 FORMAT_VERSION = 1
 WEIGHTS_FILE = "model.safetensors"
+# ResNet towers' weights, in OpenAI's layout: under a name transformers does not look for, so that it refuses
+# the directory rather than filling a default ViT with random weights.
+OPENAI_WEIGHTS_FILE = "openai_model.safetensors"
 
 
 @dataclass
@@ -99,7 +105,8 @@ def save_model(
     cfg = model.config
     layout = "hf" if cfg.vision.kind == "vit" else "openai"
     sd = export_state_dict(model, layout)
-    _atomic_write(out / WEIGHTS_FILE, lambda tmp: save_file(sd, tmp, metadata={"format": "pt"}))
+    weights = WEIGHTS_FILE if layout == "hf" else OPENAI_WEIGHTS_FILE
+    _atomic_write(out / weights, lambda tmp: save_file(sd, tmp, metadata={"format": "pt"}))
     if layout == "hf":
         _write_json(out / "config.json", convert.hf_config(cfg))
     _write_json(out / "preprocessor_config.json", to_hf_preprocessor_config(cfg.preprocess))
@@ -109,7 +116,7 @@ def save_model(
         "format": "clipforge",
         "format_version": FORMAT_VERSION,
         "clipforge_version": __version__,
-        "weights": WEIGHTS_FILE,
+        "weights": weights,
         "layout": layout,
         "config": cfg.to_dict(),
         **(extra or {}),
@@ -121,15 +128,8 @@ def save_model(
 # --- reading -------------------------------------------------------------------------------------------------
 
 
-def _is_torchscript(path: Path) -> bool:
-    if not zipfile.is_zipfile(path):
-        return False
-    with zipfile.ZipFile(path) as z:
-        return any("/code/" in n or n.endswith("constants.pkl") for n in z.namelist())
-
-
 def read_state_dict(path: str | Path) -> tuple[dict[str, torch.Tensor], str]:
-    """Tensors of a .safetensors / .pt / .bin / .pth file, without running pickled code."""
+    """Tensors of a .safetensors / .pt / .bin / .pth file, without running pickled or TorchScript code."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
@@ -137,25 +137,48 @@ def read_state_dict(path: str | Path) -> tuple[dict[str, torch.Tensor], str]:
         raise CheckpointError(f"{path}: empty file")
     if path.suffix == ".safetensors":
         try:
-            return load_file(path), f"safetensors file {path}"
+            sd, source = load_file(path), f"safetensors file {path}"
         except Exception as e:  # safetensors raises its own error types
             raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from None
-    if _is_torchscript(path):
-        # TorchScript archives hold TorchScript code and tensors in their own format; loading compiles the code
-        # but runs none of it and unpickles no Python objects. Only the tensors are kept.
-        module = torch.jit.load(str(path), map_location="cpu")
-        return dict(module.state_dict()), f"TorchScript archive {path}"
+    elif is_torchscript(path):
+        sd, source = read_torchscript(path), f"TorchScript archive {path}"
+    else:
+        sd, source = _read_pickled_state_dict(path), f"state dict {path}"
+    _refuse_inflating_views(sd, path)
+    return sd, source
+
+
+def _read_pickled_state_dict(path: Path) -> dict[str, torch.Tensor]:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
+        why = next(iter(str(e).splitlines()), "")  # torch's messages run to pages; some errors have none
         raise CheckpointError(
             f"{path}: refusing to load. It is not a plain tensor state dict that loads with weights_only=True, "
-            f"and unpickling arbitrary objects could run code ({type(e).__name__}: {str(e).splitlines()[0]}). "
+            f"and unpickling arbitrary objects could run code ({type(e).__name__}: {why}). "
             "Re-save its state_dict() with a tool you trust, or convert it to safetensors."
         ) from None
     if not isinstance(obj, dict):
         raise CheckpointError(f"{path}: expected a state dict, found a {type(obj).__name__}")
-    return convert.unwrap(obj), f"state dict {path}"
+    return convert.unwrap(obj)
+
+
+def _refuse_inflating_views(sd: dict[str, torch.Tensor], path: Path) -> None:
+    """A pickled tensor may view its storage with zero strides: a few bytes on disk that claim terabytes once
+    the weights are copied. No saved weight is such a view."""
+    for k, v in sd.items():
+        if v.numel() * v.element_size() > v.untyped_storage().nbytes():
+            raise CheckpointError(
+                f"{path}: tensor {k} of shape {tuple(v.shape)} views more elements than its storage holds"
+            )
+
+
+def _refuse_non_finite(loaded: Loaded) -> None:
+    """NaN or infinite weights make every embedding NaN; say which tensors hold them instead."""
+    bad = [k for k, v in loaded.state_dict.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        shown = ", ".join(bad[:10]) + (f" and {len(bad) - 10} more" if len(bad) > 10 else "")
+        raise CheckpointError(f"{loaded.source}: {len(bad)} tensor(s) hold NaN or infinite values: {shown}")
 
 
 def _read_tokenizer(directory: Path, context_length: int) -> Tokenizer | None:
@@ -165,24 +188,39 @@ def _read_tokenizer(directory: Path, context_length: int) -> Tokenizer | None:
 
 
 def _read_json(path: Path) -> dict[str, Any]:
+    """A JSON object from a UTF-8 file; NaN and Infinity, which JSON lacks, are refused too."""
     try:
-        obj = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        obj = json.loads(path.read_text(encoding="utf-8"), parse_constant=_refuse_constant)
+    except (OSError, ValueError, RecursionError) as e:  # bad UTF-8 and bad JSON are ValueErrors
         raise CheckpointError(f"{path}: unreadable JSON ({e})") from None
     if not isinstance(obj, dict):
         raise CheckpointError(f"{path}: expected a JSON object, found {type(obj).__name__}")
     return obj
 
 
+def _refuse_constant(name: str) -> None:
+    raise ValueError(f"{name} is not a JSON number")
+
+
 def _read_clipforge_dir(d: Path) -> Loaded:
-    meta = _read_json(d / FORMAT_FILE)
-    if meta.get("format") != "clipforge" or meta.get("format_version", 0) > FORMAT_VERSION:
-        raise CheckpointError(
-            f"{d / FORMAT_FILE}: unsupported format {meta.get('format')!r} v{meta.get('format_version')}"
-        )
-    cfg = CLIPConfig.from_dict(meta["config"])
-    sd, _ = read_state_dict(d / meta.get("weights", WEIGHTS_FILE))
-    sd = convert.from_hf(sd) if meta.get("layout") == "hf" else convert.from_openai(sd)
+    file = d / FORMAT_FILE
+    meta = _read_json(file)
+    try:
+        fmt, version = meta.get("format"), config_json.get(meta, "format_version", int, "", 0)
+        if fmt != "clipforge" or version > FORMAT_VERSION:
+            raise ValueError(
+                f"unsupported format {fmt!r} v{version} (this clipforge reads v{FORMAT_VERSION})"
+            )
+        weights = config_json.get(meta, "weights", str, "", WEIGHTS_FILE)
+        if Path(weights).name != weights or weights in ("", ".", ".."):
+            raise ValueError(f"weights must name a file in the directory, found {weights!r}")
+        layout = config_json.get(meta, "layout", typing.Literal["hf", "openai"], "", "openai")
+        config_json.check_fields(CLIPConfig, config_json.get(meta, "config", dict, ""), "config")
+        cfg = CLIPConfig.from_dict(meta["config"])
+    except (ValueError, TypeError, ArithmeticError) as e:  # the dataclasses' own checks raise these too
+        raise CheckpointError(f"{file}: {e}") from None
+    sd, _ = read_state_dict(d / weights)
+    sd = convert.from_hf(sd) if layout == "hf" else convert.from_openai(sd)
     return Loaded(cfg, sd, _read_tokenizer(d, cfg.text.context_length), f"clipforge checkpoint {d}")
 
 
@@ -190,8 +228,14 @@ def _read_hf_dir(d: Path) -> Loaded:
     hf = _read_json(d / "config.json")
     pre = None
     if (d / "preprocessor_config.json").exists():
-        pre = from_hf_preprocessor_config(_read_json(d / "preprocessor_config.json"))
-    cfg = convert.config_from_hf(hf, pre)
+        try:
+            pre = from_hf_preprocessor_config(_read_json(d / "preprocessor_config.json"))
+        except (ValueError, TypeError, KeyError) as e:
+            raise CheckpointError(f"{d / 'preprocessor_config.json'}: {e}") from None
+    try:
+        cfg = convert.config_from_hf(hf, pre)
+    except (ValueError, TypeError, ArithmeticError) as e:
+        raise CheckpointError(f"{d / 'config.json'}: {e}") from None
     weights = [d / n for n in ("model.safetensors", "pytorch_model.bin") if (d / n).exists()]
     if not weights:
         raise CheckpointError(f"{d}: Hugging Face directory without model.safetensors or pytorch_model.bin")
@@ -202,24 +246,32 @@ def _read_hf_dir(d: Path) -> Loaded:
 
 
 def _read_open_clip_dir(d: Path, activation: str | None) -> Loaded:
-    meta = _read_json(d / "open_clip_config.json")
+    file = d / "open_clip_config.json"
+    meta = _read_json(file)
     names = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")
     weights = [d / n for n in names if (d / n).exists()]
     if not weights:
         raise CheckpointError(f"{d}: OpenCLIP directory without {' or '.join(names)}")
     sd, _ = read_state_dict(weights[0])
     sd = convert.from_openai(sd)
-    if activation is None:
-        activation = "quick_gelu" if meta.get("model_cfg", {}).get("quick_gelu") else "gelu"
-    cfg = convert.infer_config(sd, activation=activation)
-    p = meta.get("preprocess_cfg", {})
-    pre = PreprocessConfig(
-        image_size=cfg.vision.image_size,
-        mean=tuple(p.get("mean", cfg.preprocess.mean)),
-        std=tuple(p.get("std", cfg.preprocess.std)),
-        interpolation=p.get("interpolation", "bicubic"),
-        resize_mode={"squash": "squash"}.get(p.get("resize_mode", "shortest"), "shortest"),
-    )
+    try:
+        model_cfg = config_json.get(meta, "model_cfg", dict, "", {})
+        p = config_json.get(meta, "preprocess_cfg", dict, "", {})
+        if activation is None:
+            activation = "quick_gelu" if model_cfg.get("quick_gelu") else "gelu"
+        cfg = convert.infer_config(sd, activation=activation)
+        triple = tuple[float, float, float]
+        pre = PreprocessConfig(
+            image_size=cfg.vision.image_size,
+            mean=tuple(config_json.get(p, "mean", triple, "preprocess_cfg", cfg.preprocess.mean)),
+            std=tuple(config_json.get(p, "std", triple, "preprocess_cfg", cfg.preprocess.std)),
+            interpolation=config_json.get(p, "interpolation", str, "preprocess_cfg", "bicubic"),
+            resize_mode="squash" if p.get("resize_mode") == "squash" else "shortest",
+        )
+    except CheckpointError:  # from infer_config, naming the tensors
+        raise
+    except (ValueError, TypeError) as e:
+        raise CheckpointError(f"{file}: {e}") from None
     cfg = cfg.replace(preprocess=pre)
     return Loaded(cfg, sd, _read_tokenizer(d, cfg.text.context_length), f"OpenCLIP directory {d}")
 
@@ -228,25 +280,28 @@ def read_checkpoint(path: str | Path, *, preset: str | None = None, activation: 
     """Read any supported checkpoint into clipforge names and a config.
 
     `preset` names the architecture of a bare state dict (else it is inferred from shapes); `activation`
-    overrides the activation where the file does not record it."""
+    overrides the activation where the file does not record it. Weights holding NaN or infinities are refused."""
     p = Path(path).expanduser()
-    if p.is_dir():
-        readers = [
-            (FORMAT_FILE, _read_clipforge_dir),
-            ("open_clip_config.json", lambda d: _read_open_clip_dir(d, activation)),
-            ("config.json", _read_hf_dir),
-        ]
-        for name, reader in readers:
-            if (p / name).exists():
-                try:
-                    return reader(p)
-                except (KeyError, TypeError) as e:  # a config file missing a field or holding a wrong type
-                    raise CheckpointError(
-                        f"{p / name}: malformed model config ({type(e).__name__}: {e})"
-                    ) from None
-        raise CheckpointError(
-            f"{p}: not a model directory (no {FORMAT_FILE}, config.json or open_clip_config.json in it)"
-        )
+    loaded = _read_directory(p, activation) if p.is_dir() else _read_file(p, preset, activation)
+    _refuse_non_finite(loaded)
+    return loaded
+
+
+def _read_directory(p: Path, activation: str | None) -> Loaded:
+    readers = [
+        (FORMAT_FILE, _read_clipforge_dir),
+        ("open_clip_config.json", lambda d: _read_open_clip_dir(d, activation)),
+        ("config.json", _read_hf_dir),
+    ]
+    for name, reader in readers:
+        if (p / name).exists():
+            return reader(p)
+    raise CheckpointError(
+        f"{p}: not a model directory (no {FORMAT_FILE}, config.json or open_clip_config.json in it)"
+    )
+
+
+def _read_file(p: Path, preset: str | None, activation: str | None) -> Loaded:
     raw, source = read_state_dict(p)
     layout = convert.detect_layout(raw)
     if layout == "hf":
@@ -263,8 +318,13 @@ def read_checkpoint(path: str | Path, *, preset: str | None = None, activation: 
 
 
 def build_model(loaded: Loaded) -> CLIP:
-    with torch.device("meta"):
-        model = CLIP(loaded.config)
+    try:
+        with torch.device("meta"):  # shapes only: nothing is allocated before the weights are checked
+            model = CLIP(loaded.config)
+    except (RuntimeError, ValueError, ArithmeticError) as e:  # zero or absurd sizes
+        raise CheckpointError(
+            f"{loaded.source}: its config describes a model that cannot be built ({e})"
+        ) from None
     convert.check_state_dict(model, loaded.state_dict, loaded.source)
     # Weights arrive in any dtype (OpenAI's are fp16); the model keeps fp32 master weights.
     model.load_state_dict(

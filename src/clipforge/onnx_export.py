@@ -135,8 +135,8 @@ def is_onnx_dir(path: str | Path) -> bool:
     if not meta.is_file():
         return False
     try:
-        return json.loads(meta.read_text()).get("format") == ONNX_FORMAT
-    except (json.JSONDecodeError, AttributeError):
+        return json.loads(meta.read_text(encoding="utf-8")).get("format") == ONNX_FORMAT
+    except (ValueError, AttributeError):  # not JSON, not UTF-8, not an object: the checkpoint reader names it
         return False
 
 

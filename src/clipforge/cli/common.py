@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from typing import Any
 
@@ -63,8 +64,29 @@ def add_json_flag(p: argparse.ArgumentParser) -> None:
 
 
 def emit(obj: Any, as_json: bool, text: str | None = None) -> None:
-    if as_json:
-        json.dump(obj, sys.stdout, indent=2)
-        sys.stdout.write("\n")
-    else:
-        print(text if text is not None else json.dumps(obj, indent=2))
+    """Print `obj` as JSON (with --json, or when there is no text form), else `text`."""
+    print(to_json(obj) if as_json or text is None else text)
+
+
+def to_json(obj: Any) -> str:
+    """Strict JSON, which has no NaN or infinity: such numbers become null, with a warning on stderr naming
+    where the first one was, so that every --json output parses with any JSON reader."""
+    found: list[str] = []
+    text = json.dumps(_finite_or_null(obj, "", found), indent=2, allow_nan=False)
+    if found:
+        print(
+            f"clipforge: warning: {len(found)} NaN or infinite number(s) written as null, the first at {found[0]}",
+            file=sys.stderr,
+        )
+    return text
+
+
+def _finite_or_null(obj: Any, where: str, found: list[str]) -> Any:
+    if isinstance(obj, float) and not math.isfinite(obj):
+        found.append(where or "the top level")
+        return None
+    if isinstance(obj, dict):
+        return {k: _finite_or_null(v, f"{where}.{k}" if where else str(k), found) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite_or_null(v, f"{where}[{i}]", found) for i, v in enumerate(obj)]
+    return obj

@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 
+from clipforge.model import config_json
 from clipforge.model.config import CLIPConfig, PreprocessConfig, TextConfig, VisionConfig
 
 StateDict = dict[str, torch.Tensor]
@@ -203,53 +204,67 @@ def hf_config(cfg: CLIPConfig) -> dict[str, Any]:
 
 
 def config_from_hf(d: dict[str, Any], preprocess: PreprocessConfig | None = None) -> CLIPConfig:
+    """The CLIPConfig of a transformers config.json; ValueError names any field that is missing or mistyped."""
     if d.get("model_type") not in ("clip", None):
         raise CheckpointError(f"config.json has model_type {d.get('model_type')!r}, expected 'clip'")
-    t, v = d["text_config"], d["vision_config"]
-    acts = {t.get("hidden_act", "quick_gelu"), v.get("hidden_act", "quick_gelu")}
+    t = config_json.get(d, "text_config", dict, "")
+    v = config_json.get(d, "vision_config", dict, "")
+    dim = _positive_int
+    acts = {
+        config_json.get(t, "hidden_act", str, "text_config", "quick_gelu"),
+        config_json.get(v, "hidden_act", str, "vision_config", "quick_gelu"),
+    }
     if len(acts) != 1 or not acts <= {"quick_gelu", "gelu"}:
         raise CheckpointError(
             f"unsupported activation(s) {sorted(acts)}; clipforge runs 'quick_gelu' or 'gelu'"
         )
-    vocab = t.get("vocab_size", 49408)
+    vocab = dim(t, "vocab_size", "text_config", 49408)
     sot, eot, pad = (
-        t.get("bos_token_id", vocab - 2),
-        t.get("eos_token_id", vocab - 1),
-        t.get("pad_token_id", 0),
+        config_json.get(t, "bos_token_id", int, "text_config", vocab - 2),
+        config_json.get(t, "eos_token_id", int, "text_config", vocab - 1),
+        config_json.get(t, "pad_token_id", int | None, "text_config", 0),
     )
     if (
         eot == 2
     ):  # transformers' legacy configs (bos 0, eos 2, pad 1): pooling was argmax, i.e. the largest id
         sot, eot, pad = vocab - 2, vocab - 1, 0
+    v_width, t_width = dim(v, "hidden_size", "vision_config"), dim(t, "hidden_size", "text_config")
     vision = VisionConfig(
         kind="vit",
-        image_size=v["image_size"],
-        patch_size=v["patch_size"],
-        width=v["hidden_size"],
-        layers=v["num_hidden_layers"],
-        heads=v["num_attention_heads"],
-        mlp_ratio=v.get("intermediate_size", 4 * v["hidden_size"]) / v["hidden_size"],
+        image_size=dim(v, "image_size", "vision_config"),
+        patch_size=dim(v, "patch_size", "vision_config"),
+        width=v_width,
+        layers=dim(v, "num_hidden_layers", "vision_config"),
+        heads=dim(v, "num_attention_heads", "vision_config"),
+        mlp_ratio=dim(v, "intermediate_size", "vision_config", 4 * v_width) / v_width,
     )
     text = TextConfig(
-        context_length=t.get("max_position_embeddings", 77),
+        context_length=dim(t, "max_position_embeddings", "text_config", 77),
         vocab_size=vocab,
-        width=t["hidden_size"],
-        heads=t["num_attention_heads"],
-        layers=t["num_hidden_layers"],
-        mlp_ratio=t.get("intermediate_size", 4 * t["hidden_size"]) / t["hidden_size"],
+        width=t_width,
+        heads=dim(t, "num_attention_heads", "text_config"),
+        layers=dim(t, "num_hidden_layers", "text_config"),
+        mlp_ratio=dim(t, "intermediate_size", "text_config", 4 * t_width) / t_width,
         sot_token_id=sot,
         eot_token_id=eot,
-        pad_token_id=pad,
+        pad_token_id=0 if pad is None else pad,
     )
     pre = preprocess or PreprocessConfig(image_size=vision.image_size)
     return CLIPConfig(
-        embed_dim=d.get("projection_dim", 512),
+        embed_dim=dim(d, "projection_dim", "", 512),
         vision=vision,
         text=text,
         activation=acts.pop(),
-        logit_scale_init=d.get("logit_scale_init_value", 2.6592),
+        logit_scale_init=config_json.get(d, "logit_scale_init_value", float, "", 2.6592),
         preprocess=pre,
     )
+
+
+def _positive_int(c: dict[str, Any], key: str, where: str, *default: int) -> int:
+    n = config_json.get(c, key, int, where, *default)
+    if n < 1:
+        raise ValueError(f"{f'{where}.' if where else ''}{key} must be a positive integer, found {n}")
+    return n
 
 
 # --- configs inferred from shapes (foreign checkpoints without one) ------------------------------------------
@@ -309,17 +324,20 @@ def infer_config(sd: StateDict, activation: str | None = None, source: str = "op
             sot_token_id=vocab - 2,
             eot_token_id=vocab - 1,
         )
-        embed_dim = sd["text.text_projection"].shape[1]
+        return CLIPConfig(
+            embed_dim=sd["text.text_projection"].shape[1],
+            vision=vision,
+            text=text,
+            activation=activation,
+            logit_bias_init=0.0 if "logit_bias" in sd else None,
+            preprocess=PreprocessConfig(image_size=vision.image_size),
+        )
     except KeyError as e:
         raise CheckpointError(f"cannot infer the architecture: the state dict has no {e.args[0]!r}") from None
-    return CLIPConfig(
-        embed_dim=embed_dim,
-        vision=vision,
-        text=text,
-        activation=activation,
-        logit_bias_init=0.0 if "logit_bias" in sd else None,
-        preprocess=PreprocessConfig(image_size=vision.image_size),
-    )
+    except (IndexError, TypeError, ValueError, ArithmeticError) as e:  # shapes that no CLIP has
+        raise CheckpointError(
+            f"cannot infer the architecture from the tensor shapes ({e}); pass the preset it was trained with"
+        ) from None
 
 
 def check_state_dict(model: torch.nn.Module, sd: StateDict, source: str) -> None:
