@@ -106,7 +106,7 @@ def _table(rows: list[dict]):
     for k, v in cols.items():
         try:
             arrays[k] = pa.array(v)
-        except (pa.ArrowInvalid, pa.ArrowTypeError):  # mixed types across rows: keep them as text
+        except (pa.ArrowInvalid, pa.ArrowTypeError, OverflowError):  # mixed types, ints past 64 bits: text
             arrays[k] = pa.array([None if x is None else str(x) for x in v], pa.string())
     return pa.table(arrays)
 
