@@ -32,6 +32,8 @@ from clipforge.index.sources import Item
 from clipforge.model.config import PreprocessConfig
 from clipforge.transforms import MAX_ASPECT, ImageError, Preprocess, load_image
 
+# Pillow warns (and then raises, which is what is checked) on the corrupt TIFFs this file makes.
+pytestmark = pytest.mark.filterwarnings("ignore:(Corrupt EXIF data|Truncated File Read):UserWarning")
 FUZZ = settings(
     max_examples=40,  # an `index add` example costs ~0.1 s
     deadline=None,  # a shared CI core can stall any one example; the whole file stays well under 40 s

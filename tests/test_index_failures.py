@@ -304,7 +304,7 @@ READONLY_CHILD = r"""
 import json, sys
 from clipforge.cli import main
 from clipforge.index import Collection
-col, images = sys.argv[1], sys.argv[2]
+col, images, model = sys.argv[1], sys.argv[2], sys.argv[3]
 out = {}
 try:
     Collection.open(col)
@@ -314,14 +314,15 @@ except Exception as e:
 out["add"] = main(["index", "add", col, images, "--workers", "0"])
 out["remove"] = main(["index", "remove", col, images])
 out["search"] = main(["search", col, "red", "--k", "2", "--json"])
+out["create"] = main(["index", "create", col + "/inner", "--model", model])
 print("RESULT " + json.dumps(out), flush=True)
 """
 
 
-def run_on_readonly_folder(col: Path, images: Path) -> tuple[dict, str]:
+def run_on_readonly_folder(col: Path, images: Path, model: Path) -> tuple[dict, str]:
     """Run READONLY_CHILD with `col` read-only: by permissions, or (as root, whom permissions do not stop)
     on a read-only bind mount in a user namespace."""
-    cmd = [sys.executable, "-c", READONLY_CHILD, str(col), str(images)]
+    cmd = [sys.executable, "-c", READONLY_CHILD, str(col), str(images), str(model)]
     if os.geteuid() == 0:
         if shutil.which("unshare") is None or subprocess.run(["unshare", "-rm", "true"]).returncode:
             pytest.skip("running as root without user namespaces: cannot make a folder read-only")
@@ -346,11 +347,11 @@ def test_writes_to_a_read_only_collection_are_named_errors(capsys, model, tmp_pa
     run(capsys, "index", "create", col, "--model", model, "--json")
     images = write_images(tmp_path / "img", 3)
     run(capsys, "index", "add", col, images, "--workers", "0", "--json")
-    out, err = run_on_readonly_folder(col, images)
+    out, err = run_on_readonly_folder(col, images, model)
     assert out["open"].startswith("WriteError: cannot open collection") and "readonly=True" in out["open"]
-    assert out["add"] == 2 and out["remove"] == 2 and out["search"] == 0, err
+    assert out["add"] == 2 and out["remove"] == 2 and out["search"] == 0 and out["create"] == 2, err
     assert "Traceback" not in err  # before: OSError tracebacks from the lock file
-    assert err.count("cannot open collection") == 2
+    assert err.count("cannot open collection") == 2 and "cannot write collection" in err
     with Collection.open(col, readonly=True) as c:
         assert c.info()["rows"] == 3
 
