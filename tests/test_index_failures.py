@@ -283,7 +283,7 @@ def test_paths_are_normalised_for_add_remove_and_lookups(tmp_path, monkeypatch):
         assert c.remove("images/sub/") == 1 and c.info()["rows"] == 0
 
 
-def test_manifest_paths_are_normalised(capsys, model, tmp_path):
+def test_manifest_paths_are_normalised(capsys, model, tmp_path, monkeypatch):
     col = tmp_path / "col"
     run(capsys, "index", "create", col, "--model", model, "--json")
     write_images(tmp_path / "img", 2)
@@ -296,6 +296,9 @@ def test_manifest_paths_are_normalised(capsys, model, tmp_path):
     with Collection.open(col, readonly=True) as c:
         keys = sorted(r[0] for r in c.conn.execute("SELECT key FROM items"))
     assert keys == [str(tmp_path / "img" / "000.png"), str(tmp_path / "img" / "001.png")]
+    monkeypatch.chdir(tmp_path)
+    hits = run(capsys, "search", col, "a shape", "--path-prefix", "./img/../img/", "--json")["hits"]
+    assert sorted(h["path"] for h in hits) == keys  # before: the prefix was compared as typed, so no hits
 
 
 # -------------------------------------------------------------------------- read-only and killed adds
