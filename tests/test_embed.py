@@ -12,6 +12,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 from conftest import save_tiny_model
+from memlimit import GB, address_space_cap
 from PIL import Image
 
 from clipforge.data.synthetic import shape_samples, write_shapes
@@ -206,3 +207,20 @@ def test_csv_manifest_uses_the_shared_reader(enc, tmp_path):
     items = list_items(tmp_path / "m.csv")
     assert [it.caption for it in items] == ["a red, round thing", "second"]
     assert items[0].key == str(tmp_path / "0.png")
+
+
+def test_extreme_strips_are_skipped_by_name_in_bounded_memory(enc, tmp_path):
+    # The workers resized the short side to the model's 32 px first: 2000000x1 became 64M x 32 pixels (8 GB;
+    # under the cap a MemoryError, reported as "failed"). Now the header check refuses each strip by name.
+    d = tmp_path / "strips"
+    d.mkdir()
+    for w, h in [(200_000, 1), (1, 200_000), (2_000_000, 1)]:
+        Image.new("L", (w, h), 50).save(d / f"strip_{w}x{h}.png")
+    shape_samples(1, size=40, seed=3)[0].image.save(d / "ok.png")
+    with address_space_cap(2 * GB):
+        s = embed_to_folder(d, enc, tmp_path / "emb", workers=0, dtype="float32")
+    assert s.embedded == 1 and len(s.skipped) == 3
+    for key, reason in s.skipped:
+        w, h = Path(key).stem.split("_")[1].split("x")
+        assert reason.startswith(f"{w}x{h} has an aspect ratio") and "max_aspect" in reason, reason
+    assert [r["image_path"] for r in read_folder(tmp_path / "emb")[2]] == [str(d / "ok.png")]

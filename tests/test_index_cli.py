@@ -48,7 +48,9 @@ def run(capsys, *args) -> dict:
 
 def fail(capsys, *args) -> str:
     assert main([str(a) for a in args]) == 2
-    return capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err, err  # one line, no traceback
+    return err
 
 
 def test_round_trip(capsys, model, enc, images, tmp_path):

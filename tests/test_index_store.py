@@ -133,8 +133,8 @@ def test_search_equals_brute_force(coll):
     hits = coll.search(vector=q[3], k=5)
     np.testing.assert_allclose([h.score for h in hits], s[3, :5], atol=1e-5)
     assert hits[0].path == f"k{int(np.flatnonzero(ids == i[3, 0])[0])}"
-    s, i = coll.search_batch(q[:2], 1000)  # k beyond size: padded
-    assert (i[:, 600:] == -1).all() and len(coll.search(vector=q[0], k=1000)) == 600
+    s, i = coll.search_batch(q[:2], 1000)  # k beyond size: clamped to it, not padded
+    assert i.shape == s.shape == (2, 600) and (i >= 0).all() and len(coll.search(vector=q[0], k=1000)) == 600
 
 
 def test_add_images_and_text_query(coll, enc, images, tmp_path):
@@ -143,7 +143,7 @@ def test_add_images_and_text_query(coll, enc, images, tmp_path):
     r = coll.add([images, tmp_path / "nope.png"], enc, batch_size=3)
     assert len(r.added) == 8 and r.skipped == [str(images / "a" / "notes.txt")]
     failed = dict(r.failed)
-    assert "not a readable image" in failed[str(images / "a" / "broken.png")]
+    assert "cannot decode image" in failed[str(images / "a" / "broken.png")]
     assert failed[str(tmp_path / "nope.png")] == "file not found"
     top = coll.search(text="red", encoder=enc, k=3)
     assert Path(top[0].path).name == "red.png" and top[0].score == pytest.approx(1.0, abs=1e-5)

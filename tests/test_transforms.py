@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from memlimit import GB, address_space_cap
 from PIL import Image, ImageDraw, ImageFile
 
 from clipforge.model.config import PreprocessConfig
@@ -287,6 +288,51 @@ def test_decompression_bomb_is_caught_from_the_header() -> None:
     assert_image_error(png_header_only(5000, 4000), "big.png", "decode", max_pixels=None, name="big.png")
     assert load_image(encode(natural(40, 30), "PNG"), max_pixels=1200).size == (40, 30)
     assert_image_error(natural(40, 30), "<image>", "max_pixels", max_pixels=1199)
+
+
+def strip_png(width: int, height: int) -> bytes:
+    """A real, complete gray PNG of width x height: a few hundred bytes however long the strip."""
+    return encode(Image.new("L", (width, height), 128), "PNG")
+
+
+def test_extreme_aspect_ratio_is_refused_from_the_header(tmp_path: Path) -> None:
+    # Header-only files: without the check from the header these fail later, as "truncated".
+    assert_image_error(png_header_only(200_000, 1), "strip.png", "200000x1 .*200000:1", name="strip.png")
+    assert_image_error(png_header_only(1, 30_000), "<bytes>", "1x30000 .*max_aspect")
+    assert_image_error(Image.new("RGB", (1000, 2)), "<image>", "1000x2 .*500:1")
+    path = tmp_path / "tall.png"
+    path.write_bytes(strip_png(3, 3000))
+    assert_image_error(path, "tall.png", "3x3000 .*1000:1")
+    assert load_image(strip_png(400, 2)).size == (400, 2)  # exactly 200:1 is allowed
+    assert load_image(strip_png(3, 3000), max_aspect=None).size == (3, 3000)
+    assert_image_error(strip_png(40, 2), "<bytes>", "20:1, .*10:1", max_aspect=10)
+
+
+@pytest.mark.parametrize("size", [(200_000, 1), (1, 200_000), (2_000_000, 1)])
+def test_preprocess_of_a_strip_is_a_named_error_in_bounded_memory(tmp_path: Path, size) -> None:
+    # Resizing the short side of 200000x1 to 224 first asked Pillow for 224 x 44.8M pixels (40 GB): under
+    # the cap that was a MemoryError, unbounded an OOM kill. Now the header check refuses it.
+    path = tmp_path / "strip.png"
+    path.write_bytes(strip_png(*size))
+    assert path.stat().st_size < 3000
+    pre = Preprocess(PreprocessConfig())
+    with address_space_cap(2 * GB):
+        with pytest.raises(ImageError, match=f"strip.png: {size[0]}x{size[1]} .*max_aspect"):
+            pre(path)
+        with pytest.raises(ImageError, match=f"<image>: {size[0]}x{size[1]} .*max_aspect"):
+            pre(load_image(path, max_aspect=None))  # an image decoded without the limit is still refused
+
+
+def test_the_widest_allowed_image_preprocesses_in_bounded_memory() -> None:
+    # Exactly 200:1, just under the service's 40 Mpx limit: 89400x447, decoded (160 MB as RGB) and resized
+    # to 44800x224 before the crop.
+    data = strip_png(89_400, 447)
+    pre = Preprocess(PreprocessConfig())
+    with address_space_cap(2 * GB):
+        out = pre(data)
+    assert out.shape == (3, 224, 224)
+    cfg = pre.config
+    torch.testing.assert_close(out[0], torch.full((224, 224), (128 / 255 - cfg.mean[0]) / cfg.std[0]))
 
 
 # ------------------------------------------------------------------------------------- fast JPEG path

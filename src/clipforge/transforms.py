@@ -1,9 +1,11 @@
 """Image decoding and CLIP preprocessing on Pillow + numpy + torch (no torchvision).
 
 `load_image` turns whatever a user has (a path, bytes, a stream, a PIL image in any mode) into an RGB PIL
-image or raises `ImageError` naming the file. `Preprocess` is the eval transform (resize the shorter side,
-centre-crop, normalise) and matches Hugging Face's `CLIPImageProcessor`; `TrainTransform` is the random
-resized crop used for training. Both read a `PreprocessConfig`, which a checkpoint carries.
+image or raises `ImageError` naming the file. It checks the pixel count and the aspect ratio from the header
+before decoding, which bounds the memory of the decode and of the resize after it. `Preprocess` is the eval
+transform (resize the shorter side, centre-crop, normalise) and matches Hugging Face's `CLIPImageProcessor`;
+`TrainTransform` is the random resized crop used for training. Both read a `PreprocessConfig`, which a
+checkpoint carries.
 """
 
 from __future__ import annotations
@@ -24,6 +26,11 @@ from clipforge.model.config import PreprocessConfig
 
 # Pillow's default decompression-bomb limit (Image.MAX_IMAGE_PIXELS): ~0.25 GiB of 24-bit pixels.
 MAX_PIXELS: int = 89_478_485
+# Longest side / shortest side. Resizing the short side to S makes the long side S * ratio, so without a limit
+# a 274-byte 200000x1 PNG asks the resize for 224 x 44.8M pixels (40 GB). At 200:1 the resized image is at
+# most 200 S^2 pixels (40 MB at S = 224) and the centre crop still sees 0.5% of the picture; beyond that the
+# crop is a sliver, so such an image is refused rather than embedded.
+MAX_ASPECT: float = 200.0
 
 _RESAMPLE = {
     "bicubic": Image.Resampling.BICUBIC,
@@ -51,37 +58,41 @@ def load_image(
     max_pixels: int | None = MAX_PIXELS,
     draft_size: int | None = None,
     name: str | None = None,
+    max_aspect: float | None = MAX_ASPECT,
 ) -> Image.Image:
     """Decode `src` into a fully loaded RGB image: EXIF orientation applied, transparency composited on
     white, the first frame of an animation, 16-bit and float data scaled to 8 bits.
 
     `max_pixels` bounds width * height, checked from the header before any pixel is decoded (None: no
     limit of ours; Pillow's global `Image.MAX_IMAGE_PIXELS` still refuses images over twice its value).
+    `max_aspect` bounds longest side / shortest side, also from the header (None: no limit).
     `draft_size` lets a JPEG file decode at 1/2, 1/4 or 1/8 scale while both sides stay >= draft_size
     (not applied to an already opened PIL image, which belongs to the caller).
     """
     if isinstance(src, Image.Image):
         label = name or getattr(src, "filename", None) or "<image>"
         with _errors(label):
-            _check_pixels(src.size, max_pixels, label)
+            _check_size(src.size, max_pixels, max_aspect, label)
             src.load()
             return _finish(src)
     if isinstance(src, (bytes, bytearray, memoryview)):
         label = name or "<bytes>"
         if len(src) == 0:
             raise ImageError(f"{label}: empty input (0 bytes)")
-        return _decode(io.BytesIO(src), label, max_pixels, draft_size)
+        return _decode(io.BytesIO(src), label, max_pixels, max_aspect, draft_size)
     if isinstance(src, (str, os.PathLike)):
-        return _load_path(os.fspath(src), name, max_pixels, draft_size)
+        return _load_path(os.fspath(src), name, max_pixels, max_aspect, draft_size)
     if hasattr(src, "read"):
         label = name or str(getattr(src, "name", "<stream>"))
         if _stream_is_empty(src):
             raise ImageError(f"{label}: empty input (0 bytes)")
-        return _decode(src, label, max_pixels, draft_size)
+        return _decode(src, label, max_pixels, max_aspect, draft_size)
     raise ImageError(f"{name or '<input>'}: cannot load an image from a {type(src).__name__}")
 
 
-def _load_path(path: str, name: str | None, max_pixels: int | None, draft_size: int | None) -> Image.Image:
+def _load_path(
+    path: str, name: str | None, max_pixels: int | None, max_aspect: float | None, draft_size: int | None
+) -> Image.Image:
     label = name or path
     if os.path.isdir(path):
         raise ImageError(f"{label}: is a directory, not an image file")
@@ -92,7 +103,7 @@ def _load_path(path: str, name: str | None, max_pixels: int | None, draft_size: 
     with f:
         if os.fstat(f.fileno()).st_size == 0:
             raise ImageError(f"{label}: empty file (0 bytes)")
-        return _decode(f, label, max_pixels, draft_size)
+        return _decode(f, label, max_pixels, max_aspect, draft_size)
 
 
 def _stream_is_empty(f: Any) -> bool:
@@ -104,7 +115,9 @@ def _stream_is_empty(f: Any) -> bool:
     return empty
 
 
-def _decode(fp: BinaryIO, label: str, max_pixels: int | None, draft_size: int | None) -> Image.Image:
+def _decode(
+    fp: BinaryIO, label: str, max_pixels: int | None, max_aspect: float | None, draft_size: int | None
+) -> Image.Image:
     with _errors(label):
         with warnings.catch_warnings():
             # Pillow warns (not raises) between its limit and twice it. When our limit is at least as
@@ -113,7 +126,7 @@ def _decode(fp: BinaryIO, label: str, max_pixels: int | None, draft_size: int | 
             strict = max_pixels is not None and max_pixels <= (Image.MAX_IMAGE_PIXELS or math.inf)
             warnings.simplefilter("error" if strict else "ignore", Image.DecompressionBombWarning)
             img = Image.open(fp)
-        _check_pixels(img.size, max_pixels, label)  # from the header: nothing decoded yet
+        _check_size(img.size, max_pixels, max_aspect, label)  # from the header: nothing decoded yet
         if draft_size is not None and img.format == "JPEG":
             img.draft("RGB", (draft_size, draft_size))
         # Decode inside the try: a truncated file fails here, not later in some transform. We never set
@@ -141,12 +154,17 @@ def _errors(label: str) -> Iterator[None]:
         raise ImageError(f"{label}: cannot decode image ({type(e).__name__}: {e})") from e
 
 
-def _check_pixels(size: tuple[int, int], max_pixels: int | None, label: str) -> None:
+def _check_size(size: tuple[int, int], max_pixels: int | None, max_aspect: float | None, label: str) -> None:
     w, h = size
     if max_pixels is not None and w * h > max_pixels:
         raise ImageError(f"{label}: {w}x{h} = {w * h} pixels exceeds the limit of {max_pixels} (max_pixels)")
     if w <= 0 or h <= 0:
         raise ImageError(f"{label}: image has no pixels ({w}x{h})")
+    if max_aspect is not None and max(w, h) > max_aspect * min(w, h):
+        raise ImageError(
+            f"{label}: {w}x{h} has an aspect ratio of {max(w, h) / min(w, h):.0f}:1, over the limit of "
+            f"{max_aspect:g}:1 (max_aspect); its centre crop would be a sliver of the picture"
+        )
 
 
 def _finish(img: Image.Image) -> Image.Image:
@@ -233,7 +251,8 @@ class _Base:
 class Preprocess(_Base):
     """Eval transform: image -> FloatTensor (3, S, S). Shorter side resized to S (Hugging Face's
     int(S * long / short) for the longer side), centre crop with the offset rounded down, then normalise;
-    `resize_mode="squash"` resizes straight to (S, S)."""
+    `resize_mode="squash"` resizes straight to (S, S). Every input goes through `load_image` with its default
+    limits, so the resized image is at most MAX_ASPECT * S^2 pixels whatever the caller passed in."""
 
     def __call__(self, image: ImageSource) -> torch.Tensor:
         img = self._rgb(image)

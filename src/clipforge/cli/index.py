@@ -8,7 +8,6 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import sys
-import tempfile
 from pathlib import Path
 
 from clipforge.cli.common import add_json_flag, emit
@@ -183,13 +182,14 @@ def add(
     as_json: bool,
 ) -> int:
     from clipforge.index import AddReport, Collection
-    from clipforge.index.bulk import add_embedding_folder
+    from clipforge.index.bulk import add_embedding_folder, add_sources
     from clipforge.index.embed_output import is_embedding_folder
 
     if not inputs and not texts:
         raise ValueError("index add needs PATH arguments or --texts FILE")
     report, caption_ids = AddReport(), []
-    with Collection.open(path) as coll:
+    # counting_commits: a failed write (a full disk) says how many items of this command are stored
+    with Collection.open(path) as coll, coll.counting_commits():
         folders = [p for p in inputs if is_embedding_folder(p)]
         bulk = [p for p in inputs if p not in folders and Path(p).suffix.lower() in MANIFEST_OR_SHARD]
         files = [p for p in inputs if p not in folders and p not in bulk]
@@ -211,7 +211,16 @@ def add(
                 )
             if bulk:
                 _merge(
-                    report, _add_via_embedding(coll, bulk, enc, batch_size, workers, exact_decode, progress)
+                    report,
+                    add_sources(
+                        coll,
+                        bulk,
+                        enc,
+                        batch_size=batch_size,
+                        workers=workers,
+                        exact_decode=exact_decode,
+                        progress=progress,
+                    ),
                 )
             if texts:
                 lines = [t.strip() for t in Path(texts).read_text(encoding="utf-8").splitlines() if t.strip()]
@@ -235,25 +244,6 @@ def add(
 def _merge(into, part) -> None:
     for name in ("added", "updated", "unchanged", "skipped", "failed", "ids"):
         getattr(into, name).extend(getattr(part, name))
-
-
-def _add_via_embedding(coll, inputs, enc, batch_size, workers, exact_decode, progress):
-    """Manifests and shards go through the bulk pipeline into a scratch embedding folder, then in."""
-    from clipforge.index.bulk import add_embedding_folder
-    from clipforge.index.embed import embed_to_folder
-
-    with tempfile.TemporaryDirectory(prefix="clipforge-add-") as tmp:
-        embed_to_folder(
-            inputs,
-            enc,
-            Path(tmp) / "emb",
-            batch_size=batch_size,
-            workers=workers,
-            exact_decode=exact_decode,
-            dtype="float32",
-            progress=progress,
-        )
-        return add_embedding_folder(coll, Path(tmp) / "emb")
 
 
 def remove(path: Path, items: list[str], as_json: bool) -> int:
@@ -316,6 +306,15 @@ def parse_time(value: str | None, flag: str) -> float | None:
         raise ValueError(f"{flag} {value!r} is neither a date (ISO 8601) nor epoch seconds") from None
 
 
+def _path_prefix(value: str | None) -> str | None:
+    """--path-prefix as the collection stores paths (absolute, normalised), keeping a trailing slash."""
+    from clipforge.index.files import normalise
+
+    if value is None:
+        return None
+    return normalise(value) + ("/" if value.endswith("/") and value.strip("/") else "")
+
+
 def search(path: Path, a: argparse.Namespace, as_json: bool) -> int:
     from clipforge.index import Collection
 
@@ -332,7 +331,7 @@ def search(path: Path, a: argparse.Namespace, as_json: bool) -> int:
             negative=negs or None,
             negative_weight=a.negative_weight,
             k=a.k,
-            path_prefix=a.path_prefix,
+            path_prefix=_path_prefix(a.path_prefix),
             added_after=parse_time(a.after, "--after"),
             added_before=parse_time(a.before, "--before"),
             encoder=enc,

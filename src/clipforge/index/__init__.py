@@ -1,6 +1,15 @@
 """Visual search: a persistent, crash-safe collection of CLIP vectors (FAISS) with metadata (SQLite)."""
 
 from .store import Collection
-from .types import AddReport, CollectionError, EncoderLike, Hit, ModelMismatchError
+from .types import AddReport, CollectionError, EncoderLike, Hit, ModelMismatchError, QueryError, WriteError
 
-__all__ = ["AddReport", "Collection", "CollectionError", "EncoderLike", "Hit", "ModelMismatchError"]
+__all__ = [
+    "AddReport",
+    "Collection",
+    "CollectionError",
+    "EncoderLike",
+    "Hit",
+    "ModelMismatchError",
+    "QueryError",
+    "WriteError",
+]

@@ -90,8 +90,8 @@ def add_files(
             continue
         try:
             image = files.decode(entry)
-        except Exception as e:  # noqa: BLE001 - PIL raises many types for bad files (incl. decompression bombs)
-            report.failed.append((path, f"not a readable image: {type(e).__name__}: {e}"))
+        except Exception as e:  # noqa: BLE001 - ImageError, or whatever a codec raises: reported per file
+            report.failed.append((path, files.failure_reason(e, path)))
             continue
         pending.append((entry, image, [i for i, _ in old]))
         if len(pending) >= batch_size:

@@ -13,11 +13,13 @@ Kinds:
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
+
+from .atomic import write_atomic
+from .types import check_k
 
 KINDS = ("flat", "hnsw", "ivfpq", "auto")
 EXACT_LIMIT = 200_000  # "auto" stays exact below this many vectors: a flat scan is still a few ms per query
@@ -102,21 +104,9 @@ class VectorIndex:
         return cls(kind, dim, index)
 
     def save(self, path: Path, before_replace: Callable[[], None] | None = None) -> None:
-        """Write atomically: temp file, fsync, rename, fsync the folder. A crash leaves old or new, never half."""
-        tmp = path.with_name(path.name + ".tmp")
+        """Write atomically (see atomic.py): a crash leaves old or new, never half; a failure, no temp file."""
         data = _faiss().serialize_index(self.index)  # uint8 array
-        with open(tmp, "wb") as f:
-            f.write(data.tobytes())
-            f.flush()
-            os.fsync(f.fileno())
-        if before_replace is not None:
-            before_replace()
-        os.replace(tmp, path)
-        dfd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
+        write_atomic(path, lambda f: f.write(data.data), before_replace)
 
     # ---- contents -----------------------------------------------------------------------------------
     @property
@@ -174,12 +164,16 @@ class VectorIndex:
         allowed: np.ndarray | None = None,
         fetch: FetchVectors | None = None,
     ) -> tuple[np.ndarray, np.ndarray]:
-        """Top-k by inner product. queries (Q, D) -> scores (Q, k) float32, ids (Q, k) int64 (-1 = none).
+        """Top-k by inner product. queries (Q, D) -> scores (Q, k') float32, ids (Q, k') int64 (-1 = none),
+        where k' = min(k, vectors that can match): k never sizes an allocation beyond what is stored.
 
         `allowed` restricts results to those ids; `fetch` gives exact vectors for IVF-PQ re-ranking.
         """
         faiss = _faiss()
         q = _f32(queries)
+        k = min(check_k(k), self.ntotal, len(allowed) if allowed is not None else self.ntotal)
+        if k == 0:
+            return np.zeros((len(q), 0), np.float32), np.zeros((len(q), 0), np.int64)
         sel = None
         if allowed is not None:
             sel = faiss.IDSelectorBatch(_ids(allowed))

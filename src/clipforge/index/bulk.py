@@ -2,12 +2,14 @@
 all vectors in memory: parts are memory-mapped and stored a chunk at a time.
 
 `add_embedding_folder` adds a folder to any collection (the model identity in the folder's sidecar must be
-the collection's). `build_ivfpq` makes a new IVF-PQ collection: it trains the quantisers on a sample drawn
-across all parts, then adds every vector in chunks, so peak memory is the sample plus one chunk.
+the collection's). `add_sources` adds manifests and shards by embedding them into such a folder first, inside
+the collection's scratch folder. `build_ivfpq` makes a new IVF-PQ collection: it trains the quantisers on a
+sample drawn across all parts, then adds every vector in chunks, so peak memory is the sample plus one chunk.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -47,12 +49,42 @@ def add_embedding_folder(coll: Collection, folder: str | Path, chunk: int = CHUN
     side = eo.read_sidecar(folder)
     check_folder_model(coll, folder, side)
     report = AddReport(failed=[(k, r) for k, r in eo.collect_skipped(folder)])
-    for vecs, rows in eo.iter_parts(folder):
-        for start in range(0, len(rows), chunk):
-            _add_chunk(
-                coll, np.asarray(vecs[start : start + chunk], np.float32), rows[start : start + chunk], report
-            )
+    with coll.counting_commits():
+        for vecs, rows in eo.iter_parts(folder):
+            for start in range(0, len(rows), chunk):
+                x = np.asarray(vecs[start : start + chunk], np.float32)
+                _add_chunk(coll, x, rows[start : start + chunk], report)
     return report
+
+
+def add_sources(
+    coll: Collection,
+    inputs: Sequence[str | Path],
+    encoder,
+    *,
+    batch_size: int = 64,
+    workers: int | None = None,
+    exact_decode: bool = False,
+    progress: bool = False,
+) -> AddReport:
+    """Add JSONL/CSV/TSV manifests and webdataset shards: the bulk pipeline (embed.py) embeds them into an
+    embedding folder under `coll.scratch()`, which is then stored and removed. Nothing is written outside
+    the collection folder, and a killed process leaves only scratch that the next open removes."""
+    from .embed import embed_to_folder
+
+    coll.check_encoder(encoder)
+    with coll.scratch() as tmp:
+        embed_to_folder(
+            inputs,
+            encoder,
+            tmp / "emb",
+            batch_size=batch_size,
+            workers=workers,
+            exact_decode=exact_decode,
+            dtype="float32",
+            progress=progress,
+        )
+        return add_embedding_folder(coll, tmp / "emb")
 
 
 def _add_chunk(coll: Collection, x: np.ndarray, rows: list[dict], report: AddReport) -> None:

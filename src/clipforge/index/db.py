@@ -41,12 +41,11 @@ RECORD_KEYS = ("path", "key", "caption", "sha256", "size", "mtime", "metadata")
 
 def connect(path: Path, readonly: bool) -> sqlite3.Connection:
     if readonly:
-        conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, isolation_level=None, timeout=30)
-    else:
-        conn = sqlite3.connect(str(path), isolation_level=None, timeout=30)  # explicit BEGIN/COMMIT below
-        conn.execute("PRAGMA journal_mode=WAL")  # readers see the last commit while a writer works
-        conn.execute("PRAGMA synchronous=FULL")  # a batch reported committed survives power loss too
-        conn.executescript(SCHEMA)
+        return _connect_readonly(path)
+    conn = sqlite3.connect(str(path), isolation_level=None, timeout=30)  # explicit BEGIN/COMMIT below
+    conn.execute("PRAGMA journal_mode=WAL")  # readers see the last commit while a writer works
+    conn.execute("PRAGMA synchronous=FULL")  # a batch reported committed survives power loss too
+    conn.executescript(SCHEMA)
     return conn
 
 
@@ -56,6 +55,28 @@ def generation(conn: sqlite3.Connection) -> int:
 
 def count(conn: sqlite3.Connection) -> int:
     return int(conn.execute("SELECT COUNT(*) FROM items").fetchone()[0])
+
+
+def _connect_readonly(path: Path) -> sqlite3.Connection:
+    uri = Path(path).absolute().as_uri()
+    conn = sqlite3.connect(f"{uri}?mode=ro", uri=True, isolation_level=None, timeout=30)
+    try:
+        generation(conn)  # SQLite opens lazily: a reader that cannot work fails here
+        return conn
+    except sqlite3.OperationalError:
+        conn.close()
+        wal = Path(f"{path}-wal")
+        if Path(f"{path}-shm").exists() or (wal.exists() and wal.stat().st_size):
+            raise  # a writer is (or was, and crashed) at work: this is not the case below
+    # A WAL database without its -shm file, in a folder this process cannot write (a read-only mount, a
+    # folder without write permission), opens only as immutable. With no -wal content either, the database
+    # file holds every commit, and no writer is at work (a writer keeps the -shm file while it is open).
+    return sqlite3.connect(f"{uri}?mode=ro&immutable=1", uri=True, isolation_level=None, timeout=30)
+
+
+def count_since(conn: sqlite3.Connection, gen: int) -> int:
+    """Rows written by the transactions after generation `gen`."""
+    return int(conn.execute("SELECT COUNT(*) FROM items WHERE gen > ?", (gen,)).fetchone()[0])
 
 
 def all_ids(conn: sqlite3.Connection) -> np.ndarray:

@@ -25,7 +25,8 @@ import torch
 from clipforge.transforms import Preprocess, load_image
 
 from . import embed_output as eo
-from .sources import Item, list_items
+from .files import failure_reason
+from .sources import Item, SourceError, list_items
 
 DEFAULT_PART_SIZE = 100_000
 UNCHANGED = "unchanged"  # status of an item whose content hash is already stored (Collection.add)
@@ -104,10 +105,8 @@ def decode_item(
             cfg = preprocess.config
             draft = cfg.image_size if cfg.fast_jpeg else None
             x = preprocess(load_image(data, draft_size=draft, name=item.key))
-    except OSError as e:
-        status = f"cannot read: {e.strerror or e}"
     except Exception as e:  # noqa: BLE001 - ImageError and whatever else a codec raises: reported per file
-        status = str(e).removeprefix(f"{item.key}: ")
+        status = failure_reason(e, item.key)
     return x, status, sha, size, mtime
 
 
@@ -149,7 +148,7 @@ def plan(
     """List the input, cut it into parts, write or check the sidecar; returns items, parts, finished parts."""
     items = list_items(inputs)
     if not items:
-        raise ValueError(f"no images found in {inputs}")
+        raise SourceError(f"no images found in {inputs}")
     parts = [list(p) for p in chunks(items, part_size)]
     header = {
         "format": eo.FORMAT,

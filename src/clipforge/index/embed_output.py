@@ -14,12 +14,14 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+
+from .atomic import write_atomic
+from .types import WriteError
 
 SIDECAR = "embeddings.json"
 FORMAT = "clipforge-embeddings/1"
@@ -54,22 +56,13 @@ def input_fingerprint(keys: Sequence[str], part_size: int) -> str:
     return "sha256:" + h.hexdigest()
 
 
-def _atomic(path: Path, write) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        write(f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def write_json(path: Path, obj: dict) -> None:
-    _atomic(path, lambda f: f.write(json.dumps(obj, indent=2, sort_keys=True).encode()))
+    write_atomic(path, lambda f: f.write(json.dumps(obj, indent=2, sort_keys=True).encode()))
 
 
 def prepare(out: Path, header: dict) -> set[int]:
     """Create `out` with its sidecar, or check a previous run's sidecar matches; returns finished parts."""
-    out.mkdir(parents=True, exist_ok=True)
+    _mkdir(out, parents=True)
     side = out / SIDECAR
     if side.exists():
         old = read_sidecar(out)
@@ -82,8 +75,15 @@ def prepare(out: Path, header: dict) -> set[int]:
     else:
         write_json(side, header)
     for sub in ("img_emb", "metadata", "_done") + (("text_emb",) if header["captions"] else ()):
-        (out / sub).mkdir(exist_ok=True)
+        _mkdir(out / sub)
     return done_parts(out)
+
+
+def _mkdir(folder: Path, parents: bool = False) -> None:
+    try:
+        folder.mkdir(parents=parents, exist_ok=True)
+    except OSError as e:
+        raise WriteError(f"cannot create {folder}: {e.strerror or e}") from e
 
 
 def done_parts(out: Path) -> set[int]:
@@ -106,7 +106,7 @@ def _table(rows: list[dict]):
     for k, v in cols.items():
         try:
             arrays[k] = pa.array(v)
-        except (pa.ArrowInvalid, pa.ArrowTypeError):  # mixed types across rows: keep them as text
+        except (pa.ArrowInvalid, pa.ArrowTypeError, OverflowError):  # mixed types, ints past 64 bits: text
             arrays[k] = pa.array([None if x is None else str(x) for x in v], pa.string())
     return pa.table(arrays)
 
@@ -125,11 +125,11 @@ def write_part(
     import pyarrow.parquet as pq
 
     name = part_name(i, n_parts)
-    _atomic(out / "img_emb" / f"img_emb_{name}.npy", lambda f: np.save(f, img.astype(dtype)))
+    write_atomic(out / "img_emb" / f"img_emb_{name}.npy", lambda f: np.save(f, img.astype(dtype)))
     if text is not None:
-        _atomic(out / "text_emb" / f"text_emb_{name}.npy", lambda f: np.save(f, text.astype(dtype)))
+        write_atomic(out / "text_emb" / f"text_emb_{name}.npy", lambda f: np.save(f, text.astype(dtype)))
     table = _table(rows)
-    _atomic(out / "metadata" / f"metadata_{name}.parquet", lambda f: pq.write_table(table, f))
+    write_atomic(out / "metadata" / f"metadata_{name}.parquet", lambda f: pq.write_table(table, f))
     write_json(
         out / "_done" / f"part_{name}.json", {"rows": len(rows), "skipped": [list(s) for s in skipped]}
     )

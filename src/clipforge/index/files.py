@@ -1,13 +1,17 @@
-"""Finding, hashing and decoding the image files that `Collection.add` is given."""
+"""Finding, hashing and decoding the image files that `Collection.add` is given, and the one spelling of a
+file's path that the collection stores and looks up."""
 
 from __future__ import annotations
 
 import hashlib
-import io
 import os
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from PIL import Image
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
 
@@ -21,6 +25,12 @@ class FileEntry:
     mtime: float
 
 
+def normalise(path: str | os.PathLike) -> str:
+    """The key a file is stored under: absolute, `~` expanded, `.` and `..` and doubled slashes folded
+    (lexically: symlinks are kept, so a path-prefix filter sees the folders the user named)."""
+    return os.path.abspath(os.path.expanduser(os.fspath(path)))
+
+
 def walk(items: Iterable[str | Path]) -> Iterator[tuple[str, str | None]]:
     """Yield (absolute path, None) for files to try and (path, reason) for paths to report, in sorted order.
 
@@ -30,7 +40,7 @@ def walk(items: Iterable[str | Path]) -> Iterator[tuple[str, str | None]]:
     if isinstance(items, (str, Path)):
         items = [items]
     for item in items:
-        p = Path(item).expanduser().absolute()
+        p = Path(normalise(item))
         if p.is_dir():
             for root, dirs, names in os.walk(p):
                 dirs.sort()
@@ -51,13 +61,23 @@ def read(path: str) -> FileEntry:
     return FileEntry(path, data, hashlib.sha256(data).hexdigest(), st.st_size, st.st_mtime)
 
 
-def decode(entry: FileEntry):
-    """Fully decode to an RGB PIL image, so a truncated or bogus file fails here and not inside a batch."""
-    from PIL import Image
+def decode(entry: FileEntry) -> Image.Image:
+    """Fully decode to an RGB PIL image with the library's one decoder and its limits (pixels, aspect
+    ratio), so a truncated, bogus or oversized file fails here with an ImageError and not inside a batch."""
+    from clipforge.transforms import load_image
 
-    with Image.open(io.BytesIO(entry.data)) as im:
-        im.load()
-        return im.convert("RGB")
+    return load_image(entry.data, name=entry.path)
+
+
+def failure_reason(e: BaseException, key: str) -> str:
+    """Why a file could not be added, without the file name (the report pairs the two)."""
+    from clipforge.transforms import ImageError
+
+    if isinstance(e, ImageError):
+        return str(e).removeprefix(f"{key}: ")
+    if isinstance(e, OSError):
+        return f"cannot read: {e.strerror or e}"
+    return f"{type(e).__name__}: {e}"  # a codec error load_image does not know, or a MemoryError
 
 
 def text_sha(text: str) -> str:

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from . import db
-from .types import EncoderLike, Hit
+from .types import EncoderLike, Hit, check_k
 
 if TYPE_CHECKING:
     from .store import Collection
@@ -38,12 +38,6 @@ def as_matrix(vectors: Any, dim: int, what: str = "vectors") -> np.ndarray:
         bad = np.flatnonzero(~np.isfinite(x).all(axis=1))
         raise ValueError(f"{what} contain NaN or infinity (rows {bad[:10].tolist()})")
     return x
-
-
-def check_k(k: int) -> int:
-    if not isinstance(k, (int, np.integer)) or isinstance(k, bool) or k <= 0:
-        raise ValueError(f"k must be a positive integer, got {k!r}")
-    return int(k)
 
 
 def _texts(value: str | Sequence[str], what: str) -> list[str]:
@@ -136,7 +130,7 @@ def components(n: int, pairs: np.ndarray) -> list[list[int]]:
 def dedup_groups(coll: Collection, threshold: float, neighbours: int) -> list[list[Hit]]:
     """See `Collection.dedup`. Each stored vector queries the index for its nearest `neighbours`."""
     pairs = []
-    k = min(neighbours, max(len(coll), 1))
+    k = min(check_k(neighbours, "neighbours"), max(len(coll), 1))
     for ids, vecs in db.iter_vectors(coll.conn, coll.dim):
         s, nn = coll._search(vecs, k)  # (n, k)
         a, b = np.nonzero((s >= threshold) & (nn != ids[:, None]) & (nn >= 0))
@@ -166,11 +160,13 @@ def exact_topk(conn: sqlite3.Connection, dim: int, q: np.ndarray, k: int) -> np.
 
 def recall_at_k(coll: Collection, k: int, sample: int, seed: int) -> float:
     """Share of the exact top-k that the index returns, over up to `sample` stored vectors used as queries."""
+    k, sample = check_k(k), check_k(sample, "sample")
     all_ids = db.all_ids(coll.conn)
     if not len(all_ids):
         return 1.0
+    k = min(k, len(all_ids))
     rng = np.random.default_rng(seed)
     q = coll.vectors(np.sort(rng.choice(all_ids, min(sample, len(all_ids)), replace=False)))
     _, approx = coll._ann.search(q, k, None, coll.vectors)
     exact = exact_topk(coll.conn, coll.dim, q, k)
-    return float(np.mean([len(set(a) & set(e)) / min(k, len(all_ids)) for a, e in zip(approx, exact)]))
+    return float(np.mean([len(set(a) & set(e)) / k for a, e in zip(approx, exact)]))

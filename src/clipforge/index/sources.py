@@ -6,6 +6,7 @@ millions stays small, pickles cheaply to decode workers, and each worker reads i
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import tarfile
@@ -13,7 +14,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .files import IMAGE_EXTENSIONS
+from .files import IMAGE_EXTENSIONS, normalise
 
 SHARD_IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 MANIFEST_SUFFIXES = (".jsonl", ".csv", ".tsv")
@@ -51,7 +52,7 @@ def list_items(inputs: str | Path | Iterable[str | Path]) -> list[Item]:
         inputs = [inputs]
     items: list[Item] = []
     for inp in inputs:
-        p = Path(inp).expanduser().absolute()
+        p = Path(normalise(inp))
         if p.is_dir():
             items += folder_items(p)
         elif p.suffix == ".tar" and p.is_file():
@@ -87,7 +88,7 @@ def _manifest_row(row: dict, base: Path, where: str) -> Item:
     image = row.get("image", row.get("image_path", row.get("path")))
     if not isinstance(image, str) or not image:
         raise SourceError(f"{where}: no 'image' (or 'image_path', 'path') field")
-    path = str((base / image).absolute()) if not os.path.isabs(image) else image
+    path = normalise(base / image)  # an absolute `image` replaces `base`
     caption = row.get("caption")
     if caption is None and isinstance(row.get("captions"), list) and row["captions"]:
         caption = row["captions"][0]  # several captions per image: the first one is the image's caption
@@ -102,22 +103,32 @@ def manifest_items(path: Path) -> list[Item]:
     if path.suffix.lower() in (".csv", ".tsv"):
         from clipforge.data.manifest import read_manifest
 
-        return [
-            Item(s.image, s.image, caption=s.captions[0] if s.captions else None, metadata={"key": s.key})
-            for s in read_manifest(path)
-        ]
+        try:
+            samples = read_manifest(path)
+        except (UnicodeDecodeError, csv.Error) as e:
+            raise SourceError(f"{path}: not a readable manifest ({e})") from None
+        items = []
+        for s in samples:
+            key = s.image if "://" in s.image else normalise(s.image)
+            items.append(
+                Item(key, key, caption=s.captions[0] if s.captions else None, metadata={"key": s.key})
+            )
+        return items
     base, out = path.parent, []
     with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise SourceError(f"{path}:{n}: not valid JSON ({e.msg})") from None
-            if not isinstance(row, dict):
-                raise SourceError(f"{path}:{n}: expected a JSON object, got {type(row).__name__}")
-            out.append(_manifest_row(row, base, f"{path}:{n}"))
+        try:
+            for n, line in enumerate(f, start=1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise SourceError(f"{path}:{n}: not valid JSON ({e.msg})") from None
+                if not isinstance(row, dict):
+                    raise SourceError(f"{path}:{n}: expected a JSON object, got {type(row).__name__}")
+                out.append(_manifest_row(row, base, f"{path}:{n}"))
+        except UnicodeDecodeError as e:
+            raise SourceError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
     return out
 
 

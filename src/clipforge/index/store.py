@@ -3,35 +3,48 @@
     collection.json        model identity, dim, metric, index kind, clipforge version
     items.sqlite           one row per item, with its vector and the generation that wrote it (WAL mode)
     index.<kind>.<gen>.faiss   the index as of generation <gen>, written atomically, throttled
+    scratch/               intermediate files of an add in progress (the embeddings of a manifest)
 
 Crash safety: each batch is one SQLite transaction, and a batch counts as committed once that transaction is.
 The FAISS file may lag behind or be absent; `open()` loads the newest readable snapshot and reconciles it with
 the database (adds missing rows, drops ids no longer there), so after any crash index and database agree.
 Ids come from SQLite AUTOINCREMENT and are never reused, which makes that reconciliation by id set exact.
+For the same reason a snapshot that cannot be written (a full disk) is only a warning: the committed rows are
+safe, and the next open rebuilds the index from them. A failed database write raises WriteError, saying how
+many items the call had committed before it. Opening for writing removes what a killed writer left behind:
+temp files of unfinished snapshots and the scratch folder.
 """
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import json
+import logging
 import os
+import shutil
+import sqlite3
 import time
-from collections.abc import Iterable
+import uuid
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from . import ann, db
-from .search import as_matrix, check_k, dedup_groups, hit_from_row, hits, query_vector, recall_at_k, unit
-from .types import AddReport, CollectionError, EncoderLike, Hit, check_identity
+from . import ann, db, files
+from .atomic import TMP_SUFFIX, write_atomic
+from .search import as_matrix, dedup_groups, hit_from_row, hits, query_vector, recall_at_k, unit
+from .types import AddReport, CollectionError, EncoderLike, Hit, WriteError, check_identity, check_k
 
 FORMAT = 1
 SNAPSHOT_EVERY = 16  # batches between snapshots; open() replays the rest from the database
 SNAPSHOT_SECONDS = 60.0
 EXACT_FILTER_LIMIT = 20_000  # a filter this selective is answered exactly from the database vectors
 RECORD_KEYS = ("path", "key", "caption", "sha256", "size", "mtime", "metadata", "added")
+SCRATCH = "scratch"
 _crash_counts: dict[str, int] = {}
+log = logging.getLogger(__name__)
 
 
 def _crash_point(name: str) -> None:
@@ -53,13 +66,16 @@ def _version() -> str:
         return "0.1.0"
 
 
-def _write_json_atomic(path: Path, obj: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2, sort_keys=True)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+@contextlib.contextmanager
+def _writing(path: Path, what: str) -> Iterator[None]:
+    """A failed write under `path` (full disk, read-only folder or file, no permission) -> WriteError."""
+    try:
+        yield
+    except WriteError:
+        raise
+    except (OSError, sqlite3.OperationalError) as e:
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+        raise WriteError(f"cannot write collection {path} ({what}): {reason}") from e
 
 
 class Collection:
@@ -73,7 +89,16 @@ class Collection:
         self.kind: str = config["index"]
         self.readonly = readonly
         self._lock = None if readonly else self._take_lock()
-        self.conn = db.connect(path / "items.sqlite", readonly)
+        try:
+            self.conn = db.connect(path / "items.sqlite", readonly)
+        except (OSError, sqlite3.OperationalError) as e:
+            if self._lock is not None:
+                self._lock.close()
+            if readonly:
+                raise CollectionError(f"cannot read collection {path} (items.sqlite): {e}") from e
+            raise WriteError(f"cannot write collection {path} (opening items.sqlite): {e}") from e
+        if not readonly:
+            self._remove_leftovers()
         self._gen = -1  # generation the in-memory index reflects
         self._saved_gen = -1  # generation of the newest snapshot on disk
         self._unsaved_batches = 0
@@ -92,7 +117,6 @@ class Collection:
             raise CollectionError(f"identity must be a dict with a 'fingerprint', got {identity!r}")
         if "dim" in identity and int(identity["dim"]) != int(dim):
             raise CollectionError(f"identity says dim {identity['dim']} but dim={dim} was given")
-        path.mkdir(parents=True, exist_ok=True)
         config = {
             "format": FORMAT,
             "model": {**identity, "dim": int(dim)},
@@ -101,8 +125,14 @@ class Collection:
             "index": index,
             "clipforge_version": _version(),
         }
-        db.connect(path / "items.sqlite", readonly=False).close()
-        _write_json_atomic(path / "collection.json", config)  # last: its presence marks a complete folder
+        with _writing(path, "creating it"):
+            path.mkdir(parents=True, exist_ok=True)
+            db.connect(path / "items.sqlite", readonly=False).close()
+            # last: its presence marks a complete folder
+            write_atomic(
+                path / "collection.json",
+                lambda f: f.write(json.dumps(config, indent=2, sort_keys=True).encode()),
+            )
         return cls(path, config, readonly=False)
 
     @classmethod
@@ -122,7 +152,13 @@ class Collection:
         return cls(path, config, readonly)
 
     def _take_lock(self):
-        lock = open(self.path / "writer.lock", "a+")
+        try:
+            lock = open(self.path / "writer.lock", "a+")
+        except OSError as e:
+            raise WriteError(
+                f"cannot open collection {self.path} for writing: {e.strerror or e}; "
+                "open it readonly=True to search it"
+            ) from e
         try:
             import fcntl
 
@@ -139,12 +175,46 @@ class Collection:
     def close(self) -> None:
         if self.conn is None:
             return
-        if not self.readonly and self._gen != self._saved_gen:
-            self._snapshot()
-        self.conn.close()
-        self.conn = None
-        if self._lock is not None:
-            self._lock.close()
+        try:
+            if not self.readonly and self._gen != self._saved_gen:
+                self._snapshot()
+        finally:
+            self.conn.close()
+            self.conn = None
+            if self._lock is not None:
+                self._lock.close()
+
+    def _remove_leftovers(self) -> None:
+        """Temp files of writes a killed writer never finished, and its scratch folder. We hold the writer
+        lock, so nobody else is writing them."""
+        for p in self.path.glob("*" + TMP_SUFFIX):
+            with contextlib.suppress(OSError):
+                p.unlink()
+        shutil.rmtree(self.path / SCRATCH, ignore_errors=True)
+
+    @contextlib.contextmanager
+    def scratch(self) -> Iterator[Path]:
+        """A new empty folder inside the collection for an add's intermediate files; removed on exit, or at
+        the next open for writing if this process dies first (so a killed add leaves nothing anywhere)."""
+        self._writable()
+        folder = self.path / SCRATCH / uuid.uuid4().hex
+        with _writing(self.path, "scratch folder"):
+            folder.mkdir(parents=True)
+        try:
+            yield folder
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)
+
+    @contextlib.contextmanager
+    def counting_commits(self) -> Iterator[None]:
+        """Let a WriteError raised inside say how many items the block committed before it failed."""
+        start = db.generation(self.conn)
+        try:
+            yield
+        except WriteError as e:
+            with contextlib.suppress(sqlite3.Error):
+                e.committed = db.count_since(self.conn, start)
+            raise
 
     def __enter__(self) -> Collection:
         return self
@@ -217,19 +287,29 @@ class Collection:
             self._ann.add(db.vectors_for(self.conn, chunk, self.dim), chunk)
         self._gen = gen
 
-    def _snapshot(self) -> None:
+    def _snapshot(self, strict: bool = False) -> None:
+        """Write the index as of this generation and delete older snapshots. A failure only warns unless
+        `strict`: the rows are committed, and the next open rebuilds what the snapshot lacks from them."""
         target = self.path / f"index.{self._ann.kind}.{self._gen}.faiss"
-        self._ann.save(target, before_replace=lambda: _crash_point("during_snapshot"))
-        for _, _, p in self._snapshots():
-            if p != target:
-                p.unlink(missing_ok=True)
-        self._saved_gen, self._unsaved_batches, self._last_save = self._gen, 0, time.monotonic()
+        self._unsaved_batches, self._last_save = 0, time.monotonic()  # a failed write waits its turn too
+        try:
+            with _writing(self.path, "index snapshot"):
+                self._ann.save(target, before_replace=lambda: _crash_point("during_snapshot"))
+                for _, _, p in self._snapshots():
+                    if p != target:
+                        p.unlink(missing_ok=True)
+        except WriteError as e:
+            if strict:
+                raise
+            log.warning("%s; every committed item is stored, and the next open rebuilds the index", e)
+            return
+        self._saved_gen = self._gen
 
     def save(self) -> None:
         """Write the index snapshot now (it is otherwise written every few batches and at close)."""
         self._writable()
         if self._gen != self._saved_gen:
-            self._snapshot()
+            self._snapshot(strict=True)
 
     def _writable(self) -> None:
         if self.conn is None:
@@ -239,16 +319,18 @@ class Collection:
 
     def _commit(self, vectors: np.ndarray, records: list[dict], drop: list[int]) -> list[int]:
         """One transaction: delete `drop`, insert the rows. Then mirror it in the index."""
-        self.conn.execute("BEGIN IMMEDIATE")
-        try:
-            db.delete_ids(self.conn, drop)
-            gen = db.bump_generation(self.conn)
-            ids = db.insert_batch(self.conn, vectors, records, gen)
-            _crash_point("before_commit")
-            self.conn.execute("COMMIT")
-        except BaseException:
-            self.conn.execute("ROLLBACK")
-            raise
+        with _writing(self.path, "commit"):
+            self.conn.execute("BEGIN IMMEDIATE")
+            try:
+                db.delete_ids(self.conn, drop)
+                gen = db.bump_generation(self.conn)
+                ids = db.insert_batch(self.conn, vectors, records, gen)
+                _crash_point("before_commit")
+                self.conn.execute("COMMIT")
+            except BaseException:
+                if self.conn.in_transaction:  # SQLite has already rolled back after some failures (full disk)
+                    self.conn.execute("ROLLBACK")
+                raise
         _crash_point("after_commit")
         self._ann.remove(np.asarray(drop, np.int64))
         self._ann.add(vectors, np.asarray(ids, np.int64))
@@ -312,10 +394,11 @@ class Collection:
         self.check_encoder(encoder)
         if batch_size <= 0:
             raise ValueError(f"batch_size must be positive, got {batch_size}")
-        if uses_pipeline(encoder):
-            w = default_workers() if workers is None else workers
-            return add_files_parallel(self, items, encoder, batch_size, progress, w, exact_decode)
-        return add_files(self, items, encoder, batch_size, progress)
+        with self.counting_commits():
+            if uses_pipeline(encoder):
+                w = default_workers() if workers is None else workers
+                return add_files_parallel(self, items, encoder, batch_size, progress, w, exact_decode)
+            return add_files(self, items, encoder, batch_size, progress)
 
     def add_texts(
         self, texts: Iterable[str], encoder: EncoderLike, metadata: dict | list[dict] | None = None
@@ -325,7 +408,8 @@ class Collection:
 
         self._writable()
         self.check_encoder(encoder)
-        return add_captions(self, list(texts), encoder, metadata)
+        with self.counting_commits():
+            return add_captions(self, list(texts), encoder, metadata)
 
     def remove(self, paths_or_ids: Any) -> int:
         """Remove by id, file path or folder (everything under it). Returns how many rows went."""
@@ -340,7 +424,9 @@ class Collection:
                     int(r[0]) for r in self.conn.execute("SELECT id FROM items WHERE id=?", (int(it),))
                 )
             elif isinstance(it, (str, Path)):
-                for key in {str(it), str(Path(it).expanduser().absolute())}:
+                # the key as given (a non-path key, or a row stored before paths were normalised) and the
+                # normalised path, which is how add stores files
+                for key in {str(it), files.normalise(it)}:
                     ids.update(db.ids_for_key_or_prefix(self.conn, key))
             else:
                 raise ValueError(f"remove() takes ids, paths or folders, got {it!r}")
@@ -356,12 +442,11 @@ class Collection:
     def _search(
         self, q: np.ndarray, k: int, allowed: np.ndarray | None = None
     ) -> tuple[np.ndarray, np.ndarray]:
+        """(Q, k') scores and ids, k' = min(k, matching items): a huge k costs no more than k = len(self)."""
         if allowed is not None and len(allowed) <= EXACT_FILTER_LIMIT:
             s = q @ self.vectors(allowed).T  # (Q, A): exact over the few rows the filter leaves
             order = np.argsort(-s, axis=1, kind="stable")[:, :k]
-            pad = k - order.shape[1]
-            scores = np.pad(np.take_along_axis(s, order, 1), ((0, 0), (0, pad)), constant_values=-np.inf)
-            return scores.astype(np.float32), np.pad(allowed[order], ((0, 0), (0, pad)), constant_values=-1)
+            return np.take_along_axis(s, order, 1).astype(np.float32), allowed[order]
         return self._ann.search(q, k, allowed, self.vectors)
 
     def search(
@@ -393,7 +478,8 @@ class Collection:
         return hits(self.conn, scores[0], ids[0])
 
     def search_batch(self, vectors: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """Queries (Q, D) -> scores (Q, k), ids (Q, k); queries are L2-normalised; id -1 pads short results."""
+        """Queries (Q, D) -> scores (Q, k'), ids (Q, k') with k' = min(k, len(self)); queries are
+        L2-normalised; id -1 pads a row that an approximate index could not fill."""
         k = check_k(k)
         return self._search(unit(as_matrix(vectors, self.dim, "query vectors")), k)
 

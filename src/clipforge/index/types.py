@@ -14,6 +14,37 @@ class CollectionError(ValueError):
     """A collection folder is missing, malformed, or used in a way it does not allow."""
 
 
+class WriteError(CollectionError):
+    """Writing a collection (or an embedding folder) failed: disk full, read-only, no permission.
+
+    Every batch committed before the failure stays stored and consistent; `committed` counts the items the
+    failed call stored before it (None when not counted)."""
+
+    def __init__(self, message: str, committed: int | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.committed = committed
+
+    def __str__(self) -> str:
+        if self.committed is None:
+            return self.message
+        return (
+            f"{self.message}; {self.committed} items were committed before the failure and are stored "
+            "(adding the same inputs again skips them)"
+        )
+
+
+class QueryError(ValueError):
+    """A search that cannot be run as asked (k not a positive integer, ...)."""
+
+
+def check_k(k: Any, what: str = "k") -> int:
+    """`k` as an int >= 1, else QueryError. Searches then clamp it to what is stored."""
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
+        raise QueryError(f"{what} must be a positive integer, got {k!r}")
+    return int(k)
+
+
 class ModelMismatchError(ValueError):
     """Vectors from one model were offered to a collection built with another."""
 
