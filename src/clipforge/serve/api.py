@@ -19,6 +19,7 @@ from .bodies import BadRequest, b64decode, decode_image, read_body
 from .engine import Engine
 from .schemas import (
     HARD_MAX_K,
+    MAX_TEXT_CHARS,
     AddRequest,
     AddResponse,
     ClassifyRequest,
@@ -125,7 +126,7 @@ async def run_search(eng: Engine, req: SearchRequest, files: list[bytes]) -> Sea
 @router.get("/api/search", response_model=SearchResponse, responses=ERRORS, tags=["search"])
 async def search_get(
     request: Request,
-    q: str = Query(..., min_length=1, max_length=2000, description="query text"),
+    q: str = Query(..., min_length=1, max_length=MAX_TEXT_CHARS, description="query text"),
     k: int = Query(20, ge=1, le=HARD_MAX_K),
     offset: int = Query(0, ge=0, le=HARD_MAX_K),
 ) -> SearchResponse:
@@ -211,13 +212,13 @@ async def embed(request: Request) -> EmbedResponse:
     """Texts and/or images -> L2-normalised vectors of the collection's model."""
     eng = engine(request)
     req, files = await read_body(request, EmbedRequest, eng.config.max_images)
-    blobs = files + [b64decode(s, f"images[{i}]") for i, s in enumerate(req.images)]
-    if not req.texts and not blobs:
+    if not req.texts and not (files or req.images):
         raise BadRequest("send at least one of 'texts' or 'images'")
-    if len(req.texts) > eng.config.max_texts or len(blobs) > eng.config.max_images:
+    if len(req.texts) > eng.config.max_texts or len(files) + len(req.images) > eng.config.max_images:
         raise BadRequest(
             f"at most {eng.config.max_texts} texts and {eng.config.max_images} images per request"
         )
+    blobs = files + [b64decode(s, f"images[{i}]") for i, s in enumerate(req.images)]
     texts = _text_list(req.texts, "texts") if req.texts else []
     imgs = [(await decode_image(b, f"image {i}", eng.config.max_pixels))[0] for i, b in enumerate(blobs)]
     tv = await eng.embed_texts(texts) if texts else np.zeros((0, eng.dim), np.float32)
@@ -248,7 +249,7 @@ async def item(request: Request, id: int) -> HitOut:
 
 async def info(request: Request) -> InfoResponse:
     eng = engine(request)
-    stats = await eng.info()
+    stats = eng.info()
     return InfoResponse(
         status="ok",
         items=stats["items"],
@@ -297,9 +298,10 @@ async def index_add(request: Request) -> AddResponse:
     req, _ = await read_body(request, AddRequest, 0)
     if not (req.paths or req.texts or req.images):
         raise BadRequest("send at least one of 'paths', 'texts' or 'images'")
-    if len(req.images) > eng.config.max_images or len(req.texts) > eng.config.max_texts:
+    if len(req.images) > eng.config.max_images or max(len(req.texts), len(req.paths)) > eng.config.max_texts:
         raise BadRequest(
-            f"at most {eng.config.max_images} images and {eng.config.max_texts} texts per request"
+            f"at most {eng.config.max_images} images, {eng.config.max_texts} texts and "
+            f"{eng.config.max_texts} paths per request"
         )
     if req.texts:
         _text_list(req.texts, "texts", eng.config.max_texts)
