@@ -274,6 +274,7 @@ def test_search_errors(served):
         (client.post("/api/search", json={"text": "red", "weights": [1]}), 422),
         (client.post("/api/search", json={"vector": [0.1, 0.2]}), 400),  # wrong dimension
         (client.post("/api/search", json={"vector": [0.0] * DIM}), 400),  # zero query
+        (client.post("/api/search", json={"vector": [1e39] * DIM}), 400),  # not finite in float32
         (client.post("/api/search", json={"like": 10**30}), 404),
         (client.post("/api/search", json={"like": 99999}), 404),
         (client.post("/api/search", json={"image": "%%%not base64%%%"}), 400),

@@ -79,6 +79,16 @@ async def one_image(
     return (await eng.embed_images([img]))[0]
 
 
+def raw_vector(values: list[float], dim: int, field: str) -> np.ndarray:
+    """A query vector (D,) sent as numbers: the model's dimension, each finite in float32."""
+    if len(values) != dim:
+        raise BadRequest(f"'{field}' must have {dim} numbers, got {len(values)}")
+    v = np.asarray(values, np.float64)
+    if not (np.abs(v) <= np.finfo(np.float32).max).all():
+        raise BadRequest(f"'{field}' holds a number that is not finite in float32")
+    return v.astype(np.float32)
+
+
 def _text_list(value: str | list[str] | None, what: str, limit: int = 256) -> list[str] | None:
     if value is None:
         return None
@@ -101,9 +111,7 @@ async def run_search(eng: Engine, req: SearchRequest, files: list[bytes]) -> Sea
     if req.like is not None:
         vectors.append(await eng.vector_of(req.like))
     if req.vector is not None:
-        if len(req.vector) != eng.dim:
-            raise BadRequest(f"'vector' must have {eng.dim} numbers, got {len(req.vector)}")
-        vectors.append(np.asarray(req.vector, np.float32))
+        vectors.append(raw_vector(req.vector, eng.dim, "vector"))
     texts = _text_list(req.text, "text", eng.config.max_texts)
     if not (texts or images or vectors):
         raise BadRequest("a search needs 'text', an image, 'like' (an item id) or 'vector'")

@@ -12,12 +12,11 @@ docs/service.md: `image_url` is refused (this server fetches nothing), `deduplic
 
 from __future__ import annotations
 
-import numpy as np
 from fastapi import APIRouter, Request
 
 from clipforge.index import Hit
 
-from .api import ERRORS, check_k, engine
+from .api import ERRORS, check_k, engine, raw_vector
 from .bodies import BadRequest, b64decode, decode_image, json_object, validate
 from .schemas import KnnRequest, MetadataRequest, inline_schema
 
@@ -66,9 +65,7 @@ async def knn_service(request: Request) -> list[dict]:
     elif req.image:
         images = [(await decode_image(b64decode(req.image, "image"), "image", eng.config.max_pixels))[0]]
     elif req.embedding_input is not None:
-        if len(req.embedding_input) != eng.dim:
-            raise BadRequest(f"'embedding_input' must have {eng.dim} numbers, got {len(req.embedding_input)}")
-        vectors = [np.asarray(req.embedding_input, np.float32)]
+        vectors = [raw_vector(req.embedding_input, eng.dim, "embedding_input")]
     else:
         raise BadRequest("must fill one of text, image and embedding_input")
     hits = await eng.search(
