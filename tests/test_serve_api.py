@@ -13,6 +13,7 @@ import contextlib
 import importlib.util
 import io
 import json
+import os
 import socket
 import threading
 import time
@@ -28,8 +29,11 @@ pytest.importorskip("faiss")
 from fastapi.testclient import TestClient  # noqa: E402
 
 from clipforge.data.synthetic import COLORS, SHAPES, draw_shape, write_shapes  # noqa: E402
-from clipforge.index import Collection  # noqa: E402
+from clipforge.index import Collection, db  # noqa: E402
 from clipforge.serve import ServeConfig, create_app  # noqa: E402
+from clipforge.serve.bodies import MAX_JSON_DEPTH  # noqa: E402
+from clipforge.serve.config import CONFIG_ENV  # noqa: E402
+from clipforge.serve.schemas import MAX_TEXT_CHARS  # noqa: E402
 from clipforge.transforms import load_image  # noqa: E402
 
 NAMES = list(COLORS)
@@ -120,6 +124,7 @@ def build_collection(root: Path, n: int = 48, captions: bool = True) -> tuple[Pa
 
 
 def make_config(col: Path, tmp: Path, **kw) -> ServeConfig:
+    kw.setdefault("allowed_hosts", ("testserver",))  # the Host header FastAPI's TestClient sends
     return ServeConfig(collection=col, thumb_dir=tmp / "thumbs", **kw)
 
 
@@ -269,6 +274,7 @@ def test_search_errors(served):
         (client.post("/api/search", json={"text": "red", "weights": [1]}), 422),
         (client.post("/api/search", json={"vector": [0.1, 0.2]}), 400),  # wrong dimension
         (client.post("/api/search", json={"vector": [0.0] * DIM}), 400),  # zero query
+        (client.post("/api/search", json={"vector": [1e39] * DIM}), 400),  # not finite in float32
         (client.post("/api/search", json={"like": 10**30}), 404),
         (client.post("/api/search", json={"like": 99999}), 404),
         (client.post("/api/search", json={"image": "%%%not base64%%%"}), 400),
@@ -278,6 +284,109 @@ def test_search_errors(served):
     for r, status in cases:
         assert r.status_code == status, (r.request.url, r.text)
         error_of(r)
+
+
+def test_every_text_field_is_bounded(served):
+    client, _, _ = served
+    long = "red " * (MAX_TEXT_CHARS // 4) + "x"  # one character over the limit
+    img = b64(shape_png("red", "circle"))
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+    knn = {"indice_name": "col"}
+    cases = [  # (method, path, JSON body or query, field the error must name)
+        ("GET", "/api/search", {"q": long}, "query.q"),
+        ("POST", "/api/search", {"text": long}, "text"),
+        ("POST", "/api/search", {"text": ["red", long]}, "text.1"),
+        ("POST", "/api/search", {"text": "red", "negative": long}, "negative"),
+        ("POST", "/api/search", {"text": "red", "path_prefix": long}, "path_prefix"),
+        ("POST", "/api/classify", {"image": img, "labels": ["red", long]}, "labels.1"),
+        (
+            "POST",
+            "/api/classify",
+            {"image": img, "labels": ["red"], "templates": [long + "{}"]},
+            "templates.0",
+        ),
+        ("POST", "/api/embed", {"texts": [long]}, "texts.0"),
+        ("POST", "/api/index/add", {"texts": [long]}, "texts.0"),
+        ("POST", "/api/index/add", {"paths": [long]}, "paths.0"),
+        ("POST", "/knn-service", {**knn, "text": long}, "text"),
+        ("POST", "/knn-service", {"indice_name": long, "text": "red"}, "indice_name"),
+        ("POST", "/metadata", {"ids": [1], "indice_name": long}, "indice_name"),
+    ]
+    for method, path, payload, field in cases:
+        if method == "GET":
+            r = client.get(path, params=payload)
+        else:
+            r = client.post(path, content=json.dumps(payload), headers=auth)
+        assert r.status_code == 422, (path, field, r.text[:200])
+        assert f" {field}: " in error_of(r) and str(MAX_TEXT_CHARS) in error_of(r), (path, error_of(r))
+    # The same limits apply to form fields, and the limit itself is allowed.
+    r = client.post(
+        "/api/search", data={"text": long}, files={"image": ("a.png", shape_png("red", "circle"))}
+    )
+    assert r.status_code == 422 and "text" in error_of(r)
+    assert client.get("/api/search", params={"q": long[:MAX_TEXT_CHARS]}).status_code == 200
+    # Counts: more paths than the server takes per request, and a list of labels past the schema's bound.
+    r = client.post("/api/index/add", json={"paths": ["/no/such"] * 300}, headers=auth)
+    assert r.status_code == 400 and "paths" in error_of(r)
+    r = client.post("/api/classify", json={"image": img, "labels": [f"l{i}" for i in range(10_001)]})
+    assert r.status_code == 422 and "labels" in error_of(r)
+
+
+def test_abandoned_requests_are_not_encoded(tmp_path):
+    """A request that times out while its text waits for the encoder is dropped from the batcher's queue."""
+    col, _ = build_collection(tmp_path, n=24, captions=False)
+    gate = threading.Event()
+
+    class Gated(ShapeEncoder):
+        seen: list[str] = []
+
+        def embed_texts(self, texts: list[str]) -> np.ndarray:
+            self.seen.extend(texts)
+            if "hold" in texts[0]:
+                gate.wait(10)
+            return super().embed_texts(texts)
+
+    enc = Gated()
+    app = create_app(make_config(col, tmp_path, request_timeout_s=0.5), encoder=enc)
+    with TestClient(app) as client:
+        first: dict = {}
+        holder = threading.Thread(
+            target=lambda: first.update(r=client.get("/api/search", params={"q": "hold red"}))
+        )
+        holder.start()
+        deadline = time.monotonic() + 5
+        while not enc.seen and time.monotonic() < deadline:
+            time.sleep(0.01)
+        r = client.get("/api/search", params={"q": "queued blue"})  # waits behind "hold red", times out
+        assert r.status_code == 504
+        gate.set()
+        holder.join(10)
+        assert first["r"].status_code == 504
+        assert client.get("/api/search", params={"q": "green"}).status_code == 200  # the batcher still works
+    assert "queued blue" not in enc.seen and enc.seen[0] == "hold red"
+
+
+def test_deeply_nested_json_is_refused(served):
+    client, _, _ = served
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+    deep = b"[" * 100_000 + b"]" * 100_000
+    in_field = b'{"text": ' + deep + b"}"
+    for path in ("/api/search", "/api/classify", "/api/moderate", "/api/embed", "/api/index/add"):
+        for body in (deep, in_field):
+            r = client.post(path, content=body, headers=auth)
+            assert r.status_code == 400 and f"deeper than {MAX_JSON_DEPTH}" in error_of(r), (path, r.text)
+    for path in ("/knn-service", "/metadata"):
+        r = client.post(path, content=b'{"ids": ' + deep + b"}")
+        assert r.status_code == 400 and "deeper" in error_of(r), (path, r.text)
+    form = {"labels": "[" * 50_000 + "]" * 50_000}
+    r = client.post("/api/classify", data=form, files={"image": ("a.png", shape_png("red", "cross"))})
+    assert r.status_code in (400, 422) and error_of(r)
+    # Brackets and escaped quotes inside strings are text, not nesting.
+    text = '\\"' + "[" * 40 + "\\\\" + "{" * 40
+    r = client.post("/api/search", content=b'{"text": "red ' + text.encode() + b'", "k": 1}')
+    assert r.status_code == 200, r.text
+    r = client.post("/api/search", content=b'{"text": "red", "vector": [[[[1]]]]}')
+    assert r.status_code == 422  # shallow nesting reaches validation as before
 
 
 def test_non_image_huge_upload_and_decompression_bomb(served):
@@ -497,6 +606,124 @@ def test_model_mismatch_is_refused_at_startup(tmp_path):
         create_app(make_config(col, tmp_path), encoder=other)
 
 
+def test_host_header_must_name_this_server(tmp_path):
+    col, _ = build_collection(tmp_path, n=24, captions=False)
+    config = make_config(
+        col, tmp_path, allowed_hosts=("192.168.1.5", "Photos.LAN:8000", "[fd00::5]", "fd00::6")
+    )
+    with TestClient(create_app(config, encoder=ShapeEncoder())) as client:
+        for host in (
+            "localhost",
+            "LOCALHOST:8000",
+            "127.0.0.1",
+            "127.0.0.1:65535",
+            "[::1]",
+            "[::1]:8000",
+            "192.168.1.5:8000",
+            "photos.lan",
+            "[fd00::5]:80",
+            "[FD00::6]",
+        ):
+            assert client.get("/healthz", headers={"Host": host}).status_code == 200, host
+        for host in (
+            "attacker.example",
+            "attacker.example:8000",
+            "localhost.attacker.example",
+            "127.0.0.1.nip.io",
+            "localhost:80@attacker.example",
+            "localhost:abc",
+            "::1",
+            "[::1]x",
+            "testserver",
+        ):
+            r = client.get("/healthz", headers={"Host": host})
+            assert r.status_code == 400 and "--allow-host" in error_of(r), host
+        # Refused before any work: no search, no image file, no write.
+        bad = {"Host": "attacker.example"}
+        assert client.post("/api/search", json={"text": "red"}, headers=bad).status_code == 400
+        assert client.get("/api/images/1", headers=bad).status_code == 400
+    with pytest.raises(ValueError, match="not a host name"):
+        make_config(col, tmp_path, allowed_hosts=("photos.lan:http",))
+    anyone = make_config(col, tmp_path, allowed_hosts=("*",))
+    with TestClient(create_app(anyone, encoder=ShapeEncoder())) as client:
+        assert client.get("/healthz", headers={"Host": "attacker.example"}).status_code == 200
+
+
+def test_cli_allow_host_reaches_the_app(tmp_path, monkeypatch):
+    import uvicorn
+
+    import clipforge.serve.app as app_module
+    from clipforge.cli import main
+
+    col, _ = build_collection(tmp_path, n=24, captions=False)
+    monkeypatch.setattr(app_module, "load_encoder", lambda config, identity: ShapeEncoder())
+    ran: dict = {}
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kw: ran.update(app=app, **kw))
+    argv = ["serve", str(col), "--host", "10.0.0.7", "--port", "9", "--allow-host", "photos.lan"]
+    assert main([*argv, "--allow-host", "[fd00::5]"]) == 0
+    with TestClient(ran["app"]) as client:
+        for host, status in (
+            ("photos.lan:9", 200),
+            ("[fd00::5]:9", 200),
+            ("10.0.0.7:9", 200),  # the bound address
+            ("localhost:9", 200),
+            ("attacker.example:9", 400),
+        ):
+            assert client.get("/healthz", headers={"Host": host}).status_code == status, host
+    assert main(["serve", str(col), "--allow-host", "photos.lan:http"]) == 2  # one-line error, no traceback
+    # With --workers N the settings reach each worker process through the environment.
+    monkeypatch.delenv(CONFIG_ENV, raising=False)
+    assert main([*argv, "--workers", "2"]) == 0
+    assert ServeConfig.from_json(os.environ[CONFIG_ENV]).allowed_hosts == ("10.0.0.7", "photos.lan")
+    monkeypatch.delenv(CONFIG_ENV)
+
+
+def test_a_slow_write_holds_up_no_read(tmp_path, monkeypatch):
+    """While a write sits inside its transaction, searches, item lookups and /healthz answer at once, from the
+    last committed state; the write's rows appear when it commits."""
+    col, _ = build_collection(tmp_path, n=24, captions=False)
+    in_write, release = threading.Event(), threading.Event()
+    insert = db.insert_batch
+
+    def slow_insert(*args, **kw):
+        in_write.set()
+        release.wait(15)
+        return insert(*args, **kw)
+
+    monkeypatch.setattr(db, "insert_batch", slow_insert)
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+    caption = "a turquoise hexagon"
+
+    def captions(client) -> list:
+        res = client.get("/api/search", params={"q": caption, "k": 50}).json()["results"]
+        return [h["caption"] for h in res]
+
+    with TestClient(create_app(make_config(col, tmp_path, token=TOKEN), encoder=ShapeEncoder())) as client:
+        items = client.get("/healthz").json()["items"]
+        added: dict = {}
+        writer = threading.Thread(
+            target=lambda: added.update(
+                r=client.post("/api/index/add", json={"texts": [caption]}, headers=auth)
+            )
+        )
+        writer.start()
+        try:
+            assert in_write.wait(10)
+            for _ in range(3):
+                for url in ("/healthz", "/api/info", "/api/items/1", f"/api/search?q={caption}"):
+                    t0 = time.monotonic()
+                    r = client.get(url)
+                    assert r.status_code == 200 and time.monotonic() - t0 < 2.0, (url, r.text[:200])
+                assert client.get("/healthz").json()["items"] == items
+                assert caption not in captions(client)  # the previous committed state
+        finally:
+            release.set()
+            writer.join(20)
+        assert added["r"].status_code == 200, added["r"].text
+        assert caption in captions(client)
+        assert client.get("/healthz").json()["items"] == items + 1
+
+
 # ---------------------------------------------------------------------------------------------- writes
 def test_writes_need_the_token(served):
     client, _, tmp = served
@@ -592,6 +819,28 @@ def test_clip_retrieval_endpoints(served):
         error_of(r)
     assert client.post("/knn-service", content=b"nope").status_code == 400
     assert client.post("/metadata", content=b"{}").status_code == 422
+
+
+def test_knn_service_fills_num_images_from_a_mixed_collection(tmp_path):
+    """Captions that outrank every image must not crowd the images out of an image-modality answer (nor the
+    images the captions out of a text-modality one): the modality is filtered before the top k are taken."""
+    col, labels = build_collection(tmp_path, n=24, captions=False)
+    enc = ShapeEncoder()
+    with Collection.open(col) as c:
+        caption_ids = c.add_texts([f"blue, take {i}" for i in range(8)], enc)  # cosine 1 to the query "blue"
+    app = create_app(make_config(col, tmp_path), encoder=enc)
+    with TestClient(app) as client:
+        body = {"text": "blue", "modality": "image", "num_images": 5}
+        res = client.post("/knn-service", content=json.dumps(body)).json()
+        assert len(res) == 5 and all(labels[x["id"]].startswith("blue") for x in res[:3]), res
+        assert all("caption" not in x and x["id"] not in caption_ids for x in res)
+        by_image = {"image": b64(shape_png("blue", "square")), "modality": "text", "num_images": 6}
+        res = client.post("/knn-service", content=json.dumps(by_image)).json()
+        assert len(res) == 6 and all(x["id"] in caption_ids for x in res), res  # the 8 tie: any 6
+        res = client.post("/knn-service", content=json.dumps({**body, "modality": "text", "num_images": 20}))
+        assert len(res.json()) == 8  # every caption, and only captions
+        r = client.post("/knn-service", content=json.dumps({**body, "modality": "video"}))
+        assert r.status_code == 422
 
 
 def _load_clip_client():

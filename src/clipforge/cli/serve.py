@@ -27,6 +27,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--cors", action="append", default=[], metavar="ORIGIN", help="allow this origin (repeatable)"
     )
+    p.add_argument(
+        "--allow-host",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="also answer requests whose Host header names NAME (repeatable; '*': any); by default only the "
+        "bound address, localhost, 127.0.0.1 and [::1], which stops DNS-rebinding pages",
+    )
     p.add_argument("--max-upload-mb", type=float, default=10.0, help="largest request body (default: 10)")
     p.add_argument("--max-k", type=int, default=1000, help="most results one request may ask for")
     p.add_argument("--timeout", type=float, default=30.0, help="seconds before a request is abandoned (504)")
@@ -41,6 +49,7 @@ def register(sub: argparse._SubParsersAction) -> None:
             device=a.device,
             policy=Path(a.policy) if a.policy else None,
             cors=tuple(a.cors),
+            allow_hosts=tuple(a.allow_host),
             max_upload_bytes=int(a.max_upload_mb * 1024 * 1024),
             max_k=a.max_k,
             timeout_s=a.timeout,
@@ -58,6 +67,7 @@ def serve(
     device: str = "cpu",
     policy: Path | None = None,
     cors: tuple[str, ...] = (),
+    allow_hosts: tuple[str, ...] = (),
     max_upload_bytes: int = 10 * 1024 * 1024,
     max_k: int = 1000,
     timeout_s: float = 30.0,
@@ -85,6 +95,7 @@ def serve(
         device=device,
         policy=policy.absolute() if policy else None,
         cors_origins=cors,
+        allowed_hosts=(host, *allow_hosts),
         max_upload_bytes=max_upload_bytes,
         max_k=max_k,
         request_timeout_s=timeout_s,
@@ -94,6 +105,12 @@ def serve(
         f"clipforge serve: http://{host}:{port}/ — {collection}, {workers} worker(s), writes {writes}",
         file=sys.stderr,
     )
+    if host in ("0.0.0.0", "::") and not allow_hosts:
+        print(
+            "clipforge serve: only requests addressed to localhost are answered; name this machine as other "
+            "clients address it with --allow-host NAME",
+            file=sys.stderr,
+        )
     if workers == 1:
         uvicorn.run(create_app(config), host=host, port=port, log_level="warning")
     else:

@@ -162,9 +162,15 @@ def ids_for_key_or_prefix(conn: sqlite3.Connection, key: str) -> list[int]:
 
 
 def filtered_ids(
-    conn: sqlite3.Connection, path_prefix: str | None, added_after: float | None, added_before: float | None
+    conn: sqlite3.Connection,
+    path_prefix: str | None,
+    added_after: float | None,
+    added_before: float | None,
+    modality: str | None = None,
 ) -> np.ndarray:
     where, args = [], []
+    if modality is not None:  # "image": rows with a file (a key); "text": bare captions (no key)
+        where.append("key IS NOT NULL" if modality == "image" else "key IS NULL")
     if path_prefix is not None:
         upper = path_prefix[:-1] + chr(ord(path_prefix[-1]) + 1) if path_prefix else None
         where.append("key >= ?" + (" AND key < ?" if upper else ""))

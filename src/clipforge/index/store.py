@@ -462,16 +462,21 @@ class Collection:
         path_prefix: str | None = None,
         added_after: float | None = None,
         added_before: float | None = None,
+        modality: str | None = None,
         encoder: EncoderLike | None = None,
     ) -> list[Hit]:
-        """Top-k items for a query; the score is the weighted sum of cosines (see `search.py`)."""
+        """Top-k items for a query; the score is the weighted sum of cosines (see `search.py`).
+        `modality`: "image" keeps items with a file, "text" bare captions; the top k are taken after it."""
         k = check_k(k)
+        if modality not in (None, "image", "text"):
+            raise ValueError(f"modality must be 'image' or 'text', got {modality!r}")
         if encoder is not None:
             self.check_encoder(encoder)
         q = query_vector(self.dim, encoder, text, image, vector, weights, negative, negative_weight)
         allowed = None
-        if path_prefix is not None or added_after is not None or added_before is not None:
-            allowed = db.filtered_ids(self.conn, path_prefix, added_after, added_before)
+        filters = (path_prefix, added_after, added_before, modality)
+        if any(f is not None for f in filters):
+            allowed = db.filtered_ids(self.conn, *filters)
             if not len(allowed):
                 return []
         scores, ids = self._search(q[None], k, allowed)

@@ -19,6 +19,7 @@ from .bodies import BadRequest, b64decode, decode_image, read_body
 from .engine import Engine
 from .schemas import (
     HARD_MAX_K,
+    MAX_TEXT_CHARS,
     AddRequest,
     AddResponse,
     ClassifyRequest,
@@ -78,6 +79,16 @@ async def one_image(
     return (await eng.embed_images([img]))[0]
 
 
+def raw_vector(values: list[float], dim: int, field: str) -> np.ndarray:
+    """A query vector (D,) sent as numbers: the model's dimension, each finite in float32."""
+    if len(values) != dim:
+        raise BadRequest(f"'{field}' must have {dim} numbers, got {len(values)}")
+    v = np.asarray(values, np.float64)
+    if not (np.abs(v) <= np.finfo(np.float32).max).all():
+        raise BadRequest(f"'{field}' holds a number that is not finite in float32")
+    return v.astype(np.float32)
+
+
 def _text_list(value: str | list[str] | None, what: str, limit: int = 256) -> list[str] | None:
     if value is None:
         return None
@@ -100,9 +111,7 @@ async def run_search(eng: Engine, req: SearchRequest, files: list[bytes]) -> Sea
     if req.like is not None:
         vectors.append(await eng.vector_of(req.like))
     if req.vector is not None:
-        if len(req.vector) != eng.dim:
-            raise BadRequest(f"'vector' must have {eng.dim} numbers, got {len(req.vector)}")
-        vectors.append(np.asarray(req.vector, np.float32))
+        vectors.append(raw_vector(req.vector, eng.dim, "vector"))
     texts = _text_list(req.text, "text", eng.config.max_texts)
     if not (texts or images or vectors):
         raise BadRequest("a search needs 'text', an image, 'like' (an item id) or 'vector'")
@@ -125,7 +134,7 @@ async def run_search(eng: Engine, req: SearchRequest, files: list[bytes]) -> Sea
 @router.get("/api/search", response_model=SearchResponse, responses=ERRORS, tags=["search"])
 async def search_get(
     request: Request,
-    q: str = Query(..., min_length=1, max_length=2000, description="query text"),
+    q: str = Query(..., min_length=1, max_length=MAX_TEXT_CHARS, description="query text"),
     k: int = Query(20, ge=1, le=HARD_MAX_K),
     offset: int = Query(0, ge=0, le=HARD_MAX_K),
 ) -> SearchResponse:
@@ -211,13 +220,13 @@ async def embed(request: Request) -> EmbedResponse:
     """Texts and/or images -> L2-normalised vectors of the collection's model."""
     eng = engine(request)
     req, files = await read_body(request, EmbedRequest, eng.config.max_images)
-    blobs = files + [b64decode(s, f"images[{i}]") for i, s in enumerate(req.images)]
-    if not req.texts and not blobs:
+    if not req.texts and not (files or req.images):
         raise BadRequest("send at least one of 'texts' or 'images'")
-    if len(req.texts) > eng.config.max_texts or len(blobs) > eng.config.max_images:
+    if len(req.texts) > eng.config.max_texts or len(files) + len(req.images) > eng.config.max_images:
         raise BadRequest(
             f"at most {eng.config.max_texts} texts and {eng.config.max_images} images per request"
         )
+    blobs = files + [b64decode(s, f"images[{i}]") for i, s in enumerate(req.images)]
     texts = _text_list(req.texts, "texts") if req.texts else []
     imgs = [(await decode_image(b, f"image {i}", eng.config.max_pixels))[0] for i, b in enumerate(blobs)]
     tv = await eng.embed_texts(texts) if texts else np.zeros((0, eng.dim), np.float32)
@@ -248,7 +257,7 @@ async def item(request: Request, id: int) -> HitOut:
 
 async def info(request: Request) -> InfoResponse:
     eng = engine(request)
-    stats = await eng.info()
+    stats = eng.info()
     return InfoResponse(
         status="ok",
         items=stats["items"],
@@ -297,9 +306,10 @@ async def index_add(request: Request) -> AddResponse:
     req, _ = await read_body(request, AddRequest, 0)
     if not (req.paths or req.texts or req.images):
         raise BadRequest("send at least one of 'paths', 'texts' or 'images'")
-    if len(req.images) > eng.config.max_images or len(req.texts) > eng.config.max_texts:
+    if len(req.images) > eng.config.max_images or max(len(req.texts), len(req.paths)) > eng.config.max_texts:
         raise BadRequest(
-            f"at most {eng.config.max_images} images and {eng.config.max_texts} texts per request"
+            f"at most {eng.config.max_images} images, {eng.config.max_texts} texts and "
+            f"{eng.config.max_texts} paths per request"
         )
     if req.texts:
         _text_list(req.texts, "texts", eng.config.max_texts)

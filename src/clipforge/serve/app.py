@@ -49,13 +49,28 @@ def _error(status: int, message: str, detail: Any = None, headers: dict | None =
     return JSONResponse(body, status_code=status, headers=headers)
 
 
+def _place(loc: tuple | list) -> list:
+    """The path to a failing value. Past the field name, pydantic names the union alternative it tried
+    (`constrained-str`, `list[constrained-str]`): that is no place in the request, so it is left out."""
+    parts = list(loc)
+    head = parts[:2] if parts[:1] in (["body"], ["query"], ["path"]) else parts[:1]
+    rest = parts[len(head) :]
+    return head + [x for x in rest if not (isinstance(x, str) and not x.isidentifier())]
+
+
 def _install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(RequestValidationError)
     async def invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
-        errs = [{"loc": list(e.get("loc", ())), "msg": str(e.get("msg", ""))} for e in exc.errors()]
-        first = errs[0] if errs else {"loc": [], "msg": "invalid request"}
-        where = ".".join(str(x) for x in first["loc"] if x != "body") or "request"
-        return _error(422, f"invalid request: {where}: {first['msg']}", errs)
+        errs = [
+            {"loc": _place(e.get("loc", ())), "msg": str(e.get("msg", "")), "type": str(e.get("type", ""))}
+            for e in exc.errors()
+        ]
+        # A field that takes a text or a list of texts fails once per alternative; the error that got
+        # furthest into the value says what is wrong (a wrong-type complaint about the other form does not).
+        best = min(errs, key=lambda e: (e["type"].endswith("_type"), -len(e["loc"])), default=None)
+        best = best or {"loc": [], "msg": "invalid request"}
+        where = ".".join(str(x) for x in best["loc"] if x != "body") or "request"
+        return _error(422, f"invalid request: {where}: {best['msg']}", errs)
 
     @app.exception_handler(HTTPException)
     async def http_error(_: Request, exc: HTTPException) -> JSONResponse:
@@ -111,7 +126,7 @@ def create_app(config: ServeConfig, encoder: EncoderLike | None = None) -> FastA
 
     @app.get("/metrics", response_class=PlainTextResponse, tags=["service"])
     async def metrics_endpoint() -> PlainTextResponse:
-        stats = await eng.info()
+        stats = eng.info()
         gauges = {"clipforge_collection_items": ("Items in the collection.", float(stats["items"]))}
         text = metrics.render(
             gauges,
@@ -131,7 +146,11 @@ def create_app(config: ServeConfig, encoder: EncoderLike | None = None) -> FastA
             CORSMiddleware, allow_origins=list(config.cors_origins), allow_methods=["*"], allow_headers=["*"]
         )
     app.add_middleware(
-        Guard, max_body=config.max_upload_bytes, timeout_s=config.request_timeout_s, metrics=metrics
+        Guard,
+        max_body=config.max_upload_bytes,
+        timeout_s=config.request_timeout_s,
+        metrics=metrics,
+        hosts=config.host_names(),
     )
     return app
 

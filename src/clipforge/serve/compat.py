@@ -12,15 +12,12 @@ docs/service.md: `image_url` is refused (this server fetches nothing), `deduplic
 
 from __future__ import annotations
 
-import json
-
-import numpy as np
 from fastapi import APIRouter, Request
 
 from clipforge.index import Hit
 
-from .api import ERRORS, check_k, engine
-from .bodies import BadRequest, b64decode, decode_image, validate
+from .api import ERRORS, check_k, engine, raw_vector
+from .bodies import BadRequest, b64decode, decode_image, json_object, validate
 from .schemas import KnnRequest, MetadataRequest, inline_schema
 
 router = APIRouter(tags=["clip-retrieval"])
@@ -28,16 +25,6 @@ router = APIRouter(tags=["clip-retrieval"])
 
 def index_name(request: Request) -> str:
     return engine(request).config.collection.absolute().name or "clipforge"
-
-
-def _json(raw: bytes) -> dict:
-    try:
-        data = json.loads(raw) if raw.strip() else None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise BadRequest(f"the request body is not valid JSON: {e}") from None
-    if not isinstance(data, dict):
-        raise BadRequest("the request body must be a JSON object")
-    return data
 
 
 def _check_index(request: Request, name: str | None) -> None:
@@ -66,7 +53,7 @@ async def indices_list(request: Request) -> list[str]:
 )
 async def knn_service(request: Request) -> list[dict]:
     eng = engine(request)
-    req = validate(KnnRequest, _json(await request.body()))
+    req = validate(KnnRequest, json_object(await request.body()))
     _check_index(request, req.indice_name)
     if req.image_url:
         raise BadRequest("this server fetches no URLs: send the image as base64 in 'image'")
@@ -78,9 +65,7 @@ async def knn_service(request: Request) -> list[dict]:
     elif req.image:
         images = [(await decode_image(b64decode(req.image, "image"), "image", eng.config.max_pixels))[0]]
     elif req.embedding_input is not None:
-        if len(req.embedding_input) != eng.dim:
-            raise BadRequest(f"'embedding_input' must have {eng.dim} numbers, got {len(req.embedding_input)}")
-        vectors = [np.asarray(req.embedding_input, np.float32)]
+        vectors = [raw_vector(req.embedding_input, eng.dim, "embedding_input")]
     else:
         raise BadRequest("must fill one of text, image and embedding_input")
     hits = await eng.search(
@@ -91,9 +76,8 @@ async def knn_service(request: Request) -> list[dict]:
         negatives=None,
         negative_weight=0.0,
         k=n,
+        modality=req.modality,  # filtered in the search, so num_images are found whatever the mix
     )
-    want_image = req.modality != "text"  # "image": items with an image file; "text": caption-only items
-    hits = [h for h in hits if bool(h.path) == want_image]
     if req.deduplicate:
         seen: set[str] = set()
         kept = []
@@ -114,7 +98,7 @@ async def knn_service(request: Request) -> list[dict]:
 )
 async def metadata(request: Request) -> list[dict]:
     eng = engine(request)
-    req = validate(MetadataRequest, _json(await request.body()))
+    req = validate(MetadataRequest, json_object(await request.body()))
     _check_index(request, req.indice_name)
     out = []
     for i in req.ids:

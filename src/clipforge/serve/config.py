@@ -7,6 +7,7 @@ import os
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
+LOCAL_HOSTS = ("localhost", "127.0.0.1", "::1")  # Host header names every server accepts
 TOKEN_ENV = "CLIPFORGE_TOKEN"  # bearer token for writes; unset = writes disabled
 CONFIG_ENV = "CLIPFORGE_SERVE_CONFIG"  # how `--workers N` hands the settings to each worker process
 
@@ -20,6 +21,9 @@ class ServeConfig:
     policy: Path | None = None  # moderation policy file; None: /api/moderate answers 404
     token: str | None = None  # writes need "Authorization: Bearer <token>"; None disables them
     cors_origins: tuple[str, ...] = ()  # empty: no CORS headers at all
+    # Host header names accepted besides LOCAL_HOSTS (`clipforge serve` adds the address it binds); "*": any.
+    # Other names are refused, so a DNS-rebinding page cannot read a local server through the browser.
+    allowed_hosts: tuple[str, ...] = ()
     max_upload_bytes: int = 10 * 1024 * 1024  # whole request body
     max_pixels: int = 40_000_000  # decompression-bomb guard, checked from the image header
     max_k: int = 1000
@@ -47,6 +51,20 @@ class ServeConfig:
                 raise ValueError(f"{name} must be positive, got {value}")
         if self.request_timeout_s <= 0:
             raise ValueError(f"request_timeout_s must be positive, got {self.request_timeout_s}")
+        self.host_names()  # a malformed --allow-host fails at start, with its name
+
+    def host_names(self) -> frozenset[str] | None:
+        """The Host header names to accept, as `host_name` reads them; None: any."""
+        if "*" in self.allowed_hosts:
+            return None
+        names = set()
+        for h in (*LOCAL_HOSTS, *self.allowed_hosts):
+            bare_ipv6 = h.count(":") > 1 and not h.startswith("[")
+            name = h.strip().lower() if bare_ipv6 else host_name(h)
+            if not name:
+                raise ValueError(f"allowed host {h!r} is not a host name (NAME, NAME:PORT or [IPv6])")
+            names.add(name)
+        return frozenset(names)
 
     def with_env_token(self) -> ServeConfig:
         """The token from $CLIPFORGE_TOKEN unless one is set already (an empty variable counts as unset)."""
@@ -63,8 +81,22 @@ class ServeConfig:
         for key in ("collection", "policy", "thumb_dir"):
             if d.get(key) is not None:
                 d[key] = Path(d[key])
-        d["cors_origins"] = tuple(d.get("cors_origins") or ())
+        for key in ("cors_origins", "allowed_hosts"):
+            d[key] = tuple(d.get(key) or ())
         return cls(**d)
+
+
+def host_name(header: str) -> str | None:
+    """A Host header's name without the port, lowercased, IPv6 without brackets; None when malformed.
+    (Starlette's TrustedHostMiddleware cuts at the first colon, which breaks "[::1]:8000".)"""
+    v = header.strip().lower()
+    if v.startswith("["):
+        name, closed, port = v[1:].partition("]")
+        ok = closed and (not port or (port[0] == ":" and port[1:].isdigit()))
+    else:
+        name, colon, port = v.partition(":")
+        ok = not colon or port.isdigit()
+    return name if ok and name else None
 
 
 def default_thumb_dir(collection: Path) -> Path:

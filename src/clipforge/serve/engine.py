@@ -1,11 +1,18 @@
 """What the HTTP layer calls: one collection and one encoder per process, used from asyncio handlers.
 
-- The collection's SQLite connection belongs to the thread that opened it, so every collection call runs
-  on one dedicated thread (FAISS search and a row lookup take well under a millisecond at 100k items).
+- Reads use one read-only view of the collection on one dedicated reader thread (its SQLite connection
+  belongs to the thread that opened it; FAISS search and a row lookup take well under a millisecond at 100k
+  items).
+- Writes run on a second, single writer thread, so they are serialised and never hold up a read: each
+  write opens the collection for writing, commits its batches and closes it. SQLite runs in WAL mode, so
+  the reader keeps answering from the last committed state meanwhile, and catches up (`refresh`) before
+  the write's request is answered. Several worker processes share one collection folder the same way.
 - Encoder calls from concurrent requests are grouped by `MicroBatcher`s (one for texts, one for images),
   and recent text vectors are cached (repeated queries and classifier prompts cost nothing).
-- Writes open the collection for writing on that same thread, one batch at a time, then catch the
-  read-only view up; several worker processes therefore share one collection folder safely.
+- Work whose request was abandoned (the 504 of the request timeout, which cancels the handler) is dropped
+  where it has not started: encoder items still queued in a batcher, reads and writes still queued for
+  their thread. Work already running (one encoder batch, one write) finishes: a write is never cut short
+  between its batches.
 """
 
 from __future__ import annotations
@@ -16,7 +23,8 @@ import hashlib
 import io
 import os
 from collections import OrderedDict
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -57,11 +65,14 @@ class Engine:
     def __init__(self, config: ServeConfig, encoder: EncoderLike) -> None:
         self.config = config
         self.encoder = encoder
-        self._pool = ThreadPoolExecutor(1, thread_name_prefix="clipforge-collection")
+        self._reader = ThreadPoolExecutor(1, thread_name_prefix="clipforge-read")
+        self._writer = ThreadPoolExecutor(1, thread_name_prefix="clipforge-write")
         self._closed = False
-        self.collection: Collection = self._pool.submit(
+        self.collection: Collection = self._reader.submit(
             Collection.open, config.collection, readonly=True
         ).result()
+        self._stats = {"items": len(self.collection), "index": self.collection.kind}
+        self._stats_refresh: Future | None = None
         self.collection.check_encoder(encoder)  # refuse to serve vectors from another model
         self.identity = dict(self.collection.identity)
         self.thumb_dir = config.thumb_dir or default_thumb_dir(config.collection)
@@ -86,12 +97,22 @@ class Engine:
         self._closed = True
         self.text_batcher.close()
         self.image_batcher.close()
-        self._pool.submit(self.collection.close).result()
-        self._pool.shutdown()
+        self._writer.shutdown()  # waits for a write in progress
+        self._reader.submit(self.collection.close).result()
+        self._reader.shutdown()
 
     # ---- threads ------------------------------------------------------------------------------------
-    async def on_collection(self, fn: Any, *args: Any) -> Any:
-        return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
+    async def on_reader(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run `fn` on the reader thread; cancelled while queued (request abandoned), it never runs."""
+        return await asyncio.get_running_loop().run_in_executor(self._reader, fn, *args)
+
+    async def on_writer(self, fn: Callable[..., T], *args: Any) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self._writer, fn, *args)
+
+    def _refresh(self) -> None:
+        """(reader thread) Catch the view up with what was committed since, and note its size."""
+        self.collection.refresh()
+        self._stats = {"items": len(self.collection), "index": self.collection.kind}
 
     async def embed_texts(self, texts: list[str]) -> np.ndarray:
         """(N, D) unit vectors; cached texts skip the model, the rest join whatever batch is forming."""
@@ -119,23 +140,22 @@ class Engine:
 
     # ---- reading ------------------------------------------------------------------------------------
     def _row(self, id: int) -> Hit:
-        if not 0 <= id <= MAX_ID:
-            raise NotFound(f"no item with id {id}")
-        self.collection.refresh()
+        _check_id(id)
+        self._refresh()
         hit = self.collection.get(id)
         if hit is None:
             raise NotFound(f"no item with id {id}")
         return hit
 
     async def get(self, id: int) -> Hit:
-        return await self.on_collection(self._row, id)
+        return await self.on_reader(self._row, id)
 
     def _vector(self, id: int) -> np.ndarray:
         self._row(id)
         return self.collection.vectors([id])[0]
 
     async def vector_of(self, id: int) -> np.ndarray:
-        return await self.on_collection(self._vector, id)
+        return await self.on_reader(self._vector, id)
 
     async def search(
         self,
@@ -150,6 +170,7 @@ class Engine:
         path_prefix: str | None = None,
         added_after: float | None = None,
         added_before: float | None = None,
+        modality: str | None = None,
     ) -> list[Hit]:
         """Top-k hits for any mix of texts, decoded images and raw vectors (see `index.search`)."""
         all_texts = (texts or []) + (negatives or [])
@@ -168,25 +189,26 @@ class Engine:
         )
 
         def run() -> list[Hit]:
-            self.collection.refresh()  # pick up rows another process (or our own writes) committed
+            self._refresh()  # pick up rows another process (or our own writer) committed
             return self.collection.search(
                 vector=q,
                 k=k,
                 path_prefix=path_prefix,
                 added_after=added_after,
                 added_before=added_before,
+                modality=modality,
             )
 
         if not np.isfinite(q).all() or np.linalg.norm(q) < 1e-6:
             raise ValueError("the query cancels out to a zero vector; change the weights or the negatives")
-        return await self.on_collection(run)
+        return await self.on_reader(run)
 
-    async def info(self) -> dict:
-        def run() -> dict:
-            self.collection.refresh()
-            return {"items": len(self.collection), "index": self.collection.kind}
-
-        return await self.on_collection(run)
+    def info(self) -> dict:
+        """Size and index kind as of the reader's last look, answered at once (health checks must not queue
+        behind reads, let alone writes); a look is scheduled on the reader thread for the next caller."""
+        if not self._closed and (self._stats_refresh is None or self._stats_refresh.done()):
+            self._stats_refresh = self._reader.submit(self._refresh)
+        return dict(self._stats)
 
     # ---- zero-shot ----------------------------------------------------------------------------------
     async def classifier(self, labels: list[str], templates: list[str]) -> Any:
@@ -263,6 +285,8 @@ class Engine:
         return str(p.absolute())
 
     async def add(self, paths: list[str], texts: list[str], uploads: list[tuple[bytes, str]]) -> dict:
+        """Store files, captions and uploads on the writer thread; answered once the reader sees them."""
+
         def run() -> dict:
             saved = [self._save_upload(data, fmt) for data, fmt in uploads]
             out = {"ids": [], "added": 0, "updated": 0, "unchanged": 0, "failed": []}
@@ -278,17 +302,26 @@ class Engine:
                     ids = writer.add_texts(texts, self.encoder)
                     out["ids"] += ids
                     out["added"] += len(ids)
-            self.collection.refresh()
             return out
 
-        return await self.on_collection(run)
+        out = await self.on_writer(run)
+        await self.on_reader(self._refresh)  # "searchable at once" for the client that wrote it
+        return out
 
     async def remove(self, id: int) -> int:
         def run() -> int:
-            self._row(id)
+            _check_id(id)
             with Collection.open(self.config.collection) as writer:
                 n = writer.remove(id)
-            self.collection.refresh()
+            if not n:
+                raise NotFound(f"no item with id {id}")
             return n
 
-        return await self.on_collection(run)
+        n = await self.on_writer(run)
+        await self.on_reader(self._refresh)
+        return n
+
+
+def _check_id(id: int) -> None:
+    if not 0 <= id <= MAX_ID:
+        raise NotFound(f"no item with id {id}")

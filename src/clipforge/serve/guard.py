@@ -1,4 +1,5 @@
-"""One ASGI middleware for the limits every request shares: body size, time, and the metrics around them.
+"""One ASGI middleware for the checks every request shares: the Host header, body size, time, and the metrics
+around them.
 
 Written against raw ASGI (not BaseHTTPMiddleware) so that an oversized body is refused while it streams in,
 before the whole of it sits in memory, and so that a timed-out request still gets a JSON answer.
@@ -13,6 +14,7 @@ from typing import Any
 
 from starlette.exceptions import HTTPException
 
+from .config import host_name
 from .metrics import Metrics
 
 Scope = dict[str, Any]
@@ -36,8 +38,29 @@ def _json_response(status: int, error: str) -> tuple[dict, dict]:
 
 
 class Guard:
-    def __init__(self, app: Any, *, max_body: int, timeout_s: float, metrics: Metrics) -> None:
+    def __init__(
+        self,
+        app: Any,
+        *,
+        max_body: int,
+        timeout_s: float,
+        metrics: Metrics,
+        hosts: frozenset[str] | None,
+    ) -> None:
         self.app, self.max_body, self.timeout_s, self.metrics = app, max_body, timeout_s, metrics
+        self.hosts = hosts  # accepted Host names (see host_name); None: any
+
+    def _host_error(self, headers: dict[bytes, bytes]) -> str | None:
+        if self.hosts is None:
+            return None
+        header = headers.get(b"host", b"").decode("latin-1")
+        if host_name(header) in self.hosts:
+            return None
+        shown = header[:100] or "(none)"
+        return (
+            f"Host {shown!r} is not served here; start the server with --allow-host NAME to accept another "
+            "name for it"
+        )
 
     async def __call__(self, scope: Scope, receive: Any, send: Any) -> None:
         if scope["type"] != "http":
@@ -56,10 +79,13 @@ class Guard:
                 for m in _json_response(status, error):
                     await send_wrapper(m)
 
-        declared = dict(scope.get("headers") or []).get(b"content-length")
+        headers = dict(scope.get("headers") or [])
+        declared = headers.get(b"content-length")
         limit = f"the request body exceeds the limit of {self.max_body} bytes"
         try:
-            if declared is not None and declared.isdigit() and int(declared) > self.max_body:
+            if (bad_host := self._host_error(headers)) is not None:
+                await refuse(400, bad_host)  # before anything else: a rebinding page learns nothing more
+            elif declared is not None and declared.isdigit() and int(declared) > self.max_body:
                 await refuse(413, limit)
             else:
                 await asyncio.wait_for(self.app(scope, self._counting(receive), send_wrapper), self.timeout_s)

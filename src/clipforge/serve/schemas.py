@@ -3,11 +3,20 @@ multipart uploads publish these schemas inline in the OpenAPI document, where ne
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
 HARD_MAX_K = 10_000  # the schema's bound; the configured max_k (default 1000) is checked per request
+# The one bound on every text a request carries (queries, captions, labels, templates, paths, names): a CLIP
+# text tower reads 77 tokens, so 2,000 characters is generous, while a megabyte of text costs seconds of
+# tokenizer time on the encoder's single thread and stalls every other request behind it.
+MAX_TEXT_CHARS = 2000
+# The schema's bound on a list of texts; the configured max_texts (default 256) is checked per request.
+HARD_MAX_ITEMS = 10_000
+
+Text = Annotated[str, StringConstraints(max_length=MAX_TEXT_CHARS)]
+Texts = Annotated[list[Text], Field(max_length=HARD_MAX_ITEMS)]
 
 
 class _Strict(BaseModel):
@@ -15,16 +24,16 @@ class _Strict(BaseModel):
 
 
 class SearchRequest(_Strict):
-    text: str | list[str] | None = Field(None, description="query text; several texts are averaged")
+    text: Text | Texts | None = Field(None, description="query text; several texts are averaged")
     image: str | None = Field(None, description="query image, base64 (a data: URL prefix is accepted)")
     like: int | None = Field(None, description="id of a stored item: 'more like this'")
     vector: list[float] | None = Field(None, description="a raw query vector of the collection's dimension")
     weights: list[float] = Field([1.0, 1.0], min_length=2, max_length=2, description="[text, image] weights")
-    negative: str | list[str] | None = Field(None, description="text to steer away from")
+    negative: Text | Texts | None = Field(None, description="text to steer away from")
     negative_weight: float = Field(0.5, ge=0.0, le=10.0)
     k: int = Field(20, ge=1, le=HARD_MAX_K, description="results per page")
     offset: int = Field(0, ge=0, le=HARD_MAX_K, description="skip this many results (paging)")
-    path_prefix: str | None = Field(None, description="only items whose file path starts with this")
+    path_prefix: Text | None = Field(None, description="only items whose file path starts with this")
     added_after: float | None = Field(None, description="only items added after this Unix time")
     added_before: float | None = Field(None, description="only items added before this Unix time")
 
@@ -49,8 +58,8 @@ class SearchResponse(BaseModel):
 class ClassifyRequest(_Strict):
     image: str | None = Field(None, description="image, base64")
     id: int | None = Field(None, description="classify a stored item instead of an uploaded image")
-    labels: list[str] = Field(..., min_length=1, description="class names, e.g. ['a dog', 'a cat']")
-    templates: list[str] | None = Field(None, description="prompt templates with '{}' for the label")
+    labels: Texts = Field(..., min_length=1, description="class names, e.g. ['a dog', 'a cat']")
+    templates: Texts | None = Field(None, description="prompt templates with '{}' for the label")
     top_k: int | None = Field(None, ge=1, description="return only the k most probable labels")
 
 
@@ -82,7 +91,7 @@ class ModerateResponse(BaseModel):
 
 
 class EmbedRequest(_Strict):
-    texts: list[str] = Field([], description="texts to embed")
+    texts: Texts = Field([], description="texts to embed")
     images: list[str] = Field([], description="images to embed, base64")
 
 
@@ -94,8 +103,8 @@ class EmbedResponse(BaseModel):
 
 
 class AddRequest(_Strict):
-    paths: list[str] = Field([], description="image files or folders on the server")
-    texts: list[str] = Field([], description="captions to store as text items")
+    paths: Texts = Field([], description="image files or folders on the server")
+    texts: Texts = Field([], description="captions to store as text items")
     images: list[str] = Field([], description="uploaded images, base64; saved under <collection>/uploads")
 
 
@@ -130,26 +139,26 @@ class KnnRequest(BaseModel):
     """clip-retrieval's /knn-service body. Unknown fields are ignored, as its back end does."""
 
     model_config = ConfigDict(extra="ignore")
-    text: str | None = None
+    text: Text | None = None
     image: str | None = None
-    image_url: str | None = None
+    image_url: Text | None = None
     embedding_input: list[float] | None = None
-    modality: str = "image"
+    modality: Literal["image", "text"] = "image"
     num_images: int = Field(40, ge=1, le=HARD_MAX_K)
     num_result_ids: int | None = Field(None, ge=1, le=HARD_MAX_K)
-    indice_name: str | None = None
+    indice_name: Text | None = None
     deduplicate: bool = False
     use_safety_model: bool = False
     use_violence_detector: bool = False
     use_mclip: bool = False
-    aesthetic_score: int | str | None = None
-    aesthetic_weight: float | str | None = None
+    aesthetic_score: int | Text | None = None
+    aesthetic_weight: float | Text | None = None
 
 
 class MetadataRequest(BaseModel):
     model_config = ConfigDict(extra="ignore")
     ids: list[int] = Field(..., max_length=HARD_MAX_K)
-    indice_name: str | None = None
+    indice_name: Text | None = None
 
 
 def inline_schema(model: type[BaseModel]) -> dict:
