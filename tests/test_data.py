@@ -101,6 +101,20 @@ def test_csv_quoting_several_columns_and_tsv(tmp_path):
         read_manifest(tmp_path / "bad.csv")
 
 
+@pytest.mark.parametrize("suffix", [".jsonl", ".csv"])
+def test_manifest_encoding_bom_accepted_other_encodings_named(tmp_path, suffix):
+    rows = {".jsonl": ['{"image": "a.png", "caption": "café"}'], ".csv": ["image,caption", "a.png,café"]}[
+        suffix
+    ]
+    m = tmp_path / f"m{suffix}"
+    m.write_bytes("\n".join(rows).encode("utf-8-sig"))  # as spreadsheet programs save "UTF-8" files
+    ((sample),) = read_manifest(m)
+    assert sample.key == "a.png" and sample.captions == ("café",)
+    m.write_bytes("\n".join(rows).encode("latin-1"))
+    with pytest.raises(ManifestError, match=rf"m\{suffix}.*not UTF-8 text"):
+        read_manifest(m)
+
+
 def test_folder_of_images_with_txt_captions(tmp_path, tok):
     samples = shape_samples(5, 16)
     for i, s in enumerate(samples):
