@@ -389,6 +389,10 @@ def test_no_readable_checkpoint_or_a_broken_explicit_one_is_a_named_error(straig
     )
     assert main([*argv, "--resume", str(tmp_path / "nowhere")]) == 2
     assert "resume checkpoint not found" in capsys.readouterr().err
+    good = straight_run / "checkpoints" / "step-3"  # readable, but made for another model
+    other = tiny_cfg(tmp_path / "tiny", model="tiny", image_size=32, vocab=str(straight_run / "tokenizer"))
+    with pytest.raises(ResumeError, match=f"{good}: does not fit this run"):
+        train(other.replace(resume=str(good)), loader_factory=memory_factory(SAMPLES))
 
 
 def test_keeping_the_last_checkpoints_never_removes_the_one_just_saved(tmp_path):

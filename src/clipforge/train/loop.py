@@ -376,6 +376,8 @@ def _logger(run: Path, info: DistInfo) -> logging.Logger:
         console.setFormatter(logging.Formatter("clipforge train: %(levelname)s: %(message)s"))
         log.addHandler(handler)
         log.addHandler(console)
+    else:  # other ranks stay quiet (Python would print their warnings on stderr)
+        log.addHandler(logging.NullHandler())
     return log
 
 

@@ -83,8 +83,9 @@ def save_state(run: Path, pos: Position, state: dict[str, Any], keep: int) -> Pa
     try:
         payload = {**state, "position": [pos.step, pos.epoch, pos.batch]}
         torch.save(payload, tmp / STATE_FILE)
-        (tmp / CHECKSUM_FILE).write_text(_digest(tmp / STATE_FILE, sync=True) + "\n")
-        _digest(tmp / CHECKSUM_FILE, sync=True)
+        _fsync(tmp / STATE_FILE)
+        (tmp / CHECKSUM_FILE).write_text(_digest(tmp / STATE_FILE) + "\n")
+        _fsync(tmp / CHECKSUM_FILE)
         if final.exists():  # a re-save of the same step (after a resume): replace it
             shutil.rmtree(final)
         os.replace(tmp, final)
@@ -99,12 +100,15 @@ def save_state(run: Path, pos: Position, state: dict[str, Any], keep: int) -> Pa
     return final
 
 
-def _digest(path: Path, sync: bool = False) -> str:
-    """SHA-256 of a file, read in chunks; `sync` first forces it to disk (before the rename publishes it)."""
+def _fsync(path: Path) -> None:
+    """On disk before the rename publishes the checkpoint."""
     with open(path, "rb") as f:
-        if sync:
-            os.fsync(f.fileno())
-        return hashlib.file_digest(f, "sha256").hexdigest()
+        os.fsync(f.fileno())
+
+
+def _digest(path: Path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()  # read in chunks
 
 
 def load_state(path: Path) -> tuple[Position, dict[str, Any]]:
