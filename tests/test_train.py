@@ -1,5 +1,6 @@
 """Training loop: schedule and parameter groups, accumulation == large batch, a run that learns and writes its
-directory, resume == straight run (clean stop and SIGKILL), tower locking, and fine-tuning from an fp16 file.
+directory, resume == straight run (clean stop and SIGKILL, metrics included), resume past a damaged checkpoint,
+bad samples in the run log, tower locking, and fine-tuning from an fp16 file.
 
 Data comes from an in-memory loader over the synthetic shapes with build_loader's signature, so these tests do
 not depend on the data package."""
@@ -8,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -23,7 +25,7 @@ import clipforge
 from clipforge.data.synthetic import shape_samples
 from clipforge.model import CLIPConfig, create_model, get_config
 from clipforge.train import TrainConfig, load_config, optim, train
-from clipforge.train.state import load_state, step_dirs
+from clipforge.train.state import Position, ResumeError, load_state, save_state, step_dirs
 from clipforge.train.step import forward_backward
 from clipforge.transforms import Preprocess
 
@@ -155,6 +157,19 @@ def max_diff(a: dict, b: dict) -> float:
     return max(float((a[k].float() - b[k].float()).abs().max()) for k in a)
 
 
+def metric_records(run: Path) -> list[dict]:
+    return [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def assert_same_metrics(run: Path, reference: Path) -> None:
+    """The same records, step for step (each step once, in order), with the same losses."""
+    got, want = metric_records(run), metric_records(reference)
+    assert [(r["step"], "eval" in r) for r in got] == [(r["step"], "eval" in r) for r in want]
+    steps = [r["step"] for r in got if "loss" in r]
+    assert steps == sorted(set(steps))
+    assert [r.get("loss") for r in got] == pytest.approx([r.get("loss") for r in want], abs=1e-6)
+
+
 # --- schedule, groups, config ------------------------------------------------------------------------------
 
 
@@ -265,6 +280,7 @@ def test_clean_stop_then_resume_equals_straight_run(straight_run, tmp_path):
     assert [d.name for d in step_dirs(tmp_path)] == ["step-3"] and not (tmp_path / "final").exists()
     train(cfg, loader_factory=factory, captions=CAPTIONS)
     assert "resumed from" in (tmp_path / "log.txt").read_text()
+    assert_same_metrics(tmp_path, straight_run)
     _, a = load_state(step_dirs(straight_run)[-1])
     _, b = load_state(step_dirs(tmp_path)[-1])
     # Same numbers to within float32 rounding (in practice bit-identical on one machine).
@@ -297,10 +313,96 @@ def test_sigkill_then_resume_equals_straight_run(straight_run, tmp_path):
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait()
     assert [d.name for d in step_dirs(tmp_path)] == ["step-3"]
+    # Killed after step 4 was logged, before it was saved: the resumed run redoes step 4 and logs it once.
+    assert [r["step"] for r in metric_records(tmp_path)] == [1, 2, 3, 4]
     train(tiny_cfg(tmp_path, vocab=str(vocab)), loader_factory=memory_factory(SAMPLES))
     _, a = load_state(step_dirs(straight_run)[-1])
     _, b = load_state(step_dirs(tmp_path)[-1])
     assert max_diff(params(a["model"]), params(b["model"])) < 1e-6
+    assert_same_metrics(tmp_path, straight_run)
+
+
+# --- damaged checkpoints ------------------------------------------------------------------------------------
+
+DAMAGE = {
+    "truncated": lambda data: data[: len(data) // 2],
+    "empty": lambda data: b"",
+    "garbage": lambda data: bytes(random_bytes(len(data))),
+}
+
+
+def random_bytes(n: int) -> bytes:
+    return (
+        torch.randint(0, 256, (n,), generator=torch.Generator().manual_seed(n), dtype=torch.uint8)
+        .numpy()
+        .tobytes()
+    )
+
+
+@pytest.mark.parametrize("damage", sorted(DAMAGE))
+def test_resume_falls_back_past_a_damaged_newest_checkpoint(straight_run, tmp_path, damage, capsys):
+    run = tmp_path / "run"
+    shutil.copytree(straight_run, run, ignore=shutil.ignore_patterns("final", "plots"))
+    state = run / "checkpoints" / "step-6" / "state.pt"
+    state.write_bytes(DAMAGE[damage](state.read_bytes()))
+    train(tiny_cfg(run, vocab=str(straight_run / "tokenizer")), loader_factory=memory_factory(SAMPLES))
+    log = (run / "log.txt").read_text()
+    assert "skipping checkpoint step-6" in log and str(state) in log
+    assert f"resumed from {run / 'checkpoints' / 'step-3'} at step 3" in log
+    assert "skipping checkpoint step-6" in capsys.readouterr().err  # on the console too
+    # It went on from step 3 and redid steps 4-6 exactly as the uninterrupted run did.
+    assert_same_metrics(run, straight_run)
+    final, _, _ = clipforge.load(run / "final")
+    _, reference = load_state(straight_run / "checkpoints" / "step-6")
+    assert max_diff(params(final), params(reference["model"])) < 1e-6
+
+
+def test_no_readable_checkpoint_or_a_broken_explicit_one_is_a_named_error(straight_run, tmp_path, capsys):
+    run = tmp_path / "run"
+    shutil.copytree(straight_run / "checkpoints", run / "checkpoints")
+    for name, damage in (("step-3", "empty"), ("step-6", "garbage")):
+        f = run / "checkpoints" / name / "state.pt"
+        f.write_bytes(DAMAGE[damage](f.read_bytes()))
+    cfg = tiny_cfg(run, vocab=str(straight_run / "tokenizer"))
+    with pytest.raises(ResumeError, match="no readable checkpoint.*step-6.*damaged.*step-3.*empty"):
+        train(cfg, loader_factory=memory_factory(SAMPLES))
+    assert "skipping checkpoint step-3" in (run / "log.txt").read_text()
+    broken = run / "checkpoints" / "step-3"
+    from clipforge.cli import main
+
+    argv = [
+        "train",
+        "--model",
+        str(MICRO_PATH),
+        "--vocab",
+        str(straight_run / "tokenizer"),
+        "--device",
+        "cpu",
+    ]
+    argv += ["--data", "unused.jsonl", "--out", str(tmp_path / "other"), "--no-progress"]
+    capsys.readouterr()
+    assert main([*argv, "--resume", str(broken)]) == 2
+    err = capsys.readouterr().err
+    assert (
+        err.startswith(f"clipforge train: error: {broken / 'state.pt'}: empty file")
+        and "Traceback" not in err
+    )
+    assert main([*argv, "--resume", str(tmp_path / "nowhere")]) == 2
+    assert "resume checkpoint not found" in capsys.readouterr().err
+    good = straight_run / "checkpoints" / "step-3"  # readable, but made for another model
+    other = tiny_cfg(tmp_path / "tiny", model="tiny", image_size=32, vocab=str(straight_run / "tokenizer"))
+    with pytest.raises(ResumeError, match=f"{good}: does not fit this run"):
+        train(other.replace(resume=str(good)), loader_factory=memory_factory(SAMPLES))
+
+
+def test_keeping_the_last_checkpoints_never_removes_the_one_just_saved(tmp_path):
+    """After falling back from a damaged step-6 to step-3, saving step 4 with keep=1 must keep step-4."""
+    state = {"model": {}, "optimizer": {}, "scaler": {}, "rng": [{}]}
+    for step in (3, 6):
+        save_state(tmp_path, Position(step, 0, step), state, keep=2)
+    save_state(tmp_path, Position(4, 0, 4), state, keep=1)
+    assert [d.name for d in step_dirs(tmp_path)] == ["step-4", "step-6"]
+    assert load_state(step_dirs(tmp_path)[0])[0] == Position(4, 0, 4)
 
 
 def test_bf16_accumulation_checkpointing_and_sigmoid_run(straight_run, tmp_path):
@@ -431,6 +533,27 @@ def test_cli_train_and_plot(straight_run, tmp_path):
     assert main(["plot", str(tmp_path / "run"), "--out", str(tmp_path / "c.png")]) == 0
     assert (tmp_path / "c.png").exists()
     clipforge.load(tmp_path / "run" / "final")
+
+
+def test_bad_samples_are_reported_in_the_run_log(straight_run, tmp_path, capsys):
+    """Bad samples met by any loader worker reach log.txt (and the console): a count and the reasons."""
+    from clipforge.cli import main
+    from clipforge.data.synthetic import write_shapes
+
+    manifest = write_shapes(tmp_path / "data", 32, size=32)
+    images = sorted((tmp_path / "data" / "images").glob("*.png"))
+    images[0].write_bytes(b"not an image")
+    images[1].write_bytes(b"")
+    images[2].unlink()
+    argv = ["train", "--config", "tiny", "--model", str(MICRO_PATH), "--data", str(manifest)]
+    argv += ["--out", str(tmp_path / "run"), "--steps", "2", "--batch-size", "16", "--workers", "2"]
+    argv += ["--max-bad-fraction", "0.5", "--no-progress", "--vocab", str(straight_run / "tokenizer")]
+    assert main(argv) == 0
+    log = (tmp_path / "run" / "log.txt").read_text()
+    assert "epoch 0: skipped 3 bad of 35 samples read" in log  # one epoch: 32 positions + 3 replacements
+    for image, why in zip(images, ("not a recognised image", "empty file", "cannot open (No such file")):
+        assert f"{image}: {why}" in log
+    assert "skipped 3 bad" in capsys.readouterr().err
 
 
 def test_vocabulary_captions_are_read_like_the_loader_reads_them(tmp_path):

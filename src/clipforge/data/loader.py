@@ -21,14 +21,14 @@ batches, which distributed training needs):
 
 Random choices (the caption among several, the crop) are seeded by (seed, epoch, sample), so a run is
 reproducible (for manifests, whatever the number of workers). Workers return their bad-sample counts with each
-batch; the main process adds them up in `loader.stats` and raises `BadDataError` naming examples when more
-than `max_bad_fraction` of the samples read were bad.
+batch; the main process adds them up in `loader.stats` (with the first few reasons) and raises `BadDataError`
+naming examples when more than `max_bad_fraction` of the samples read were bad. The loader logs nothing
+itself: its caller reports `stats` (training writes them to the run's log.txt).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import logging
 import math
 import os
 from collections.abc import Iterator, Sequence
@@ -51,8 +51,6 @@ from clipforge.data.batches import (
 from clipforge.data.manifest import MANIFEST_SUFFIXES, ManifestError, read_folder, read_manifest
 from clipforge.model.config import PreprocessConfig
 from clipforge.tokenizer import Tokenizer
-
-log = logging.getLogger("clipforge.data")
 
 
 class BadDataError(ValueError):
@@ -172,8 +170,6 @@ class Loader:
                 (p.images, tokens, BatchMeta(p.keys, p.captions)) if self.return_meta else (p.images, tokens)
             )
         self._check(final=True)
-        if self.stats.bad:
-            log.info("skipped %d bad of %d samples read", self.stats.bad, self.stats.seen)
 
     def _account(self, p: Payload) -> None:
         st = self.stats
@@ -182,7 +178,6 @@ class Loader:
         for msg in p.examples:
             if len(st.examples) < MAX_EXAMPLES:
                 st.examples.append(msg)
-                log.warning("skipping a bad sample: %s", msg)
         if p.failed:
             raise BadDataError(self._message(f"a loader worker gave up ({p.failed})"))
         self._check(final=False)

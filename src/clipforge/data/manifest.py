@@ -10,7 +10,8 @@ Three local layouts are read into a list of `Sample`s (shards are in `shards.py`
 - A folder of images, each with a same-named `.txt` file (`cat.jpg` + `cat.txt`); each non-empty line of
   the text file is one caption. Sub-folders are searched too.
 
-Relative image paths are relative to the manifest's folder. Several rows naming the same image (one row
+Manifests are UTF-8 text (a byte-order mark is allowed). Relative image paths are relative to the manifest's
+folder. Several rows naming the same image (one row
 per caption) are merged into one sample with all their captions. Structural problems (bad JSON, no image
 column) raise `ManifestError` naming the file and line; problems with one sample's content (a missing
 image file, no caption) are left to the loader, which skips and counts them.
@@ -83,14 +84,22 @@ def read_manifest(path: str | Path) -> list[Sample]:
     return _merge(samples, str(p))
 
 
+def _not_utf8(where: str, e: UnicodeDecodeError) -> ManifestError:
+    return ManifestError(f"{where}: not UTF-8 text ({e.reason}); save the manifest as UTF-8")
+
+
 def read_jsonl(path: Path) -> list[Sample]:
     base = path.parent.resolve()
     out = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
+    with open(path, "rb") as f:  # bytes, decoded line by line, so that a decoding error names its line
+        for n, raw in enumerate(f, 1):
+            where = f"{path}:{n}"
+            try:
+                line = raw.decode("utf-8-sig" if n == 1 else "utf-8")
+            except UnicodeDecodeError as e:
+                raise _not_utf8(where, e) from None
             if not line.strip():
                 continue
-            where = f"{path}:{n}"
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as e:
@@ -107,33 +116,43 @@ def read_jsonl(path: Path) -> list[Sample]:
 
 
 def read_table(path: Path, delimiter: str) -> list[Sample]:
-    base = path.parent.resolve()
-    with open(path, encoding="utf-8", newline="") as f:
+    with open(path, encoding="utf-8-sig", newline="") as f:
         reader = csv.reader(f, delimiter=delimiter)
-        header = next(reader, None)
-        if header is None:
-            raise ManifestError(f"{path}: empty file (a header row is needed)")
-        names = [h.strip().lower() for h in header]
-        image_col = next((names.index(c) for c in IMAGE_COLUMNS if c in names), None)
-        caption_cols = [i for i, h in enumerate(names) if h.startswith("caption")]
-        if image_col is None or not caption_cols:
-            raise ManifestError(
-                f"{path}: header {header} needs an image column (one of {IMAGE_COLUMNS}) "
-                "and at least one column whose name starts with 'caption'"
-            )
-        key_col = names.index("key") if "key" in names else image_col
-        out = []
-        for row in reader:
-            if not any(cell.strip() for cell in row):
-                continue
-            where = f"{path}:{reader.line_num}"
-            if len(row) != len(header):
-                raise ManifestError(f"{where}: {len(row)} fields, the header has {len(header)}")
-            caps = [c for i in caption_cols for c in row[i].split(CAPTION_SEPARATOR)]
-            image = row[image_col].strip()
-            if not image:
-                raise ManifestError(f"{where}: empty image path")
-            out.append(Sample(row[key_col].strip(), _resolve(image, base), clean_captions(caps, where)))
+        try:
+            return _table_samples(path, reader)
+        except UnicodeDecodeError as e:
+            raise _not_utf8(f"{path}: near line {reader.line_num + 1}", e) from None
+        except csv.Error as e:
+            raise ManifestError(f"{path}:{reader.line_num}: {e}") from None
+
+
+def _table_samples(path: Path, reader) -> list[Sample]:
+    """Samples of a CSV/TSV table from its reader (header row first)."""
+    base = path.parent.resolve()
+    header = next(reader, None)
+    if header is None:
+        raise ManifestError(f"{path}: empty file (a header row is needed)")
+    names = [h.strip().lower() for h in header]
+    image_col = next((names.index(c) for c in IMAGE_COLUMNS if c in names), None)
+    caption_cols = [i for i, h in enumerate(names) if h.startswith("caption")]
+    if image_col is None or not caption_cols:
+        raise ManifestError(
+            f"{path}: header {header} needs an image column (one of {IMAGE_COLUMNS}) "
+            "and at least one column whose name starts with 'caption'"
+        )
+    key_col = names.index("key") if "key" in names else image_col
+    out = []
+    for row in reader:
+        if not any(cell.strip() for cell in row):
+            continue
+        where = f"{path}:{reader.line_num}"
+        if len(row) != len(header):
+            raise ManifestError(f"{where}: {len(row)} fields, the header has {len(header)}")
+        caps = [c for i in caption_cols for c in row[i].split(CAPTION_SEPARATOR)]
+        image = row[image_col].strip()
+        if not image:
+            raise ManifestError(f"{where}: empty image path")
+        out.append(Sample(row[key_col].strip(), _resolve(image, base), clean_captions(caps, where)))
     return out
 
 

@@ -1,8 +1,9 @@
 """The training loop: one function, the same code for one process and for many (world size 1 is no special case).
 
 run/config.json        the resolved TrainConfig
-run/log.txt            what happened, in words
-run/metrics.jsonl      one JSON line per logged step ({"step", "loss", "lr", ...}) and per evaluation
+run/log.txt            what happened, in words (warnings, such as skipped bad samples, also on the console)
+run/metrics.jsonl      one JSON line per logged step ({"step", "loss", "lr", ...}) and per evaluation; a run
+                       first drops the lines past the step it starts from, as it redoes those steps
 run/tokenizer/         the run's vocabulary
 run/checkpoints/step-N resumable state (model, optimiser, scaler, RNG, data position), the last K kept
 run/final/             the final model: clipforge.load(run / "final") and Hugging Face both read it
@@ -14,6 +15,8 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import os
+import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -28,7 +31,7 @@ from clipforge.train import optim
 from clipforge.train.build import initial_model
 from clipforge.train.config import TrainConfig
 from clipforge.train.dist import DistInfo, barrier, init_distributed, mean_across
-from clipforge.train.state import Position, find_resume, load_state, rng_state, save_state, set_rng_state
+from clipforge.train.state import Position, restore, resume_state, rng_state, save_state
 from clipforge.train.step import forward_backward
 
 LoaderFactory = Callable[..., Any]  # clipforge.data.loader.build_loader's signature
@@ -89,8 +92,10 @@ def train(
     amp = torch.autocast(info.device.type, dtype=_AMP[cfg.precision], enabled=cfg.precision != "fp32")
     bar = _progress(cfg, info, total, pos.step)
     metrics = _Metrics(run, info.is_main)
+    metrics.drop_after(pos.step, log)
     done_here, last_eval_step, t_last = 0, -1, time.perf_counter()
-    for epoch, index, (images, tokens) in _batches(make_loader, pos, steps_per_epoch):
+    feed = _Feed(make_loader, pos, steps_per_epoch, log)
+    for epoch, index, (images, tokens) in feed:
         if pos.step >= total:
             break
         lr = optim.lr_at(pos.step, base=cfg.lr, total=total, warmup=cfg.warmup_steps, minimum=cfg.min_lr)
@@ -125,6 +130,8 @@ def train(
             _end_of_epoch(cfg, info, model, tok, metrics, pos, log)
             last_eval_step = pos.step
         stopping = pos.step == total or (stop_after is not None and done_here >= stop_after)
+        if index + 1 == steps_per_epoch or stopping:
+            _report_bad_samples(feed.loader, epoch, info, log)
         if pos.step % cfg.checkpoint_every == 0 or stopping:
             _checkpoint(run, pos, cfg, info, model, opt, scaler)
         if stopping:
@@ -212,26 +219,59 @@ def _loader_maker(cfg: TrainConfig, info: DistInfo, model, tok, factory: LoaderF
     return make
 
 
-def _batches(make, pos: Position, steps_per_epoch: int) -> Iterator[tuple[int, int, Any]]:
-    """(epoch, batch index within it, batch) from the saved data position onwards, epoch after epoch."""
-    epoch, start = pos.epoch, pos.batch
-    while True:
-        if start < steps_per_epoch:
-            for index, batch in enumerate(make(epoch, start), start):
-                yield epoch, index, batch
-        epoch, start = epoch + 1, 0
+class _Feed:
+    """(epoch, batch index within it, batch) from the saved data position onwards, epoch after epoch.
+    `loader` is the current epoch's loader (its `stats` count the bad samples read so far); a loader
+    that fails (too many bad samples) is reported in the run log before the error ends the run."""
+
+    def __init__(self, make, pos: Position, steps_per_epoch: int, log: logging.Logger) -> None:
+        self.make, self.pos, self.steps_per_epoch, self.log = make, pos, steps_per_epoch, log
+        self.loader: Any = None
+
+    def __iter__(self) -> Iterator[tuple[int, int, Any]]:
+        epoch, start = self.pos.epoch, self.pos.batch
+        while True:
+            if start < self.steps_per_epoch:
+                self.loader = self.make(epoch, start)
+                try:
+                    for index, batch in enumerate(self.loader, start):
+                        yield epoch, index, batch
+                except Exception as e:
+                    self.log.error("epoch %d: reading the training data failed: %s", epoch, e)
+                    raise
+            epoch, start = epoch + 1, 0
+
+
+def _report_bad_samples(loader, epoch: int, info: DistInfo, log: logging.Logger) -> None:
+    """The one place bad samples reach the run log: per epoch (and at a stop), how many every rank's loader
+    skipped and why for the first few (each loader's `stats` already add up its worker processes)."""
+    from clipforge.data.batches import MAX_EXAMPLES
+
+    stats = getattr(loader, "stats", None)  # a custom loader may keep none
+    mine = (getattr(stats, "seen", 0), getattr(stats, "bad", 0), list(getattr(stats, "examples", ())))
+    every = [mine]
+    if info.distributed:  # every rank calls this at the same step
+        every = [None] * info.world_size
+        dist.all_gather_object(every, mine)
+    bad = sum(b for _, b, _ in every)
+    if bad and info.is_main:
+        examples = [x for _, _, xs in every for x in xs][:MAX_EXAMPLES]
+        log.warning(
+            "epoch %d: skipped %d bad of %d samples read; the first %d: %s",
+            epoch,
+            bad,
+            sum(s for s, _, _ in every),
+            len(examples),
+            "; ".join(examples),
+        )
 
 
 def _maybe_resume(cfg, run: Path, info: DistInfo, model, opt, scaler, log) -> Position:
-    path = find_resume(run, cfg.resume)
-    if path is None:
+    found = resume_state(run, cfg.resume, log.warning)
+    if found is None:
         return Position(0, 0, 0)
-    pos, state = load_state(path)
-    model.load_state_dict(state["model"])
-    opt.load_state_dict(state["optimizer"])
-    scaler.load_state_dict(state["scaler"])
-    rngs = state["rng"]
-    set_rng_state(rngs[info.rank] if info.rank < len(rngs) else rngs[0])
+    path, pos, state = found
+    restore(path, state, model, opt, scaler, info.rank)
     if state.get("world_size", info.world_size) != info.world_size:
         log.warning(
             "resuming a %s-rank run on %s ranks: the data order changes", state["world_size"], info.world_size
@@ -281,6 +321,33 @@ class _Metrics:
             with open(self.path, "a") as f:
                 f.write(json.dumps({"time": round(time.time(), 3), **record}) + "\n")
 
+    def drop_after(self, step: int, log: logging.Logger) -> None:
+        """Drop the records past `step` (and lines torn by a kill): a run resumed from step `step` redoes
+        those steps and writes them again, so the steps stay in order and are written once each."""
+        if not (self.enabled and self.path.is_file()):
+            return
+        tmp, dropped = self.path.with_name(self.path.name + ".tmp"), 0
+        with open(self.path, "rb") as src, open(tmp, "wb") as dst:
+            for line in src:
+                at = _record_step(line)
+                if at is None or at > step:
+                    dropped += bool(line.strip())
+                else:
+                    dst.write(line.rstrip(b"\n") + b"\n")  # a last line may lack its newline
+        os.replace(tmp, self.path)
+        if dropped:
+            log.info("metrics.jsonl: dropped %d record(s) past step %d, which this run redoes", dropped, step)
+
+
+def _record_step(line: bytes) -> int | None:
+    """The step of a metrics line; None for a torn or foreign one."""
+    try:
+        record = json.loads(line)
+    except ValueError:
+        return None
+    step = record.get("step") if isinstance(record, dict) else None
+    return step if type(step) is int else None
+
 
 def _progress(cfg: TrainConfig, info: DistInfo, total: int, initial: int):
     from tqdm import tqdm
@@ -295,14 +362,22 @@ def _progress(cfg: TrainConfig, info: DistInfo, total: int, initial: int):
 
 
 def _logger(run: Path, info: DistInfo) -> logging.Logger:
+    """The run's log: everything to run/log.txt, warnings also to the console (rank 0 only)."""
     log = logging.getLogger(f"clipforge.train.{id(run)}")
+    _close(log)  # handlers left by an earlier run that raised, under a recycled id
     log.setLevel(logging.INFO)
     log.propagate = False
     if info.is_main:
         run.mkdir(parents=True, exist_ok=True)
         handler = logging.FileHandler(run / "log.txt")
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+        console = logging.StreamHandler(sys.stderr)
+        console.setLevel(logging.WARNING)
+        console.setFormatter(logging.Formatter("clipforge train: %(levelname)s: %(message)s"))
         log.addHandler(handler)
+        log.addHandler(console)
+    else:  # other ranks stay quiet (Python would print their warnings on stderr)
+        log.addHandler(logging.NullHandler())
     return log
 
 
