@@ -14,12 +14,13 @@ from PIL import Image, ImageDraw
 
 from clipforge.apps.calibration import precision_recall, threshold_for_precision, threshold_for_recall
 from clipforge.apps.explain import explain, save_overlay
-from clipforge.apps.moderation import Moderator, PolicyError, load_policy, parse_policy
+from clipforge.apps.moderation import Moderator, PolicyError, load_policy, parse_policy, policy_texts
 from clipforge.apps.rank import rank_images, rank_texts
 from clipforge.apps.score import clip_score, guidance_loss, pair_similarity, pixel_similarity, ref_clip_score
 from clipforge.apps.tagging import Tagger
 from clipforge.cli import main
 from clipforge.data.synthetic import COLORS, SHAPES, shape_samples, write_shapes
+from clipforge.zeroshot import label_prompts
 
 
 @pytest.fixture(autouse=True)
@@ -50,19 +51,24 @@ def _manifest(tmp_path, n, seed, extra):
     return m, rows
 
 
-def test_tag_calibration_reaches_target_precision_on_held_out(shapes_encoder, tmp_path):
-    tagger = Tagger(shapes_encoder, LABELS, templates="simple")
-    cal, _ = _manifest(tmp_path, 24 * 8, 11, lambda r: {"tags": [r["label"]]})
-    result = tagger.calibrate(cal, precision=0.9)
-    assert result["calibration"]["precision"] >= 0.9
-    test, rows = _manifest(tmp_path, 24 * 8, 12, lambda r: {"tags": [r["label"]]})
+def _tag_hits(tagger: Tagger, test, rows) -> tuple[int, int]:
+    """(right tags, tags emitted) on a held-out manifest whose one right tag per image is its label."""
     tags = tagger.tag([str(test.parent / r["image"]) for r in rows])
-    tp = sum(t == r["label"] for ts, r in zip(tags, rows) for t, _ in ts)
-    emitted = sum(len(ts) for ts in tags)
-    assert emitted > 0.15 * len(
-        rows
-    )  # recall is not sacrificed entirely (measured ~0.2-0.3 at precision 0.9)
-    assert tp / emitted >= 0.8, (tp, emitted)  # the 0.9 target, less sampling noise on 192 held-out images
+    return sum(t == r["label"] for ts, r in zip(tags, rows) for t, _ in ts), sum(len(ts) for ts in tags)
+
+
+def test_tag_calibration_reaches_target_precision_on_held_out(shapes_encoder, tmp_path):
+    # Thresholds are fitted on one set of images and judged only on another.
+    tagger = Tagger(shapes_encoder, LABELS, templates="simple")
+    test, rows = _manifest(tmp_path, 24 * 8, 12, lambda r: {"tags": [r["label"]]})
+    tp0, emitted0 = _tag_hits(tagger, test, rows)  # the uncalibrated default threshold, for comparison
+    cal, _ = _manifest(tmp_path, 24 * 8, 11, lambda r: {"tags": [r["label"]]})
+    tagger.calibrate(cal, precision=0.9)
+    tp, emitted = _tag_hits(tagger, test, rows)
+    assert tp / max(emitted, 1) >= 0.8, (tp, emitted)  # the 0.9 target, less sampling noise on 192 images
+    # Calibration chose a more useful operating point than the default: more right tags at that precision
+    # (measured: 0.03 recall uncalibrated, ~0.2-0.3 calibrated).
+    assert tp > max(tp0, 0.15 * len(rows)), (tp0, emitted0, tp, emitted)
 
 
 def test_tag_thresholds_file_validation(shapes_encoder, tmp_path):
@@ -84,7 +90,7 @@ def test_moderation_calibration_hits_precision_and_recall_on_held_out(shapes_enc
     label = lambda r: {"categories": ["red"] if r["label"].startswith("red") else []}
     cal, _ = _manifest(tmp_path, 24 * 8, 21, label)
     policy = mod.calibrate(cal, precision=0.9, recall=0.95)
-    assert policy.categories[0].review <= policy.categories[0].threshold
+    assert parse_policy(policy.to_dict()) == policy  # what `moderate calibrate` writes reads back the same
     test, rows = _manifest(tmp_path, 24 * 8, 22, label)
     res = Moderator(shapes_encoder, policy).moderate([str(test.parent / r["image"]) for r in rows])
     red = np.array([r["label"].startswith("red") for r in rows])
@@ -101,6 +107,33 @@ def test_moderation_caption_is_mixed_in(shapes_encoder):
     with_red = mod.moderate([img], ["a red circle"])[0]["categories"]["red"]
     assert with_red["score"] == pytest.approx(0.5 * with_red["image_score"] + 0.5 * with_red["caption_score"])
     assert with_red["caption_score"] > 0.5 and "a red circle" in with_red["fired"]
+
+
+def test_tagger_and_moderator_from_text_vectors_need_no_encoder(shapes_encoder):
+    # What a caller holding vectors (the service, a collection) does: embed the prompts its own way, then
+    # work on image vectors. The answers are those of the encoder-built objects.
+    samples = shape_samples(6, size=32, seed=13)
+    images = [s.image for s in samples]
+    vectors = shapes_encoder.embed_images(images)
+    prompts = label_prompts(LABELS, ["a {}"])
+    tagger = Tagger.from_text_vectors(LABELS, shapes_encoder.embed_texts(prompts), ["a {}"])
+    ref = Tagger(shapes_encoder, LABELS, templates=["a {}"])
+    np.testing.assert_allclose(tagger.scores_vectors(vectors), ref.scores(images), atol=1e-6)
+    assert tagger.tag_vectors(vectors) == ref.tag(images)
+
+    policy = parse_policy(RED_POLICY)
+    texts = policy_texts(policy)
+    by_text = dict(zip(texts, shapes_encoder.embed_texts(texts)))
+    mod = Moderator.from_text_vectors(policy, by_text, shapes_encoder.logit_scale)
+    caption = shapes_encoder.embed_texts(["a red circle"])[0]
+    got = mod.moderate_vectors(vectors, [caption] + [None] * 5)
+    want = Moderator(shapes_encoder, policy).moderate(images, ["a red circle"] + [None] * 5)
+    assert got == [{k: v for k, v in w.items() if k != "item"} for w in want]
+    for holder in (tagger, mod):
+        with pytest.raises(TypeError, match="no encoder"):
+            holder.scores(images)
+    with pytest.raises(ValueError, match="no vector for 1 policy text"):
+        Moderator.from_text_vectors(policy, {t: v for t, v in by_text.items() if t != texts[-1]}, 100.0)
 
 
 def test_policy_errors_and_example(tmp_path):
@@ -201,7 +234,9 @@ def test_explain_finds_the_red_square(shapes_encoder, tmp_path):
 
 def test_app_clis(capsys, shapes_model_dir, tmp_path):
     m = str(shapes_model_dir)
-    samples = shape_samples(3, size=32, seed=30)
+    wanted = ["red circle", "blue square", "green cross"]
+    samples = [s for s in shape_samples(24, size=32, seed=30) if s.label in wanted]
+    assert samples[0].label == "red circle"
     paths = []
     for i, s in enumerate(samples):
         paths.append(str(tmp_path / f"{i}.png"))
@@ -214,19 +249,27 @@ def test_app_clis(capsys, shapes_model_dir, tmp_path):
     (tmp_path / "caps.txt").write_text("\n".join(s.captions[0] for s in samples) + "\n")
     scores = run("score", "--model", m, "--captions", str(tmp_path / "caps.txt"), *paths)
     assert len(scores["items"]) == 3 and "clip_s" in scores["mean"]
-    ranked = run("rank", "--model", m, "--text", "a red circle", *paths)
-    assert sorted(r["rank"] for r in ranked) == [1, 2, 3]
-    assert run("rank", "--model", m, "--image", paths[0], "a red circle", "a blue cross")[0]["rank"] == 1
+    ranked = run("rank", "--model", m, "--text", "a blue square", *paths)
+    assert ranked[0]["image"] == paths[[s.label for s in samples].index("blue square")], ranked
+    assert run("rank", "--model", m, "--image", paths[0], "a blue cross", "a red circle")[0]["text"] == (
+        "a red circle"
+    )
     (tmp_path / "tags.txt").write_text("\n".join(LABELS) + "\n")
-    tags = run("tag", "--model", m, "--vocab", str(tmp_path / "tags.txt"), *paths)
+    tags = run("tag", "--model", m, "--tags", str(tmp_path / "tags.txt"), *paths)
     assert [t["image"] for t in tags] == paths
+    # --vocab is the old name of --tags: same answer, and a warning on stderr.
+    assert main(["tag", "--model", m, "--vocab", str(tmp_path / "tags.txt"), *paths, "--json"]) == 0
+    out = capsys.readouterr()
+    assert json.loads(out.out) == tags and "--vocab FILE is deprecated here; use --tags" in out.err
+    assert main(["tag", "--model", m, *paths]) == 2  # no tag file: a one-line error
+    assert "tag needs --tags FILE" in capsys.readouterr().err
     cal, _ = _manifest(tmp_path, 48, 40, lambda r: {"tags": [r["label"]]})
     thr = run(
         "tag",
         "calibrate",
         "--model",
         m,
-        "--vocab",
+        "--tags",
         str(tmp_path / "tags.txt"),
         "--manifest",
         str(cal),
@@ -237,17 +280,11 @@ def test_app_clis(capsys, shapes_model_dir, tmp_path):
     )
     assert thr["target_precision"] == 0.8 and (tmp_path / "thr.json").is_file()
     (tmp_path / "policy.json").write_text(json.dumps(RED_POLICY))
-    res = run(
-        "moderate",
-        "--model",
-        m,
-        "--policy",
-        str(tmp_path / "policy.json"),
-        paths[0],
-        "--caption",
-        "a red circle",
-    )
-    assert res[0]["decision"] in ("allow", "review", "block")
+    policy = ["--policy", str(tmp_path / "policy.json")]
+    blue = paths[[s.label for s in samples].index("blue square")]
+    res = run("moderate", "--model", m, *policy, paths[0], blue, "--caption", "a red circle", "--caption", "")
+    assert [r["decision"] for r in res] == ["block", "allow"], res  # the red circle, the blue square
+    assert res[0]["categories"]["red"]["caption_score"] is not None
     label = lambda r: {"categories": ["red"] if r["label"].startswith("red") else []}
     cal, _ = _manifest(tmp_path, 48, 41, label)
     pol = run(

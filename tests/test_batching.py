@@ -72,8 +72,8 @@ def test_micro_batcher_groups_concurrent_requests_and_keeps_results(model):
         for t in threads:
             t.join()
     torch.testing.assert_close(torch.stack(results), ref, atol=1e-5, rtol=1e-5)
-    assert sum(mb.batch_sizes) == len(tokens)
-    assert max(mb.batch_sizes) == 4 and len(mb.batch_sizes) < len(tokens)  # it did batch, and capped
+    assert mb.batch_sizes.items == len(tokens)
+    assert mb.batch_sizes.largest == 4 and len(mb.batch_sizes) < len(tokens)  # it did batch, and capped
 
 
 def test_micro_batcher_asyncio_and_errors():
@@ -83,7 +83,7 @@ def test_micro_batcher_asyncio_and_errors():
             return await asyncio.gather(*(mb.acall(i) for i in range(5)))
 
         assert asyncio.run(run()) == [0, 2, 4, 6, 8]
-        assert mb.batch_sizes == [5]
+        assert mb.batch_sizes.counts == [0, 0, 0, 0, 0, 1, 0, 0, 0] and len(mb.batch_sizes) == 1
 
     def bad(xs):
         raise KeyError("boom")
@@ -93,6 +93,15 @@ def test_micro_batcher_asyncio_and_errors():
             mb(1)
     with pytest.raises(ValueError, match="max_batch_size"):
         MicroBatcher(bad, max_batch_size=0)
+
+
+def test_micro_batcher_statistics_stay_bounded_in_a_long_running_server():
+    # A server runs for months: its batch statistics must not grow with the number of requests.
+    with MicroBatcher(lambda xs: xs, max_batch_size=4, max_wait_ms=0) as mb:
+        for i in range(2000):
+            assert mb(i) == i
+        assert len(mb.batch_sizes.counts) == 5  # one counter per possible batch size, whatever the traffic
+        assert len(mb.batch_sizes) == mb.batch_sizes.counts[1] == mb.batch_sizes.items == 2000
 
 
 def test_overlapped_image_encoding_matches_sequential(model, tmp_path):

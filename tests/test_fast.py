@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 import clipforge
 from clipforge.checkpoint import load, save_model
-from clipforge.fast import Int8Linear, optimize, to_device
+from clipforge.fast import AutocastCLIP, Int8Linear, optimize, to_device
 from clipforge.model.layers import Attention
 
 
@@ -50,6 +50,21 @@ def test_precisions_stay_close_to_fp32(name, precision):
     assert F.cosine_similarity(ft, rt).min() > 0.99
     if precision == "int8":
         assert not any(isinstance(m, Attention | torch.nn.Linear) for m in fast.modules())
+
+
+def test_bf16_is_an_explicit_model_not_a_patched_forward():
+    model, ref = clipforge.create_model("tiny", seed=0), clipforge.create_model("tiny", seed=0).eval()
+    images, tokens = _inputs(model)
+    fast = optimize(model, precision="bf16")
+    # Nothing is assigned over a module's forward: the towers are the classes they were, and the model
+    # passed in still runs fp32 (bf16 lives in AutocastCLIP.encode_*, which shares the towers' weights).
+    assert isinstance(fast, AutocastCLIP) and fast.visual is model.visual
+    assert all("forward" not in vars(m) for m in fast.modules())
+    assert fast.state_dict().keys() == model.state_dict().keys()
+    with torch.no_grad():
+        torch.testing.assert_close(model.encode_image(images), ref.encode_image(images))
+        torch.testing.assert_close(model.encode_text(tokens), ref.encode_text(tokens))
+        assert fast.encode_image(images, normalize=True).dtype == torch.float32
 
 
 def test_channels_last_resnet_is_exact_enough():

@@ -63,6 +63,7 @@ class ShapeEncoder:
 
     identity = {"model": "shape-fake", "fingerprint": "fake:shapes:1", "dim": DIM}
     dim = DIM
+    logit_scale = 100.0
 
     def __init__(self, delay: float = 0.0) -> None:
         self.delay = delay

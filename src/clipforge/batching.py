@@ -21,6 +21,34 @@ from typing import Any
 import torch
 
 
+class BatchSizes:
+    """How many batches of each size a `MicroBatcher` has run: one counter per possible size, so a server that
+    runs for months holds the same few integers as one that just started."""
+
+    def __init__(self, max_batch_size: int) -> None:
+        self.counts = [0] * (max_batch_size + 1)  # counts[n]: batches of n items
+
+    def record(self, n: int) -> None:
+        self.counts[n] += 1
+
+    @property
+    def batches(self) -> int:
+        return sum(self.counts)
+
+    @property
+    def items(self) -> int:
+        return sum(n * c for n, c in enumerate(self.counts))
+
+    @property
+    def largest(self) -> int:
+        """The size of the largest batch run so far (0 before the first)."""
+        return max((n for n, c in enumerate(self.counts) if c), default=0)
+
+    def __len__(self) -> int:
+        # The number of batches run: what the service's encoder-batch counter reads.
+        return self.batches
+
+
 class MicroBatcher:
     """Groups single requests arriving within `max_wait_ms` of the first (up to `max_batch_size`) into one call.
 
@@ -37,7 +65,7 @@ class MicroBatcher:
         self.fn = fn
         self.max_batch_size = max_batch_size
         self.max_wait = max_wait_ms / 1000.0
-        self.batch_sizes: list[int] = []  # sizes of the batches run so far, for monitoring and tests
+        self.batch_sizes = BatchSizes(max_batch_size)  # for monitoring and tests; bounded memory
         self._queue: list[tuple[Any, Future]] = []
         self._cond = threading.Condition()
         self._closed = False
@@ -96,7 +124,7 @@ class MicroBatcher:
                 for _, fut in batch:
                     fut.set_exception(e)
                 continue
-            self.batch_sizes.append(len(items))
+            self.batch_sizes.record(len(items))
             for (_, fut), r in zip(batch, results):
                 fut.set_result(r)
 

@@ -1,17 +1,23 @@
-"""A loaded model behind a numpy interface: images or texts in, L2-normalised float32 vectors out.
+"""The one encoder protocol, and `Encoder`, the loaded model behind it.
 
-This is what the search engine, the applications and the service hold; it knows nothing of files beyond
-`load_image`, and nothing of indexes or HTTP.
+`EncoderLike` is what every consumer of embeddings holds (zero-shot, the applications, the evaluators, the
+service): texts or images in, L2-normalised float32 vectors out, plus what a caller needs to interpret them
+(`identity`, `dim`, `logit_scale`). `Encoder` implements it for a CLIP model (or an ONNX export) with its
+preprocessing and tokenizer; tests implement it with fakes that have known answers. `as_encoder` is the one
+adapter from what a user holds (an encoder, a `clipforge.load` triple, a checkpoint path) to the protocol.
+
+This module knows nothing of indexes or HTTP, and nothing of files beyond `load_image` and `Encoder.load`.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
 from collections.abc import Sequence
 from functools import cached_property
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import numpy as np
 import torch
@@ -20,13 +26,33 @@ from clipforge.model.clip import CLIP
 from clipforge.tokenizer import Tokenizer
 from clipforge.transforms import Preprocess
 
+if TYPE_CHECKING:
+    from clipforge.onnx_export import OnnxCLIP
 
-def fingerprint(model: CLIP) -> str:
+
+@runtime_checkable
+class EncoderLike(Protocol):
+    """Texts and images to (N, D) float32 L2-normalised vectors.
+
+    identity: {"model", "fingerprint", "dim"} naming the vectors' space; two encoders with the same
+        fingerprint give the same vectors. `{}` for an encoder that cannot say (no caching, no collection).
+    dim: D.
+    logit_scale: the temperature the model was trained with (cosine similarities times it are logits).
+    """
+
+    identity: dict[str, Any]
+    dim: int
+    logit_scale: float
+
+    def embed_texts(self, texts: Sequence[str]) -> np.ndarray: ...
+
+    def embed_images(self, images: Sequence[Any]) -> np.ndarray: ...
+
+
+def fingerprint(model: CLIP | OnnxCLIP) -> str:
     """sha256 over the config and every tensor's bytes: two encoders give the same vectors iff it matches."""
-    if hasattr(
-        model, "fingerprint"
-    ):  # runtimes without PyTorch tensors (an ONNX export) hash their own files
-        return model.fingerprint()
+    if not isinstance(model, CLIP):
+        return model.fingerprint()  # a runtime without PyTorch tensors (an ONNX export) hashes its own files
     h = hashlib.sha256(json.dumps(model.config.to_dict(), sort_keys=True).encode())
     for name, t in sorted(model.state_dict().items()):
         h.update(name.encode())
@@ -34,10 +60,16 @@ def fingerprint(model: CLIP) -> str:
     return "sha256:" + h.hexdigest()
 
 
+def _device(model: CLIP | OnnxCLIP) -> torch.device:
+    return next(model.parameters()).device if isinstance(model, CLIP) else model.device
+
+
 class Encoder:
+    """`EncoderLike` for a CLIP model (or an ONNX export), its preprocessing and its tokenizer."""
+
     def __init__(
         self,
-        model: CLIP,
+        model: CLIP | OnnxCLIP,
         preprocess: Preprocess,
         tokenizer: Tokenizer | None,
         *,
@@ -49,7 +81,7 @@ class Encoder:
         self.tokenizer = tokenizer
         self.name = name or model.config.name or "model"
         self.batch_size = batch_size
-        self.device = getattr(model, "device", None) or next(model.parameters()).device
+        self.device = _device(model)
 
     @classmethod
     def load(cls, path: str | Path, *, batch_size: int = 32, **load_options: Any) -> Encoder:
@@ -62,6 +94,10 @@ class Encoder:
     @property
     def dim(self) -> int:
         return self.model.config.embed_dim
+
+    @property
+    def logit_scale(self) -> float:
+        return float(self.model.scale().detach())
 
     @cached_property
     def identity(self) -> dict[str, Any]:
@@ -93,3 +129,37 @@ class Encoder:
             tokens = self.tokenizer(list(texts[i : i + max(self.batch_size, 256)])).to(self.device)
             out.append(self.model.encode_text(tokens, normalize=True))
         return torch.cat(out).float().cpu().numpy() if out else np.zeros((0, self.dim), np.float32)
+
+
+EncoderSource = EncoderLike | tuple | list | str | os.PathLike
+"""What the library entry points accept as a model: see `as_encoder`."""
+
+
+def as_encoder(source: EncoderSource) -> EncoderLike:
+    """The encoder behind `source`: an `EncoderLike` as it is, a `(model, preprocess, tokenizer)` triple as
+    `clipforge.load` returns it, or a checkpoint path (or "default") loaded with `Encoder.load`."""
+    if isinstance(source, Encoder):  # before the protocol check, which would hash the weights for `identity`
+        return source
+    if isinstance(source, (tuple, list)) and len(source) == 3:
+        return Encoder(*source)
+    if isinstance(source, (str, os.PathLike)):
+        return Encoder.load(source)
+    if isinstance(source, EncoderLike):
+        return source
+    missing = [
+        m for m in ("identity", "dim", "logit_scale", "embed_texts", "embed_images") if not hasattr(source, m)
+    ]
+    raise TypeError(
+        f"expected an encoder (clipforge.encoder.EncoderLike), a (model, preprocess, tokenizer) triple or a "
+        f"checkpoint path, got {type(source).__name__}, which lacks {', '.join(missing)}"
+    )
+
+
+def need_encoder(encoder: EncoderLike | None, holder: str) -> EncoderLike:
+    """`encoder`, or a TypeError saying that the `holder` (a classifier, tagger, ...) has none to embed with."""
+    if encoder is None:
+        raise TypeError(
+            f"this {holder} was built from text vectors and holds no encoder: pass image vectors to its "
+            "*_vectors methods"
+        )
+    return encoder

@@ -1,6 +1,7 @@
 """Inference fast paths applied to a loaded CLIP model: int8 linears, bf16 autocast, channels-last, torch.compile.
 
-`optimize(model, precision=..., compile=..., channels_last=...)` changes the model in place and returns it; the
+`optimize(model, precision=..., compile=..., channels_last=...)` returns the optimised model: the same object,
+changed in place, except for "bf16", which returns an `AutocastCLIP` sharing the model's modules. The
 `encode_image` / `encode_text` API and the fp32 state-dict names of everything that is not quantised stay as
 they were. What each option costs in accuracy and buys in speed is measured by bench/encode.py (docs/speed.md).
 
@@ -9,13 +10,14 @@ they were. What each option costs in accuracy and buys in speed is measured by b
   at run time, an int8 x int8 -> int32 matrix product (`torch._int_mm`, VNNI on x86), rescaled to fp32. This
   replaces torch.ao.quantization.quantize_dynamic, deprecated in torch 2.x, and is faster than its fbgemm
   kernel here. Convolutions (the ViT patch embedding, the ResNet body) stay fp32.
-- "bf16": the towers run under autocast (bf16 matmuls, fp32 master weights); features come back as fp32.
-  Pays on GPUs and on CPUs with AVX-512 BF16 / AMX; elsewhere it is emulated and slow.
+- "bf16": `AutocastCLIP`, a CLIP subclass whose encode_image / encode_text run the towers under autocast
+  (bf16 matmuls, fp32 master weights); features come back as fp32. Nothing is patched onto a module, so the
+  towers are plain modules still, and the model passed in keeps its fp32 behaviour. Pays on GPUs and on CPUs
+  with AVX-512 BF16 / AMX; elsewhere it is emulated and slow.
 """
 
 from __future__ import annotations
 
-import functools
 from typing import Literal
 
 import torch
@@ -25,8 +27,9 @@ from torch import nn
 from clipforge.model.clip import CLIP
 from clipforge.model.layers import Attention
 
-Precision = Literal["fp32", "bf16", "int8"]
-PRECISIONS = ("fp32", "bf16", "int8")
+InferencePrecision = Literal["fp32", "bf16", "int8"]
+# Inference only: training precisions (train.config) are another set, with fp16 autocast and no int8.
+INFERENCE_PRECISIONS = ("fp32", "bf16", "int8")
 
 
 class Int8Linear(nn.Module):
@@ -90,13 +93,29 @@ def quantize_int8(module: nn.Module) -> nn.Module:
     return module
 
 
-def _run_in_autocast(forward, device_type: str, dtype: torch.dtype):
-    @functools.wraps(forward)
-    def wrapped(*args, **kwargs):
-        with torch.autocast(device_type, dtype=dtype):
-            return forward(*args, **kwargs).float()
+class AutocastCLIP(CLIP):
+    """A CLIP whose towers run under `torch.autocast(device_type, dtype)`, features returned as fp32.
 
-    return wrapped
+    It holds the modules and parameters of the model it is made from (shared, not copied), under the same
+    state-dict names, so checkpoints and fingerprints are those of the fp32 model."""
+
+    def __init__(self, model: CLIP, device_type: str, dtype: torch.dtype = torch.bfloat16):
+        nn.Module.__init__(self)  # not CLIP.__init__: the towers exist already and are shared
+        self.config = model.config
+        self.visual, self.text = model.visual, model.text
+        self.logit_scale, self.logit_bias = model.logit_scale, model.logit_bias
+        self.device_type, self.autocast_dtype = device_type, dtype
+        self.train(model.training)
+
+    def encode_image(self, images: torch.Tensor, normalize: bool = False) -> torch.Tensor:
+        with torch.autocast(self.device_type, dtype=self.autocast_dtype):
+            f = super().encode_image(images).float()
+        return F.normalize(f, dim=-1) if normalize else f
+
+    def encode_text(self, tokens: torch.Tensor, normalize: bool = False) -> torch.Tensor:
+        with torch.autocast(self.device_type, dtype=self.autocast_dtype):
+            f = super().encode_text(tokens).float()
+        return F.normalize(f, dim=-1) if normalize else f
 
 
 def _to_channels_last(module: nn.Module, args: tuple) -> tuple:
@@ -118,17 +137,18 @@ def bf16_supported(device: torch.device | str = "cpu") -> bool:
 def optimize(
     model: CLIP,
     *,
-    precision: Precision = "fp32",
+    precision: InferencePrecision = "fp32",
     compile: bool = False,
     channels_last: bool | None = None,
 ) -> CLIP:
-    """Apply inference fast paths to `model` in place and return it (in eval mode).
+    """Apply inference fast paths to `model` and return the model to use (in eval mode): `model` itself,
+    changed in place, or for "bf16" an `AutocastCLIP` sharing its modules.
 
     precision: "fp32" (exact), "bf16" (autocast), "int8" (CPU only: int8 linears). compile: torch.compile each
     tower (the first call of each new input shape compiles, ~1 minute). channels_last: NHWC convolutions for
     ResNet towers; None chooses it for ResNet towers, where it was measured to pay (docs/speed.md)."""
-    if precision not in PRECISIONS:
-        raise ValueError(f"unknown precision {precision!r}; valid: {', '.join(PRECISIONS)}")
+    if precision not in INFERENCE_PRECISIONS:
+        raise ValueError(f"unknown precision {precision!r}; valid: {', '.join(INFERENCE_PRECISIONS)}")
     model.eval()
     device = next(model.parameters()).device
     is_resnet = model.config.vision.kind != "vit"
@@ -144,8 +164,7 @@ def optimize(
         quantize_int8(model.visual)
         quantize_int8(model.text)
     elif precision == "bf16":
-        for tower in (model.visual, model.text):
-            tower.forward = _run_in_autocast(tower.forward, device.type, torch.bfloat16)
+        model = AutocastCLIP(model, device.type, torch.bfloat16)
     if compile:
         # nn.Module.compile() compiles in place, so parameter names stay those of the checkpoint.
         model.visual.compile(dynamic=False)

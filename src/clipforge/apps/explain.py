@@ -27,19 +27,21 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from clipforge.zeroshot import as_encoder
+from clipforge.encoder import Encoder, EncoderLike, EncoderSource, as_encoder
+from clipforge.model.clip import CLIP
+from clipforge.model.vit import VisionTransformer
 
 METHODS = ("occlusion", "tokens", "gradient")
 
 
-def _text_feature(enc: Any, text: str) -> torch.Tensor:
+def _text_feature(enc: EncoderLike, text: str) -> torch.Tensor:
     return torch.from_numpy(np.asarray(enc.embed_texts([text])[0], np.float32))  # (D,)
 
 
-def token_heatmap(model: Any, pixels: torch.Tensor, text_feature: torch.Tensor) -> torch.Tensor:
+def token_heatmap(model: CLIP, pixels: torch.Tensor, text_feature: torch.Tensor) -> torch.Tensor:
     """(1, 3, S, S) preprocessed image -> (g, g) cosine similarity of each projected patch token with the text."""
     visual = model.visual
-    if not hasattr(visual, "forward_tokens"):
+    if not isinstance(visual, VisionTransformer):
         raise ValueError("the 'tokens' method needs a ViT image tower; use method='gradient' for a ResNet")
     with torch.inference_mode():
         tokens = visual.forward_tokens(pixels.to(model.dtype))[0, 1:] @ visual.proj  # (g*g, D)
@@ -49,7 +51,7 @@ def token_heatmap(model: Any, pixels: torch.Tensor, text_feature: torch.Tensor) 
 
 
 def gradient_heatmap(
-    model: Any, pixels: torch.Tensor, text_feature: torch.Tensor, window: int
+    model: CLIP, pixels: torch.Tensor, text_feature: torch.Tensor, window: int
 ) -> torch.Tensor:
     """(1, 3, S, S) preprocessed image -> (S, S) positive gradient x input saliency, smoothed."""
     x = pixels.detach().clone().to(model.dtype).requires_grad_(True)
@@ -64,7 +66,7 @@ def gradient_heatmap(
 
 
 def occlusion_heatmap(
-    model: Any, pixels: torch.Tensor, text_feature: torch.Tensor, window: int, stride: int, batch: int = 64
+    model: CLIP, pixels: torch.Tensor, text_feature: torch.Tensor, window: int, stride: int, batch: int = 64
 ) -> torch.Tensor:
     """(1, 3, S, S) preprocessed image -> (S, S) mean drop in cosine similarity when a window is occluded."""
     S = pixels.shape[-1]
@@ -90,11 +92,16 @@ def occlusion_heatmap(
     return heat / count
 
 
-def explain(model: Any, image: Any, text: str, method: str = "occlusion") -> tuple[np.ndarray, Image.Image]:
-    """(heat (S, S) in [0, 1] over the model's input crop, that crop as an RGB image)."""
+def explain(
+    model: EncoderSource, image: Any, text: str, method: str = "occlusion"
+) -> tuple[np.ndarray, Image.Image]:
+    """(heat (S, S) in [0, 1] over the model's input crop, that crop as an RGB image). Needs a PyTorch
+    `Encoder` (or a triple or path that makes one): the maps read the model's layers, not only its vectors."""
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; valid: {METHODS}")
     enc = as_encoder(model)
+    if not isinstance(enc, Encoder) or not isinstance(enc.model, CLIP):
+        raise TypeError(f"explain needs a PyTorch clipforge Encoder, got {type(enc).__name__}")
     clip = enc.model
     pixels = enc.preprocess.batch([image]).to(next(clip.parameters()).device)  # (1, 3, S, S)
     txt = _text_feature(enc, text).to(pixels.device)

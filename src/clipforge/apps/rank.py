@@ -9,11 +9,14 @@ from typing import Any
 
 import numpy as np
 
-from clipforge.zeroshot import as_encoder, logit_scale_of, softmax
+from clipforge.encoder import EncoderSource, as_encoder
+from clipforge.zeroshot import softmax
 
 
-def _ranked(candidates: Sequence[Any], sims: np.ndarray, scale: float, key: str) -> list[dict[str, Any]]:
-    probs = softmax(scale * sims)
+def ranked(candidates: Sequence[Any], sims: np.ndarray, logit_scale: float, key: str) -> list[dict[str, Any]]:
+    """The vectors-first core: candidates with their (N,) similarities to the query, best first, as
+    [{"rank", key, "similarity", "probability"}, ...]."""
+    probs = softmax(logit_scale * sims)
     order = np.argsort(-sims, kind="stable")
     return [
         {"rank": r + 1, key: str(candidates[i]), "similarity": float(sims[i]), "probability": float(probs[i])}
@@ -21,19 +24,19 @@ def _ranked(candidates: Sequence[Any], sims: np.ndarray, scale: float, key: str)
     ]
 
 
-def rank_images(model: Any, text: str, images: Sequence[Any]) -> list[dict[str, Any]]:
+def rank_images(model: EncoderSource, text: str, images: Sequence[Any]) -> list[dict[str, Any]]:
     """Images sorted by similarity to `text`: [{"rank", "image", "similarity", "probability"}, ...]."""
     if not images:
         raise ValueError("rank needs at least one image")
     enc = as_encoder(model)
     sims = enc.embed_images(list(images)) @ enc.embed_texts([text])[0]
-    return _ranked(images, sims, logit_scale_of(enc), "image")
+    return ranked(images, sims, enc.logit_scale, "image")
 
 
-def rank_texts(model: Any, image: Any, texts: Sequence[str]) -> list[dict[str, Any]]:
+def rank_texts(model: EncoderSource, image: Any, texts: Sequence[str]) -> list[dict[str, Any]]:
     """Texts sorted by similarity to `image`: [{"rank", "text", "similarity", "probability"}, ...]."""
     if not texts:
         raise ValueError("rank needs at least one text")
     enc = as_encoder(model)
     sims = enc.embed_texts(list(texts)) @ enc.embed_images([image])[0]
-    return _ranked(texts, sims, logit_scale_of(enc), "text")
+    return ranked(texts, sims, enc.logit_scale, "text")

@@ -19,12 +19,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from clipforge.zeroshot import as_encoder
+from clipforge.encoder import Encoder, EncoderSource, as_encoder
+from clipforge.model.clip import CLIP
 
 SCALES = {"torchmetrics": 100.0, "clipscore": 2.5}
 
 
-def pair_similarity(model: Any, images: Sequence[Any], captions: Sequence[str]) -> np.ndarray:
+def pair_similarity(model: EncoderSource, images: Sequence[Any], captions: Sequence[str]) -> np.ndarray:
     """(N,) cosine similarity of image i with caption i."""
     if len(images) != len(captions):
         raise ValueError(f"{len(images)} images but {len(captions)} captions: scores are computed pairwise")
@@ -33,7 +34,7 @@ def pair_similarity(model: Any, images: Sequence[Any], captions: Sequence[str]) 
 
 
 def clip_score(
-    model: Any, images: Sequence[Any], captions: Sequence[str], kind: str = "torchmetrics"
+    model: EncoderSource, images: Sequence[Any], captions: Sequence[str], kind: str = "torchmetrics"
 ) -> np.ndarray:
     """(N,) scores of image i against caption i; `kind` is "torchmetrics" (100 * max(cos, 0)) or
     "clipscore" (2.5 * max(cos, 0))."""
@@ -43,7 +44,7 @@ def clip_score(
 
 
 def ref_clip_score(
-    model: Any, images: Sequence[Any], captions: Sequence[str], references: Sequence[Sequence[str]]
+    model: EncoderSource, images: Sequence[Any], captions: Sequence[str], references: Sequence[Sequence[str]]
 ) -> np.ndarray:
     """(N,) RefCLIP-S: harmonic mean of CLIP-S (2.5 * max(cos, 0)) and the caption's best cosine
     similarity to its item's reference captions (clipped at 0)."""
@@ -85,10 +86,12 @@ def normalize_pixels(
     return (x - m) / s
 
 
-def pixel_similarity(model: Any, pixels: torch.Tensor, text_features: torch.Tensor) -> torch.Tensor:
+def pixel_similarity(
+    model: CLIP | Encoder, pixels: torch.Tensor, text_features: torch.Tensor
+) -> torch.Tensor:
     """(B,) cosine similarity of raw-pixel images (B, 3, H, W) in [0, 1] with text features (B, D) or (D,),
     differentiable with respect to `pixels`. `model` is a CLIP or an Encoder."""
-    clip = getattr(model, "model", model)
+    clip = model.model if isinstance(model, Encoder) else model
     p = clip.config.preprocess
     x = normalize_pixels(pixels, p.mean, p.std, p.image_size)
     img = clip.encode_image(x, normalize=True)  # (B, D)
@@ -96,6 +99,6 @@ def pixel_similarity(model: Any, pixels: torch.Tensor, text_features: torch.Tens
     return (img * txt).sum(-1) if txt.dim() == 2 else img @ txt
 
 
-def guidance_loss(model: Any, pixels: torch.Tensor, text_features: torch.Tensor) -> torch.Tensor:
+def guidance_loss(model: CLIP | Encoder, pixels: torch.Tensor, text_features: torch.Tensor) -> torch.Tensor:
     """Scalar loss to minimise to raise the CLIP score of `pixels` for the text: mean of 1 - cos."""
     return (1.0 - pixel_similarity(model, pixels, text_features)).mean()

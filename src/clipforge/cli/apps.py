@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -37,12 +38,12 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _register_tag(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
-        "tag", help="multi-label tags from a vocabulary file ('tag calibrate' fits thresholds)"
-    )
+    p = sub.add_parser("tag", help="multi-label tags from a file of tags ('tag calibrate' fits thresholds)")
     p.add_argument("images", nargs="+", help="image files, or 'calibrate' followed by its flags")
-    # --vocab is the tag vocabulary here (as in the docs); the tokenizer's vocabulary is --tokenizer-vocab.
-    p.add_argument("--vocab", dest="tags", required=True, help="tag vocabulary: a text file, one tag a line")
+    p.add_argument("--tags", default=None, help="the tags: a text file, one tag a line")
+    p.add_argument(
+        "--vocab", dest="tags_alias", action=_DeprecatedTagsFlag, default=None, help=argparse.SUPPRESS
+    )
     p.add_argument("--thresholds", default=None, help="thresholds JSON from 'tag calibrate'")
     p.add_argument("--templates", default="simple", help="simple | ensemble | a template file")
     p.add_argument("--max-tags", type=int, default=20)
@@ -50,6 +51,7 @@ def _register_tag(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--precision", type=float, default=0.9, help="(calibrate) target precision")
     p.add_argument("--out", default=None, help="(calibrate) where to write the thresholds JSON")
     p.add_argument("--model", "-m", default="default", help="checkpoint path or 'default'")
+    # Until --vocab stops meaning the tag file here, the tokenizer's vocabulary is --tokenizer-vocab.
     p.add_argument(
         "--tokenizer-vocab", dest="vocab", default=None, help="tokenizer vocabulary for bare checkpoints"
     )
@@ -58,14 +60,35 @@ def _register_tag(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(run=_run_tag)
 
 
+class _DeprecatedTagsFlag(argparse.Action):
+    """`tag --vocab FILE`: the old name of --tags. Every other command's --vocab is the tokenizer's
+    vocabulary, so this one warns and will take that meaning once the alias is gone."""
+
+    def __call__(
+        self, parser: Any, namespace: argparse.Namespace, value: Any, option: str | None = None
+    ) -> None:
+        print("clipforge tag: warning: --vocab FILE is deprecated here; use --tags FILE", file=sys.stderr)
+        setattr(namespace, self.dest, value)
+
+
+def _tags_file(a: argparse.Namespace) -> str:
+    if a.tags is not None and a.tags_alias is not None:
+        raise ValueError("give the tag file once: --tags (or the deprecated --vocab), not both")
+    tags = a.tags if a.tags is not None else a.tags_alias
+    if tags is None:
+        raise ValueError("tag needs --tags FILE (one tag a line)")
+    return tags
+
+
 def _run_tag(a: argparse.Namespace) -> int:
+    tags = _tags_file(a)
     if a.images[0] == "calibrate" and not Path("calibrate").exists():
         if a.manifest is None or a.out is None:
             raise ValueError("tag calibrate needs --manifest and --out")
         return tag_calibrate(
-            a.model, a.vocab, a.device, a.tags, a.templates, a.manifest, a.precision, a.out, a.json
+            a.model, a.vocab, a.device, tags, a.templates, a.manifest, a.precision, a.out, a.json
         )
-    return tag(a.model, a.vocab, a.device, a.tags, a.templates, a.thresholds, a.images, a.max_tags, a.json)
+    return tag(a.model, a.vocab, a.device, tags, a.templates, a.thresholds, a.images, a.max_tags, a.json)
 
 
 def _register_moderate(sub: argparse._SubParsersAction) -> None:
@@ -162,9 +185,9 @@ def tag(
     max_tags: int,
     as_json: bool,
 ) -> int:
-    from clipforge.apps.tagging import Tagger, read_vocab
+    from clipforge.apps.tagging import Tagger, read_tags
 
-    tagger = Tagger(_encoder(model, vocab, device), read_vocab(tags_file), templates, thresholds)
+    tagger = Tagger(_encoder(model, vocab, device), read_tags(tags_file), templates, thresholds)
     rows = tagger.tag(images, max_tags)
     result = [
         {"image": im, "tags": [{"tag": t, "score": s} for t, s in row]} for im, row in zip(images, rows)
@@ -186,9 +209,9 @@ def tag_calibrate(
     out: str,
     as_json: bool,
 ) -> int:
-    from clipforge.apps.tagging import Tagger, read_vocab
+    from clipforge.apps.tagging import Tagger, read_tags
 
-    tagger = Tagger(_encoder(model, vocab, device), read_vocab(tags_file), templates)
+    tagger = Tagger(_encoder(model, vocab, device), read_tags(tags_file), templates)
     result = tagger.calibrate(manifest, precision)
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     Path(out).write_text(json.dumps(result, indent=2) + "\n")

@@ -1,5 +1,7 @@
-"""JSON-lines manifests as the evaluators and calibrators read them: one object per line, an "image" path
-relative to the manifest's folder (or absolute), plus whatever the task needs ("label", "caption", "tags")."""
+"""Labelled JSON-lines manifests as the evaluators and calibrators read them: one object per line, an "image"
+path relative to the manifest's folder (or absolute), plus whatever the task needs ("label", "caption",
+"tags", "categories"). Training data (images and captions only) is read by clipforge.data.manifest instead;
+both raise the same `ManifestError`."""
 
 from __future__ import annotations
 
@@ -9,12 +11,14 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from clipforge.data.manifest import ManifestError
 
-class ManifestError(ValueError):
-    """A manifest line that cannot be used; the message names the file and line."""
+__all__ = ["ManifestError", "captions_of", "read_labelled_manifest"]
 
 
-def read_manifest(path: str | os.PathLike, required: Sequence[str] = ("image",)) -> list[dict[str, Any]]:
+def read_labelled_manifest(
+    path: str | os.PathLike, required: Sequence[str] = ("image",)
+) -> list[dict[str, Any]]:
     """Rows with "image" resolved to a path string; every key in `required` must be present."""
     path = Path(path)
     if not path.is_file():

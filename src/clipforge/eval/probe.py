@@ -1,10 +1,6 @@
-"""Few-shot classification on frozen image features.
-
-- `fit_linear_probe`: scikit-learn logistic regression on the features (the paper's linear probe), with the
-  inverse regularisation C picked by cross-validation on the training set when not given.
-- `fit_text_head`: a linear head initialised from the zero-shot text classifier and fitted with a few
-  labelled images per class; an L2 pull towards the text weights keeps it from forgetting what the prompts
-  said about classes with few examples.
+"""Linear probe on frozen image features: scikit-learn logistic regression (the paper's linear probe), with
+the inverse regularisation C picked by cross-validation on the training set when not given. The few-shot
+head initialised from the text classifier is `clipforge.zeroshot.fit_text_head`.
 """
 
 from __future__ import annotations
@@ -14,12 +10,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
-import torch.nn.functional as F
 
-from clipforge.eval.manifest import read_manifest
-from clipforge.eval.zeroshot import classification_metrics
-from clipforge.zeroshot import EncoderLike, as_encoder
+from clipforge.encoder import EncoderSource, as_encoder
+from clipforge.eval.classification import classification_metrics
+from clipforge.eval.manifest import read_labelled_manifest
 
 C_GRID = (0.1, 1.0, 10.0, 100.0)
 
@@ -42,32 +36,8 @@ def fit_linear_probe(features: np.ndarray, targets: np.ndarray, C: float | None 
     return LogisticRegression(C=C, max_iter=2000, random_state=seed).fit(features, targets)
 
 
-def fit_text_head(
-    features: np.ndarray,
-    targets: np.ndarray,
-    init: np.ndarray,
-    logit_scale: float,
-    steps: int = 200,
-    lr: float = 1e-3,
-    anchor: float = 1.0,
-) -> np.ndarray:
-    """(N, D) features and (N,) class indices -> (D, C) weights, starting at `init` (the text classifier).
-    Full-batch AdamW on cross-entropy of `logit_scale * f @ W` plus `anchor * ||W - init||^2`."""
-    f = torch.from_numpy(np.asarray(features, np.float32))
-    y = torch.from_numpy(np.asarray(targets, np.int64))
-    w0 = torch.from_numpy(np.asarray(init, np.float32))
-    w = w0.clone().requires_grad_(True)
-    opt = torch.optim.AdamW([w], lr=lr, weight_decay=0.0)
-    for _ in range(steps):
-        loss = F.cross_entropy(logit_scale * f @ w, y) + anchor * (w - w0).pow(2).sum()
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    return w.detach().numpy()
-
-
 def linear_probe_eval(
-    encoder: Any,
+    encoder: EncoderSource,
     train_manifest: str | os.PathLike,
     test_manifest: str | os.PathLike,
     C: float | None = None,
@@ -75,9 +45,9 @@ def linear_probe_eval(
 ) -> dict[str, Any]:
     """Logistic regression on the train manifest's features, scored on the test manifest: the same keys as
     the zero-shot evaluation ({"top1", "top5", "mean_per_class_recall", "n"}) plus "C"."""
-    enc: EncoderLike = as_encoder(encoder)
-    train = read_manifest(train_manifest, required=("image", "label"))
-    test = read_manifest(test_manifest, required=("image", "label"))
+    enc = as_encoder(encoder)
+    train = read_labelled_manifest(train_manifest, required=("image", "label"))
+    test = read_labelled_manifest(test_manifest, required=("image", "label"))
     classes = sorted({str(r["label"]) for r in train})
     index = {c: i for i, c in enumerate(classes)}
     unseen = sorted({str(r["label"]) for r in test} - set(index))

@@ -15,8 +15,8 @@ from typing import Any
 
 import numpy as np
 
-from clipforge.eval.manifest import captions_of, read_manifest
-from clipforge.zeroshot import EncoderLike, as_encoder
+from clipforge.encoder import EncoderSource, as_encoder
+from clipforge.eval.manifest import captions_of, read_labelled_manifest
 
 KS = (1, 5, 10)
 
@@ -45,12 +45,12 @@ def recall_metrics(sims: np.ndarray, owner: np.ndarray) -> dict[str, float | int
 
 
 def retrieval_eval(
-    encoder: Any, manifest: str | os.PathLike, out_dir: str | os.PathLike | None = None
+    encoder: EncoderSource, manifest: str | os.PathLike, out_dir: str | os.PathLike | None = None
 ) -> dict[str, Any]:
     """{"image_to_text_R@1", ..., "text_to_image_R@10", "n_images", "n_texts"} as fractions. With `out_dir`,
     also retrieval.json, retrieval.md and pictures there."""
-    enc: EncoderLike = as_encoder(encoder)
-    rows = read_manifest(manifest, required=("image",))
+    enc = as_encoder(encoder)
+    rows = read_labelled_manifest(manifest, required=("image",))
     caps = [captions_of(r) for r in rows]
     texts = [c for cs in caps for c in cs]
     owner = np.array([i for i, cs in enumerate(caps) for _ in cs])

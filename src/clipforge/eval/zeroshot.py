@@ -1,4 +1,5 @@
-"""Zero-shot classification accuracy on a labelled manifest: top-1, top-5 and mean per-class recall.
+"""Zero-shot evaluation: the accuracy of `clipforge.zeroshot.ZeroShotClassifier` on a labelled manifest
+(top-1, top-5 and mean per-class recall; the metrics are in classification.py).
 
 Manifest lines: {"image": "relative/path.png", "label": "class name"}. The classes are the set of labels
 (sorted), or a list / file given by the caller, which may hold classes with no test image (they still
@@ -14,30 +15,10 @@ from typing import Any
 
 import numpy as np
 
-from clipforge.eval.manifest import ManifestError, read_manifest
-from clipforge.zeroshot import EncoderLike, ZeroShotClassifier, as_encoder, read_labels, softmax
-
-
-def topk_accuracy(scores: np.ndarray, targets: np.ndarray, k: int) -> float:
-    """Fraction of rows whose target is among the k highest scores (ties broken by class order)."""
-    k = min(k, scores.shape[1])
-    top = np.argsort(-scores, axis=1, kind="stable")[:, :k]
-    return float((top == targets[:, None]).any(axis=1).mean())
-
-
-def mean_per_class_recall(preds: np.ndarray, targets: np.ndarray) -> float:
-    """Mean over the classes present in `targets` of the fraction of their items predicted correctly."""
-    classes = np.unique(targets)
-    return float(np.mean([(preds[targets == c] == c).mean() for c in classes]))
-
-
-def classification_metrics(scores: np.ndarray, targets: np.ndarray) -> dict[str, float | int]:
-    return {
-        "top1": topk_accuracy(scores, targets, 1),
-        "top5": topk_accuracy(scores, targets, 5),
-        "mean_per_class_recall": mean_per_class_recall(scores.argmax(axis=1), targets),
-        "n": int(len(targets)),
-    }
+from clipforge.encoder import EncoderSource, as_encoder
+from clipforge.eval.classification import classification_metrics
+from clipforge.eval.manifest import ManifestError, read_labelled_manifest
+from clipforge.zeroshot import ZeroShotClassifier, read_labels, softmax
 
 
 def read_classes(classes: str | os.PathLike | Sequence[str] | None, rows: list[dict[str, Any]]) -> list[str]:
@@ -49,7 +30,7 @@ def read_classes(classes: str | os.PathLike | Sequence[str] | None, rows: list[d
 
 
 def zeroshot_eval(
-    encoder: Any,
+    encoder: EncoderSource,
     manifest: str | os.PathLike,
     templates: str | os.PathLike | Sequence[str] = "ensemble",
     classes: str | os.PathLike | Sequence[str] | None = None,
@@ -57,8 +38,8 @@ def zeroshot_eval(
 ) -> dict[str, Any]:
     """Metrics as fractions: {"top1", "top5", "mean_per_class_recall", "n", ...}. With `out_dir`, also
     zeroshot.json, zeroshot.md and the PNG pictures there."""
-    enc: EncoderLike = as_encoder(encoder)
-    rows = read_manifest(manifest, required=("image", "label"))
+    enc = as_encoder(encoder)
+    rows = read_labelled_manifest(manifest, required=("image", "label"))
     names = read_classes(classes, rows)
     index = {c: i for i, c in enumerate(names)}
     for r in rows:
