@@ -7,6 +7,8 @@ config (activation and preprocessing included) and the weights' layout:
 - ViT image towers: weights in Hugging Face's CLIPModel names, so `CLIPModel.from_pretrained(dir)` works.
 - ResNet image towers (which transformers lacks): weights in OpenAI's layout, which OpenAI's `build_model` and
   OpenCLIP read; no config.json is written, so transformers refuses the directory instead of misreading it.
+- Pretrained-tower kinds (EfficientNet-Lite, BERT): weights in clipforge's own names, no config.json either; the
+  tokenizer is the tokenizer.json the text tower reads (WordPiece for BERT).
 
 Foreign inputs: OpenAI `.pt` (state dicts and TorchScript archives), OpenCLIP state dicts (.pt/.bin/.safetensors,
 or a directory with open_clip_config.json) and Hugging Face directories. Nothing is unpickled beyond tensors.
@@ -29,10 +31,10 @@ from safetensors.torch import load_file, save_file
 from clipforge import paths
 from clipforge.model import convert
 from clipforge.model.clip import CLIP
-from clipforge.model.config import CLIPConfig, PreprocessConfig
+from clipforge.model.config import CLIPConfig, PreprocessConfig, TextConfig, VisionConfig
 from clipforge.model.convert import CheckpointError
 from clipforge.model.registry import get_config
-from clipforge.tokenizer import Tokenizer
+from clipforge.tokenizer import AnyTokenizer, get_tokenizer
 from clipforge.transforms import Preprocess, from_hf_preprocessor_config, to_hf_preprocessor_config
 
 FORMAT_FILE = "clipforge.json"
@@ -46,7 +48,7 @@ class Loaded:
 
     config: CLIPConfig
     state_dict: convert.StateDict  # clipforge names
-    tokenizer: Tokenizer | None
+    tokenizer: AnyTokenizer | None
     source: str  # what was read, for messages: "OpenAI TorchScript archive /x/ViT-B-32.pt"
 
 
@@ -68,16 +70,29 @@ def _write_json(path: Path, obj: Any) -> None:
     _atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(obj, indent=2) + "\n"))
 
 
+def _layout(cfg: CLIPConfig) -> str:
+    """Weights' names in a saved directory: the most widely read layout that holds the model's towers."""
+    if isinstance(cfg.vision, VisionConfig) and isinstance(cfg.text, TextConfig):
+        return "hf" if cfg.vision.kind == "vit" else "openai"
+    return "clipforge"
+
+
 def export_state_dict(model: CLIP, layout: str) -> convert.StateDict:
-    """fp32 CPU tensors of `model` in a foreign layout: "hf" (transformers' CLIPModel) or "openai"."""
+    """fp32 CPU tensors of `model` in a layout: "hf" (transformers' CLIPModel), "openai" or "clipforge"."""
     sd = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in model.state_dict().items()}
     sd = {k: v for k, v in sd.items() if not k.endswith("num_batches_tracked")}
+    if layout == "clipforge":
+        return sd
     return convert.to_hf(sd) if layout == "hf" else convert.to_openai(sd)
 
 
 def save_openai(model: CLIP, path: str | Path) -> Path:
     """A state dict in OpenAI's layout, which OpenAI's and OpenCLIP's code load: .safetensors or a .pt pickle of
     tensors only (loads with weights_only=True)."""
+    if _layout(model.config) == "clipforge":
+        raise CheckpointError(
+            "OpenAI's layout has no EfficientNet or BERT towers: save a clipforge directory"
+        )
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     sd = export_state_dict(model, "openai")
@@ -89,7 +104,7 @@ def save_openai(model: CLIP, path: str | Path) -> Path:
 
 
 def save_model(
-    model: CLIP, directory: str | Path, tokenizer: Tokenizer | None = None, extra: dict | None = None
+    model: CLIP, directory: str | Path, tokenizer: AnyTokenizer | None = None, extra: dict | None = None
 ) -> Path:
     """Write `model` (and its tokenizer) as a clipforge directory that Hugging Face also loads (ViT towers)."""
     from clipforge import __version__
@@ -97,7 +112,7 @@ def save_model(
     out = Path(directory)
     out.mkdir(parents=True, exist_ok=True)
     cfg = model.config
-    layout = "hf" if cfg.vision.kind == "vit" else "openai"
+    layout = _layout(cfg)
     sd = export_state_dict(model, layout)
     _atomic_write(out / WEIGHTS_FILE, lambda tmp: save_file(sd, tmp, metadata={"format": "pt"}))
     if layout == "hf":
@@ -158,9 +173,9 @@ def read_state_dict(path: str | Path) -> tuple[dict[str, torch.Tensor], str]:
     return convert.unwrap(obj), f"state dict {path}"
 
 
-def _read_tokenizer(directory: Path, context_length: int) -> Tokenizer | None:
+def _read_tokenizer(directory: Path, context_length: int) -> AnyTokenizer | None:
     if (directory / "tokenizer.json").exists() or (directory / "vocab.json").exists():
-        return Tokenizer.from_pretrained(directory, context_length=context_length)
+        return get_tokenizer(directory, context_length=context_length)
     return None
 
 
@@ -182,7 +197,9 @@ def _read_clipforge_dir(d: Path) -> Loaded:
         )
     cfg = CLIPConfig.from_dict(meta["config"])
     sd, _ = read_state_dict(d / meta.get("weights", WEIGHTS_FILE))
-    sd = convert.from_hf(sd) if meta.get("layout") == "hf" else convert.from_openai(sd)
+    layout = meta.get("layout")
+    if layout != "clipforge":
+        sd = convert.from_hf(sd) if layout == "hf" else convert.from_openai(sd)
     return Loaded(cfg, sd, _read_tokenizer(d, cfg.text.context_length), f"clipforge checkpoint {d}")
 
 
@@ -295,16 +312,21 @@ def resolve(path: str | Path) -> Path:
 
 
 def choose_tokenizer(
-    found: Tokenizer | None, vocab: str | Path | None, cfg: CLIPConfig, source: str
-) -> Tokenizer | None:
+    found: AnyTokenizer | None, vocab: str | Path | None, cfg: CLIPConfig, source: str
+) -> AnyTokenizer | None:
     """The tokenizer a loaded model runs with: `vocab` if given, else the checkpoint's own, else None with a
-    warning; refused when its vocabulary size does not match the text tower's."""
-    tokenizer = Tokenizer.from_pretrained(vocab, context_length=cfg.text.context_length) if vocab else found
+    warning; refused when its kind (BPE, WordPiece) or vocabulary size is not the text tower's."""
+    tokenizer = get_tokenizer(vocab, context_length=cfg.text.context_length) if vocab else found
     if tokenizer is None:
         warnings.warn(
             f"{source} carries no vocabulary, so the tokenizer is None; pass vocab=PATH "
             "(a bpe_simple_vocab_16e6.txt.gz file or a tokenizer directory) to get one",
             stacklevel=3,
+        )
+    elif tokenizer.kind != cfg.text.tokenizer_kind:
+        raise CheckpointError(
+            f"a {tokenizer.kind} tokenizer cannot feed the text tower of {source}, which reads "
+            f"{cfg.text.tokenizer_kind} tokens"
         )
     elif tokenizer.vocab_size != cfg.text.vocab_size:
         raise CheckpointError(
@@ -324,7 +346,7 @@ def load(
     precision: str = "fp32",
     compile: bool = False,
     channels_last: bool | None = None,
-) -> tuple[CLIP, Preprocess, Tokenizer | None]:
+) -> tuple[CLIP, Preprocess, AnyTokenizer | None]:
     """`model, preprocess, tokenizer = clipforge.load(path)`: any supported checkpoint, ready for inference.
 
     `vocab` (a vocabulary file or directory) supplies the tokenizer of a bare state dict, which carries none.
