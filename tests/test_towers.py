@@ -455,6 +455,22 @@ def test_cli_info_and_embeddings(tmp_path, capsys):
     assert "OpenAI's layout has no EfficientNet" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("precision", ["bf16", "int8"])
+def test_fast_paths_run_the_bert_tower(tmp_path, precision):
+    """int8 replaces the attention modules: the BERT tower's padding mask must reach them."""
+    write_bert_dir(tmp_path / "bert")
+    text_cfg, sd = read_bert_dir(tmp_path / "bert", context_length=16)
+    model = create_model(small_config(text=text_cfg), seed=0).eval()
+    load_pretrained_towers_text_only(model, sd)
+    tok = WordPieceTokenizer.from_pretrained(tmp_path / "bert", context_length=16)
+    clipforge.save_model(model, tmp_path / "m", tokenizer=tok)
+    fast, _, _ = clipforge.load(tmp_path / "m", precision=precision)
+    tokens = padded_batch(tok)
+    with torch.no_grad():
+        cos = (fast.encode_text(tokens, normalize=True) * model.encode_text(tokens, normalize=True)).sum(-1)
+    assert cos.min() > 0.99
+
+
 def test_checkpoint_refuses_a_tokenizer_of_the_wrong_kind(tmp_path):
     model = create_model(small_config(), seed=0).eval()
     out = clipforge.save_model(model, tmp_path / "ckpt")
