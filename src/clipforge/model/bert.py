@@ -109,7 +109,7 @@ class BertTextTower(nn.Module):
             )
         mask = self.padding_mask(tokens)
         if unlocked == 0 and self.trim and not torch.jit.is_tracing() and not torch.compiler.is_compiling():
-            length = int(mask.sum(dim=0).nonzero().max()) + 1
+            length = int(mask.any(dim=0).nonzero().max()) + 1  # the longest text
             tokens, mask = tokens[:, :length], mask[:, :length]
         x = self._run_blocks(self.embed(tokens), mask, self.blocks[: self.num_blocks - unlocked])
         return self.pool(x, mask) if unlocked == 0 else (x, mask)
