@@ -8,6 +8,8 @@ config (activation and preprocessing included) and the weights' layout:
 - ResNet image towers (which transformers lacks): weights in OpenAI's layout in `openai_model.safetensors`, which
   OpenAI's `build_model` and OpenCLIP read. With neither config.json nor a weights file of a name it knows,
   `CLIPModel.from_pretrained(dir)` raises OSError instead of building a randomly initialised ViT.
+- Pretrained-tower kinds (EfficientNet-Lite, BERT): weights in clipforge's own names, no config.json either; the
+  tokenizer is the tokenizer.json the text tower reads (WordPiece for BERT).
 
 Foreign inputs: OpenAI `.pt` (state dicts and TorchScript archives), OpenCLIP state dicts (.pt/.bin/.safetensors,
 or a directory with open_clip_config.json) and Hugging Face directories. No code from a checkpoint runs: pickles
@@ -31,11 +33,11 @@ from safetensors.torch import load_file, save_file
 from clipforge import paths
 from clipforge.model import config_json, convert
 from clipforge.model.clip import CLIP
-from clipforge.model.config import CLIPConfig, PreprocessConfig
+from clipforge.model.config import CLIPConfig, PreprocessConfig, TextConfig, VisionConfig
 from clipforge.model.convert import CheckpointError
 from clipforge.model.registry import get_config
-from clipforge.tokenizer import Tokenizer
 from clipforge.torchscript_reader import is_torchscript, read_torchscript
+from clipforge.tokenizer import AnyTokenizer, get_tokenizer
 from clipforge.transforms import Preprocess, from_hf_preprocessor_config, to_hf_preprocessor_config
 
 FORMAT_FILE = "clipforge.json"
@@ -52,7 +54,7 @@ class Loaded:
 
     config: CLIPConfig
     state_dict: convert.StateDict  # clipforge names
-    tokenizer: Tokenizer | None
+    tokenizer: AnyTokenizer | None
     source: str  # what was read, for messages: "OpenAI TorchScript archive /x/ViT-B-32.pt"
 
 
@@ -74,16 +76,29 @@ def _write_json(path: Path, obj: Any) -> None:
     _atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(obj, indent=2) + "\n"))
 
 
+def _layout(cfg: CLIPConfig) -> str:
+    """Weights' names in a saved directory: the most widely read layout that holds the model's towers."""
+    if isinstance(cfg.vision, VisionConfig) and isinstance(cfg.text, TextConfig):
+        return "hf" if cfg.vision.kind == "vit" else "openai"
+    return "clipforge"
+
+
 def export_state_dict(model: CLIP, layout: str) -> convert.StateDict:
-    """fp32 CPU tensors of `model` in a foreign layout: "hf" (transformers' CLIPModel) or "openai"."""
+    """fp32 CPU tensors of `model` in a layout: "hf" (transformers' CLIPModel), "openai" or "clipforge"."""
     sd = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in model.state_dict().items()}
     sd = {k: v for k, v in sd.items() if not k.endswith("num_batches_tracked")}
+    if layout == "clipforge":
+        return sd
     return convert.to_hf(sd) if layout == "hf" else convert.to_openai(sd)
 
 
 def save_openai(model: CLIP, path: str | Path) -> Path:
     """A state dict in OpenAI's layout, which OpenAI's and OpenCLIP's code load: .safetensors or a .pt pickle of
     tensors only (loads with weights_only=True)."""
+    if _layout(model.config) == "clipforge":
+        raise CheckpointError(
+            "OpenAI's layout has no EfficientNet or BERT towers: save a clipforge directory"
+        )
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     sd = export_state_dict(model, "openai")
@@ -95,7 +110,7 @@ def save_openai(model: CLIP, path: str | Path) -> Path:
 
 
 def save_model(
-    model: CLIP, directory: str | Path, tokenizer: Tokenizer | None = None, extra: dict | None = None
+    model: CLIP, directory: str | Path, tokenizer: AnyTokenizer | None = None, extra: dict | None = None
 ) -> Path:
     """Write `model` (and its tokenizer) as a clipforge directory that Hugging Face also loads (ViT towers)."""
     from clipforge import __version__
@@ -103,9 +118,9 @@ def save_model(
     out = Path(directory)
     out.mkdir(parents=True, exist_ok=True)
     cfg = model.config
-    layout = "hf" if cfg.vision.kind == "vit" else "openai"
+    layout = _layout(cfg)
     sd = export_state_dict(model, layout)
-    weights = WEIGHTS_FILE if layout == "hf" else OPENAI_WEIGHTS_FILE
+    weights = OPENAI_WEIGHTS_FILE if layout == "openai" else WEIGHTS_FILE
     _atomic_write(out / weights, lambda tmp: save_file(sd, tmp, metadata={"format": "pt"}))
     if layout == "hf":
         _write_json(out / "config.json", convert.hf_config(cfg))
@@ -181,9 +196,9 @@ def _refuse_non_finite(loaded: Loaded) -> None:
         raise CheckpointError(f"{loaded.source}: {len(bad)} tensor(s) hold NaN or infinite values: {shown}")
 
 
-def _read_tokenizer(directory: Path, context_length: int) -> Tokenizer | None:
+def _read_tokenizer(directory: Path, context_length: int) -> AnyTokenizer | None:
     if (directory / "tokenizer.json").exists() or (directory / "vocab.json").exists():
-        return Tokenizer.from_pretrained(directory, context_length=context_length)
+        return get_tokenizer(directory, context_length=context_length)
     return None
 
 
@@ -214,13 +229,14 @@ def _read_clipforge_dir(d: Path) -> Loaded:
         weights = config_json.get(meta, "weights", str, "", WEIGHTS_FILE)
         if Path(weights).name != weights or weights in ("", ".", ".."):
             raise ValueError(f"weights must name a file in the directory, found {weights!r}")
-        layout = config_json.get(meta, "layout", typing.Literal["hf", "openai"], "", "openai")
+        layout = config_json.get(meta, "layout", typing.Literal["hf", "openai", "clipforge"], "", "openai")
         config_json.check_fields(CLIPConfig, config_json.get(meta, "config", dict, ""), "config")
         cfg = CLIPConfig.from_dict(meta["config"])
     except (ValueError, TypeError, ArithmeticError) as e:  # the dataclasses' own checks raise these too
         raise CheckpointError(f"{file}: {e}") from None
     sd, _ = read_state_dict(d / weights)
-    sd = convert.from_hf(sd) if layout == "hf" else convert.from_openai(sd)
+    if layout != "clipforge":
+        sd = convert.from_hf(sd) if layout == "hf" else convert.from_openai(sd)
     return Loaded(cfg, sd, _read_tokenizer(d, cfg.text.context_length), f"clipforge checkpoint {d}")
 
 
@@ -355,16 +371,21 @@ def resolve(path: str | Path) -> Path:
 
 
 def choose_tokenizer(
-    found: Tokenizer | None, vocab: str | Path | None, cfg: CLIPConfig, source: str
-) -> Tokenizer | None:
+    found: AnyTokenizer | None, vocab: str | Path | None, cfg: CLIPConfig, source: str
+) -> AnyTokenizer | None:
     """The tokenizer a loaded model runs with: `vocab` if given, else the checkpoint's own, else None with a
-    warning; refused when its vocabulary size does not match the text tower's."""
-    tokenizer = Tokenizer.from_pretrained(vocab, context_length=cfg.text.context_length) if vocab else found
+    warning; refused when its kind (BPE, WordPiece) or vocabulary size is not the text tower's."""
+    tokenizer = get_tokenizer(vocab, context_length=cfg.text.context_length) if vocab else found
     if tokenizer is None:
         warnings.warn(
             f"{source} carries no vocabulary, so the tokenizer is None; pass vocab=PATH "
             "(a bpe_simple_vocab_16e6.txt.gz file or a tokenizer directory) to get one",
             stacklevel=3,
+        )
+    elif tokenizer.kind != cfg.text.tokenizer_kind:
+        raise CheckpointError(
+            f"a {tokenizer.kind} tokenizer cannot feed the text tower of {source}, which reads "
+            f"{cfg.text.tokenizer_kind} tokens"
         )
     elif tokenizer.vocab_size != cfg.text.vocab_size:
         raise CheckpointError(
@@ -384,7 +405,7 @@ def load(
     precision: str = "fp32",
     compile: bool = False,
     channels_last: bool | None = None,
-) -> tuple[CLIP, Preprocess, Tokenizer | None]:
+) -> tuple[CLIP, Preprocess, AnyTokenizer | None]:
     """`model, preprocess, tokenizer = clipforge.load(path)`: any supported checkpoint, ready for inference.
 
     `vocab` (a vocabulary file or directory) supplies the tokenizer of a bare state dict, which carries none.

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from clipforge.model.clip import CLIP
-from clipforge.tokenizer import Tokenizer
+from clipforge.tokenizer import AnyTokenizer
 from clipforge.transforms import Preprocess
 
 if TYPE_CHECKING:
@@ -71,7 +71,7 @@ class Encoder:
         self,
         model: CLIP | OnnxCLIP,
         preprocess: Preprocess,
-        tokenizer: Tokenizer | None,
+        tokenizer: AnyTokenizer | None,
         *,
         name: str = "",
         batch_size: int = 32,

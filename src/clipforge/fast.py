@@ -73,11 +73,13 @@ class Int8Attention(nn.Module):
         self.in_proj = Int8Linear(attn.in_proj_weight, attn.in_proj_bias)
         self.out_proj = Int8Linear.from_linear(attn.out_proj)
 
-    def forward(self, x: torch.Tensor, causal: bool = False) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, causal: bool = False, mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
         B, T, D = x.shape
         qkv = self.in_proj(x)  # (B, T, 3D)
         q, k, v = qkv.view(B, T, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)  # 3 x (B, H, T, hd)
-        o = F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)
         return self.out_proj(o.transpose(1, 2).reshape(B, T, D))
 
 

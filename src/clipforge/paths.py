@@ -20,3 +20,8 @@ def corpus_dir() -> Path:
 
 def default_model_dir() -> Path:
     return cache_dir() / "models" / "default"
+
+
+def towers_dir() -> Path:
+    """Pretrained tower weights unpacked by `clipforge data fetch-towers`, one folder per source."""
+    return cache_dir() / "towers"

@@ -19,6 +19,7 @@ import json
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING, Union
 
 import ftfy
 import regex
@@ -37,6 +38,9 @@ _SPLIT = regex.compile(
     regex.IGNORECASE,
 )
 _WHITESPACE = regex.compile(r"\s+")
+
+if TYPE_CHECKING:
+    from clipforge.wordpiece import WordPieceTokenizer
 
 
 @functools.cache
@@ -102,6 +106,8 @@ def _build_backend(vocab: dict[str, int], merges: list[tuple[str, str]]) -> _Rus
 class Tokenizer:
     """CLIP tokenizer: `tokenizer(texts)` -> LongTensor (N, context_length) of [sot, ..., eot, 0, 0, ...]."""
 
+    kind = "bpe"
+
     pad_token_id: int = 0  # OpenAI's clip.tokenize pads with 0 (which is also the "!" token)
 
     def __init__(
@@ -144,22 +150,9 @@ class Tokenizer:
         """
         if isinstance(texts, str):
             texts = [texts]
+        ids = [[self.sot_token_id, *ids, self.eot_token_id] for ids in self._encode_batch(texts)]
         n_ctx = self.context_length if context_length is None else context_length
-        if n_ctx < 2:
-            raise ValueError(f"context_length must be at least 2 (sot and eot), got {n_ctx}")
-        rows = []
-        for row, (text, ids) in enumerate(zip(texts, self._encode_batch(texts))):
-            ids = [self.sot_token_id, *ids, self.eot_token_id]
-            if len(ids) > n_ctx:
-                if not truncate:
-                    raise ValueError(
-                        f"text {row} is {len(ids)} tokens long with sot/eot, more than the context "
-                        f"length {n_ctx}: {_abbreviate(text)}"
-                    )
-                ids = ids[:n_ctx]
-                ids[-1] = self.eot_token_id
-            rows.append(ids + [self.pad_token_id] * (n_ctx - len(ids)))
-        return torch.tensor(rows, dtype=torch.long).reshape(len(rows), n_ctx)  # (N, n_ctx), also for N = 0
+        return to_context(ids, texts, n_ctx, self.pad_token_id, truncate, "sot/eot")
 
     def decode(self, ids: Sequence[int] | torch.Tensor) -> str:
         """Ids -> text. Drops sot, stops at the first eot (what follows is padding), `</w>` -> space."""
@@ -209,9 +202,47 @@ class Tokenizer:
         return cls(vocab, merges, context_length=context_length, source=str(path))
 
 
-def get_tokenizer(path: str | Path, context_length: int = 77) -> Tokenizer:
-    """Same as `Tokenizer.from_pretrained`."""
-    return Tokenizer.from_pretrained(path, context_length=context_length)
+AnyTokenizer = Union[Tokenizer, "WordPieceTokenizer"]  # what a text tower is fed by
+
+
+def get_tokenizer(path: str | Path, context_length: int = 77) -> AnyTokenizer:
+    """The tokenizer a vocabulary path holds: WordPiece for a tokenizer.json of that kind (BERT-family text
+    towers), else CLIP's BPE (see `Tokenizer.from_pretrained`)."""
+    p = Path(path)
+    if p.is_dir() and (p / "vocab.json").is_file() and (p / "merges.txt").is_file():
+        return Tokenizer.from_pretrained(p, context_length=context_length)
+    file = p / "tokenizer.json" if p.is_dir() else p
+    if file.name.endswith(".json") and file.is_file() and tokenizer_json_type(file) == "WordPiece":
+        from clipforge.wordpiece import WordPieceTokenizer
+
+        return WordPieceTokenizer.from_pretrained(file, context_length=context_length)
+    return Tokenizer.from_pretrained(p, context_length=context_length)
+
+
+def tokenizer_json_type(path: Path) -> str | None:
+    """The model type a tokenizers-library file names: "BPE", "WordPiece", ..."""
+    model = _read_json(path).get("model")
+    return model.get("type") if isinstance(model, dict) else None
+
+
+def to_context(
+    rows: list[list[int]], texts: Sequence[str], n_ctx: int, pad_id: int, truncate: bool, ends: str
+) -> torch.Tensor:
+    """Token rows with their start and end tokens -> LongTensor (N, n_ctx): each padded with `pad_id`; too
+    long a row cut with its end token kept last, or, with `truncate=False`, refused naming its text."""
+    if n_ctx < 2:
+        raise ValueError(f"context_length must be at least 2 ({ends}), got {n_ctx}")
+    out = []
+    for row, (text, ids) in enumerate(zip(texts, rows)):
+        if len(ids) > n_ctx:
+            if not truncate:
+                raise ValueError(
+                    f"text {row} is {len(ids)} tokens long with {ends}, more than the context length "
+                    f"{n_ctx}: {_abbreviate(text)}"
+                )
+            ids = ids[: n_ctx - 1] + ids[-1:]
+        out.append(ids + [pad_id] * (n_ctx - len(ids)))
+    return torch.tensor(out, dtype=torch.long).reshape(len(out), n_ctx)  # (N, n_ctx), also for N = 0
 
 
 def _abbreviate(text: str, limit: int = 80) -> str:

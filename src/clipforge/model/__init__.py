@@ -1,15 +1,26 @@
 from clipforge.model.clip import CLIP, CLIPOutput
-from clipforge.model.config import CLIPConfig, PreprocessConfig, TextConfig, VisionConfig
+from clipforge.model.config import (
+    BertTextConfig,
+    CLIPConfig,
+    EfficientNetConfig,
+    PreprocessConfig,
+    TextConfig,
+    VisionConfig,
+)
+from clipforge.model.pretrained import pretrained_towers
 from clipforge.model.registry import create_model, get_config, list_models
 
 __all__ = [
     "CLIP",
     "CLIPOutput",
+    "BertTextConfig",
     "CLIPConfig",
+    "EfficientNetConfig",
     "PreprocessConfig",
     "TextConfig",
     "VisionConfig",
     "create_model",
     "get_config",
     "list_models",
+    "pretrained_towers",
 ]

@@ -9,7 +9,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from clipforge.model.config import CLIPConfig
+from clipforge.model.bert import BertTextTower
+from clipforge.model.config import BertTextConfig, CLIPConfig, EfficientNetConfig
+from clipforge.model.efficientnet import EfficientNetLite
 from clipforge.model.resnet import ModifiedResNet
 from clipforge.model.text import TextTransformer
 from clipforge.model.vit import VisionTransformer
@@ -28,11 +30,17 @@ class CLIP(nn.Module):
     def __init__(self, config: CLIPConfig):
         super().__init__()
         self.config = config
-        if config.vision.kind == "vit":
-            self.visual: nn.Module = VisionTransformer(config.vision, config.embed_dim, config.activation)
+        v, t = config.vision, config.text
+        if isinstance(v, EfficientNetConfig):
+            self.visual: nn.Module = EfficientNetLite(v, config.embed_dim)
+        elif v.kind == "vit":
+            self.visual = VisionTransformer(v, config.embed_dim, config.activation)
         else:
-            self.visual = ModifiedResNet(config.vision, config.embed_dim)
-        self.text = TextTransformer(config.text, config.embed_dim, config.activation)
+            self.visual = ModifiedResNet(v, config.embed_dim)
+        if isinstance(t, BertTextConfig):
+            self.text: nn.Module = BertTextTower(t, config.embed_dim)
+        else:
+            self.text = TextTransformer(t, config.embed_dim, config.activation)
         self.logit_scale = nn.Parameter(torch.tensor(float(config.logit_scale_init)))
         self.logit_bias = None
         if config.logit_bias_init is not None:

@@ -17,6 +17,7 @@ OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
 ACTIVATIONS = ("quick_gelu", "gelu")
 INTERPOLATIONS = ("bicubic", "bilinear", "nearest")
 RESIZE_MODES = ("shortest", "squash")
+BERT_POOLING = ("mean", "cls")
 
 
 @dataclass(frozen=True)
@@ -33,7 +34,10 @@ class VisionConfig:
 
     def __post_init__(self) -> None:
         if self.kind not in ("vit", "resnet"):
-            raise ValueError(f"vision kind must be 'vit' or 'resnet', got {self.kind!r}")
+            raise ValueError(
+                f"VisionConfig kind must be 'vit' or 'resnet', got {self.kind!r} (EfficientNetConfig is "
+                "kind 'efficientnet')"
+            )
         if self.kind == "resnet":
             layers = tuple(self.layers) if not isinstance(self.layers, int) else None
             if layers is None or len(layers) != 4:
@@ -58,8 +62,37 @@ class VisionConfig:
 
 
 @dataclass(frozen=True)
+class EfficientNetConfig:
+    """EfficientNet-Lite0 image tower (Tan & Le, 2019, in its Lite form: ReLU6, no squeeze-excite). The stage
+    table is Lite0's, fixed, so that the pretrained ImageNet weights fit it; only the input size and the
+    stochastic depth of training vary."""
+
+    kind: str = "efficientnet"
+    image_size: int = 224
+    # Stochastic depth: the rate of the last MBConv block, scaled down linearly towards the first (the
+    # reference trains with 0.2); 0 keeps every block in training too.
+    drop_path_rate: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.kind != "efficientnet":
+            raise ValueError(f"EfficientNetConfig kind must be 'efficientnet', got {self.kind!r}")
+        if self.image_size < 32:
+            raise ValueError(f"image_size {self.image_size} is below the tower's total stride, 32")
+        if not 0.0 <= self.drop_path_rate < 1.0:
+            raise ValueError(f"drop_path_rate must be in [0, 1), got {self.drop_path_rate}")
+
+    @property
+    def patch_size(self) -> int:
+        return 32  # the total stride: one feature per 32x32 pixels, as for the ResNet
+
+    @property
+    def grid_size(self) -> int:
+        return math.ceil(self.image_size / self.patch_size)
+
+
+@dataclass(frozen=True)
 class TextConfig:
-    """Causal text Transformer; pooled at the first end-of-text token."""
+    """Causal text Transformer over CLIP's BPE tokens; pooled at the first end-of-text token."""
 
     context_length: int = 77
     vocab_size: int = 49408
@@ -79,6 +112,61 @@ class TextConfig:
                 raise ValueError(
                     f"{name}={getattr(self, name)} is outside the vocabulary (size {self.vocab_size})"
                 )
+
+    @property
+    def tokenizer_kind(self) -> str:
+        return "bpe"
+
+
+@dataclass(frozen=True)
+class BertTextConfig:
+    """BERT-family text tower (Devlin et al., 2019) over WordPiece tokens: bidirectional, post-LN, pooled by the
+    masked mean of its outputs (Sentence-BERT, as all-MiniLM-L6-v2) or at [CLS]. The defaults are MiniLM-L6's."""
+
+    kind: str = "bert"
+    context_length: int = 64  # tokens per text, [CLS] and [SEP] included
+    vocab_size: int = 30522
+    width: int = 384
+    heads: int = 12
+    layers: int = 6
+    mlp_ratio: float = 4.0
+    max_positions: int = 512  # rows of the learned position table
+    type_vocab_size: int = 2  # segment embeddings; every text is segment 0
+    layer_norm_eps: float = 1e-12
+    pooling: str = "mean"
+    pad_token_id: int = 0
+    cls_token_id: int = 101
+    sep_token_id: int = 102
+
+    def __post_init__(self) -> None:
+        if self.kind != "bert":
+            raise ValueError(f"BertTextConfig kind must be 'bert', got {self.kind!r}")
+        if self.width % self.heads:
+            raise ValueError(f"text width {self.width} is not divisible by heads {self.heads}")
+        if self.pooling not in BERT_POOLING:
+            raise ValueError(f"pooling must be one of {BERT_POOLING}, got {self.pooling!r}")
+        if not 2 <= self.context_length <= self.max_positions:
+            raise ValueError(
+                f"context_length {self.context_length} must be in [2, max_positions={self.max_positions}]"
+            )
+        for name in ("pad_token_id", "cls_token_id", "sep_token_id"):
+            if not 0 <= getattr(self, name) < self.vocab_size:
+                raise ValueError(
+                    f"{name}={getattr(self, name)} is outside the vocabulary (size {self.vocab_size})"
+                )
+
+    # The names code written for CLIP's tokens reads (bucketing by length, ONNX export): [SEP] ends a text.
+    @property
+    def sot_token_id(self) -> int:
+        return self.cls_token_id
+
+    @property
+    def eot_token_id(self) -> int:
+        return self.sep_token_id
+
+    @property
+    def tokenizer_kind(self) -> str:
+        return "wordpiece"
 
 
 @dataclass(frozen=True)
@@ -108,11 +196,23 @@ class PreprocessConfig:
             raise ValueError(f"resize_mode must be one of {RESIZE_MODES}, got {self.resize_mode!r}")
 
 
+ImageTowerConfig = VisionConfig | EfficientNetConfig
+TextTowerConfig = TextConfig | BertTextConfig
+# Config class of each tower kind. CLIP's own text Transformer has no `kind` key, so its saved configs stay
+# as they were.
+VISION_KINDS: dict[str, type] = {
+    "vit": VisionConfig,
+    "resnet": VisionConfig,
+    "efficientnet": EfficientNetConfig,
+}
+TEXT_KINDS: dict[str, type] = {"bert": BertTextConfig}
+
+
 @dataclass(frozen=True)
 class CLIPConfig:
     embed_dim: int
-    vision: VisionConfig
-    text: TextConfig
+    vision: ImageTowerConfig
+    text: TextTowerConfig
     # OpenAI's weights were trained with QuickGELU; running them with exact GELU changes every embedding.
     activation: str = "quick_gelu"
     logit_scale_init: float = math.log(1 / 0.07)
@@ -135,8 +235,8 @@ class CLIPConfig:
     def from_dict(cls, d: dict[str, Any]) -> CLIPConfig:
         d = dict(d)
         _check_keys(cls, d, "model config")
-        vision = _build(VisionConfig, d.pop("vision"), "vision config")
-        text = _build(TextConfig, d.pop("text"), "text config")
+        vision = _build_tower(VISION_KINDS, VisionConfig, d.pop("vision"), "vision")
+        text = _build_tower(TEXT_KINDS, TextConfig, d.pop("text"), "text")
         pre = d.pop("preprocess", None)
         preprocess = _build(PreprocessConfig, pre, "preprocess config") if pre is not None else None
         if preprocess is None:
@@ -145,9 +245,15 @@ class CLIPConfig:
 
     def replace(self, **changes: Any) -> CLIPConfig:
         """Copy with top-level fields or nested ones changed: `cfg.replace(text={"vocab_size": 4096})`."""
+        towers = {"vision": (VISION_KINDS, VisionConfig), "text": (TEXT_KINDS, TextConfig)}
         for key in ("vision", "text", "preprocess"):
-            if isinstance(changes.get(key), dict):
-                changes[key] = dataclasses.replace(getattr(self, key), **changes[key])
+            new, old = changes.get(key), getattr(self, key)
+            if not isinstance(new, dict):
+                continue
+            if key in towers and "kind" in new and towers[key][0].get(new["kind"]) is not type(old):
+                changes[key] = _build_tower(*towers[key], new, key)  # a tower of another class: from scratch
+            else:
+                changes[key] = dataclasses.replace(old, **new)
         if "vision" in changes and "preprocess" not in changes:
             changes["preprocess"] = dataclasses.replace(
                 self.preprocess, image_size=changes["vision"].image_size
@@ -165,3 +271,11 @@ def _check_keys(cls: type, d: dict[str, Any], what: str) -> None:
 def _build(cls: type, d: dict[str, Any], what: str) -> Any:
     _check_keys(cls, d, what)
     return cls(**d)
+
+
+def _build_tower(kinds: dict[str, type], default: type, d: dict[str, Any], what: str) -> Any:
+    """The config of the tower kind `d["kind"]` names; without a kind, `default` (CLIP's own towers)."""
+    if "kind" in d and d["kind"] not in kinds:
+        valid = sorted(kinds) + ([] if hasattr(default, "kind") else ["none (CLIP's text Transformer)"])
+        raise ValueError(f"unknown {what} tower kind {d['kind']!r}; valid kinds: {valid}")
+    return _build(kinds.get(d.get("kind"), default), d, f"{what} config")

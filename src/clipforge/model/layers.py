@@ -12,6 +12,12 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 
+def check_unlocked(unlocked: int, num_blocks: int) -> None:
+    """Towers split for locked-tower training take `unlocked` in [0, num_blocks]: the trailing blocks to run."""
+    if not 0 <= unlocked <= num_blocks:
+        raise ValueError(f"unlocked must be in [0, {num_blocks}] (the tower's blocks), got {unlocked}")
+
+
 class QuickGELU(nn.Module):
     """x * sigmoid(1.702 x): the activation OpenAI's weights were trained with."""
 
@@ -48,11 +54,14 @@ class Attention(nn.Module):
         self.in_proj_bias = nn.Parameter(torch.zeros(3 * width))
         self.out_proj = nn.Linear(width, width)
 
-    def forward(self, x: torch.Tensor, causal: bool = False) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, causal: bool = False, mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """`mask` (B, 1, 1, T) bool: the keys each text may attend to (False at padding)."""
         B, T, D = x.shape
         qkv = F.linear(x, self.in_proj_weight, self.in_proj_bias)  # (B, T, 3D)
         q, k, v = qkv.view(B, T, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)  # 3 x (B, H, T, hd)
-        o = F.scaled_dot_product_attention(q, k, v, is_causal=causal)  # (B, H, T, hd)
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)  # (B, H, T, hd)
         return self.out_proj(o.transpose(1, 2).reshape(B, T, D))
 
 

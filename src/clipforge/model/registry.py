@@ -31,11 +31,22 @@ def get_config(name: str) -> CLIPConfig:
     return CLIPConfig.from_dict({**d, "name": name})
 
 
-def create_model(name_or_config: str | CLIPConfig, *, seed: int | None = None) -> CLIP:
-    """A randomly initialised model with the paper's initialisation, from a preset name or a config."""
+def create_model(
+    name_or_config: str | CLIPConfig, *, seed: int | None = None, pretrained: str | Path | None = None
+) -> CLIP:
+    """A randomly initialised model with the paper's initialisation, from a preset name or a config.
+
+    `pretrained`: a towers folder (`clipforge data fetch-towers` fills the cache's towers/): the towers that have
+    pretrained weights there (EfficientNet-Lite0, BERT/MiniLM) load them; the projections stay new."""
     cfg = get_config(name_or_config) if isinstance(name_or_config, str) else name_or_config
     if seed is None:
-        return CLIP(cfg)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        return CLIP(cfg)
+        model = CLIP(cfg)
+    else:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            model = CLIP(cfg)
+    if pretrained is not None:
+        from clipforge.model.pretrained import load_pretrained_towers
+
+        load_pretrained_towers(model, pretrained)
+    return model
