@@ -143,7 +143,7 @@ def test_image_cache_recomputes_exactly_what_changed(shapes, vocab, tmp_path):
     assert store_w.dir not in (store.dir, store_p.dir) and stats.computed == N
 
 
-def test_text_cache_keys_rows_by_token_ids(vocab, tmp_path):
+def test_text_cache_keys_rows_by_caption_and_tokenizer(vocab, tmp_path):
     model, tok = locked_model(vocab, unlocked=1)
     captions = ["a red circle", "a blue square", "a red circle", "a green star"]
     store = ft.text_store(tmp_path, model.text, model.config, tok, 1)
@@ -156,6 +156,9 @@ def test_text_cache_keys_rows_by_token_ids(vocab, tmp_path):
     captions[3] = "a green triangle"
     stats = ft.build_text_features(store, model.text, 1, captions, tok)[1]
     assert (stats.computed, stats.cached) == (1, 2)  # distinct captions: two stored, one new
+    # Another tokenizer (here: another context length) gives other ids: another namespace.
+    other = clipforge.Tokenizer.from_pretrained(vocab, context_length=12)
+    assert ft.text_store(tmp_path, model.text, model.config, other, 1).dir != store.dir
 
 
 # --- crash safety ----------------------------------------------------------------------------------------

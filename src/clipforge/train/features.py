@@ -7,9 +7,10 @@
     CACHE/features/text-<id>/...                 the same for the text tower (the tokenizer in meta.json)
 
 A folder (a namespace) is named by the hash of its meta.json, so another tower, other weights below the
-unlocked blocks, another number of unlocked blocks or other preprocessing make a new folder and nothing stale
-is read. Inside it a row's key is the sha256 of the image file's bytes, or of the token ids a caption became:
-an edited image or caption gets a new key and only that row is computed again. Rows are stored in fp32.
+unlocked blocks, another number of unlocked blocks, other preprocessing or another tokenizer make a new folder
+and nothing stale is read. Inside it a row's key is the sha256 of the image file's bytes, or of the caption:
+an edited image or caption gets a new key and only that row is computed again. Rows are stored in fp32 (the
+pooled features of a small tower are a few KiB an image).
 
 A part is written to a temporary name and renamed when complete, so a killed build keeps every finished part
 and the next build computes only what is missing; a build with nothing missing reads and hashes, nothing more.
@@ -72,15 +73,27 @@ def trunk_fingerprint(tower: nn.Module, config: dict[str, Any]) -> str:
     return h.hexdigest()
 
 
-def tokenizer_identity(tok: Any) -> dict[str, Any]:
-    """Recorded in a text namespace's meta.json for people to read; rows are keyed by the token ids themselves,
-    so what the tokenizer made of each caption is what decides a row."""
-    vocab = getattr(tok, "vocab", {})
-    return {
-        "class": type(tok).__qualname__,
-        "context_length": getattr(tok, "context_length", None),
-        "vocab": _sha256(json.dumps(sorted(vocab.items()), ensure_ascii=False).encode()),
-    }
+# Texts whose token ids tell tokenizers apart beyond their vocabularies: case, accents, spacing, symbols.
+PROBE_TEXTS = (
+    "A Photo of CAFÉ's 2 dogs!",
+    "naïve   spacing\tand\nlines -- ok?",
+    "日本語 テキスト 🙂 <b>x</b>",
+)
+
+
+def tokenizer_identity(tok: Callable[[Sequence[str]], torch.Tensor]) -> str:
+    """sha256 over a tokenizer's class, context length, vocabulary, merges and its ids for a few probe texts:
+    with the caption, what decides the ids a text row was computed from."""
+    h = hashlib.sha256()
+    for part in (
+        type(tok).__qualname__,
+        getattr(tok, "context_length", None),
+        sorted(getattr(tok, "vocab", {}).items()),
+        [list(m) for m in getattr(tok, "merges", [])],
+        tok(list(PROBE_TEXTS)).tolist(),
+    ):
+        h.update(json.dumps(part, ensure_ascii=False).encode())
+    return h.hexdigest()
 
 
 def image_store(root: str | Path, tower: nn.Module, config: CLIPConfig, unlocked: int) -> FeatureStore:
@@ -102,8 +115,8 @@ def image_store(root: str | Path, tower: nn.Module, config: CLIPConfig, unlocked
 def text_store(
     root: str | Path, tower: nn.Module, config: CLIPConfig, tokenizer: Any, unlocked: int
 ) -> FeatureStore:
-    """The namespace of a text tower's trunk outputs: its class, trunk weights, config and unlocked blocks (the
-    tokenizer is recorded; rows are keyed by token ids)."""
+    """The namespace of a text tower's trunk outputs: its class, trunk weights, config, unlocked blocks and the
+    tokenizer; a row's key is its caption's."""
     return FeatureStore(
         root,
         {
@@ -367,10 +380,8 @@ def build_image_features(
 # --------------------------------------------------------------------------------------------------- text
 
 
-def text_keys(tokens: torch.Tensor) -> list[str]:
-    """(N, T) token ids -> the key of each row: the sha256 of its ids."""
-    rows = tokens.to(torch.int64).contiguous().numpy()
-    return [_sha256(r.tobytes()) for r in rows]
+def text_key(caption: str) -> str:
+    return _sha256(caption.encode("utf-8"))
 
 
 def build_text_features(
@@ -384,28 +395,28 @@ def build_text_features(
     part_rows: int = PART_ROWS,
     progress: bool = False,
 ) -> tuple[list[str], BuildStats]:
-    """Make sure `store` holds the trunk output of every caption; -> (each caption's key, what the build did)."""
+    """Make sure `store` holds the trunk output of every caption; -> (each caption's key, what the build did).
+    Only captions not stored yet are tokenized (tokenizing is most of the time a warm cache would take)."""
     import time
 
     from tqdm import tqdm
 
     t0, stats = time.perf_counter(), BuildStats()
-    tokens = tokenizer(list(captions)) if captions else torch.zeros(0, 1, dtype=torch.long)  # (N, T)
-    keys = text_keys(tokens)
+    keys = [text_key(c) for c in captions]
     stored = set(store.index())
     first = {k: i for i, k in reversed(list(enumerate(keys)))}
     todo = [i for k, i in first.items() if k not in stored]
+    tokens = tokenizer([captions[i] for i in todo]) if todo else torch.zeros(0, 1, dtype=torch.long)  # (n, T)
     # Similar lengths together: a trimmed tower then runs each batch only up to its longest caption.
-    lengths = (tokens != 0).sum(dim=1).tolist()
-    todo.sort(key=lambda i: lengths[i])
+    order = (tokens != 0).sum(dim=1).argsort(stable=True).tolist()
     writer = _Writer(store, lambda x: tower.trunk(x, unlocked), batch, part_rows)
     bar = tqdm(
         total=len(todo), desc="text features", unit="caption", disable=not progress, dynamic_ncols=True
     )
     # Pooled features (unlocked = 0) have one shape whatever the length, so a trimming tower may trim.
     with _inference(tower, full_length=unlocked > 0):
-        for i in todo:
-            writer.add(keys[i], tokens[i])
+        for j in order:
+            writer.add(keys[todo[j]], tokens[j])
             bar.update(1)
         writer.close()
     bar.close()

@@ -5,9 +5,9 @@
 into the feature cache (clipforge.train.features) and training reads them: a step runs only the heads.
 
 The loop stays one loop; only the batch source and the module it calls differ:
-- an image tower locked: batches of cached rows, in the loader's order for a manifest with the loader's
-  caption choice (one per image per epoch), so a run is the same as one that computes the trunk every step;
-  the images are not augmented (the cache holds the evaluation preprocessing of each image);
+- an image tower locked: batches of cached rows over a manifest's readable samples, in the loader's order and
+  with the loader's caption choice (one per image per epoch); the images are not augmented (the cache holds
+  the evaluation preprocessing of each image);
 - only the text tower locked: the loader's batches, with each caption replaced by its cached row.
 `LockedCLIP` takes those inputs and gives the same `CLIPOutput` as CLIP. With `feature_cache="off"` the same
 batches carry decoded images and token ids instead, and the trunks run every step without gradient: slow, for
@@ -110,7 +110,8 @@ class LockedCLIP(nn.Module):
         if not side.locked:
             return tower(x)
         if not side.cached:
-            with torch.no_grad():
+            # As the cache computes it: eval mode (no dropout, BatchNorm statistics as they are).
+            with ft.eval_mode(tower), torch.no_grad():
                 x = tower.trunk(x, side.unlocked)
         return tower.head(x, side.unlocked)
 
