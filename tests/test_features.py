@@ -313,3 +313,36 @@ def test_locking_errors_name_the_problem(shapes, vocab, tmp_path):
     write_shards(shapes, tmp_path / "shards", shard_size=16)
     with pytest.raises(ft.FeatureCacheError, match="shards are not supported"):
         train(lit_cfg(tmp_path / "b", tmp_path / "shards", vocab, tmp_path / "c"))
+
+
+# --- two processes --------------------------------------------------------------------------------------
+
+
+def _two_rank_worker(rank: int, port: int, cfg_json: str) -> None:
+    import os
+
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank)
+    )
+    torch.set_num_threads(1)
+    train(locked.TrainConfig.from_dict(json.loads(cfg_json)))
+
+
+def test_two_processes_from_cache_equal_one_process(shapes, vocab, tmp_path):
+    """Rank 0 builds the cache while rank 1 waits, then both read it; their global batch of 2 x 8 is the same
+    samples and captions as one process's batch of 16, so the runs end with the same weights."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    kw = dict(unlock_text_blocks=1, steps=3, checkpoint_every=3)
+    one = train(lit_cfg(tmp_path / "one", shapes, vocab, tmp_path / "cache1", batch_size=16, **kw))
+    two = lit_cfg(tmp_path / "two", shapes, vocab, tmp_path / "cache2", batch_size=8, **kw)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    args = (port, json.dumps(two.to_dict()))
+    mp.start_processes(_two_rank_worker, args=args, nprocs=2, join=True, start_method="spawn")
+    assert f"image features: 0 cached, {N} computed" in (tmp_path / "two" / "log.txt").read_text()
+    a, b = params(clipforge.load(one / "final")[0]), params(clipforge.load(tmp_path / "two" / "final")[0])
+    assert max_diff(a, b) < 1e-5
