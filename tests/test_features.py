@@ -346,3 +346,22 @@ def test_two_processes_from_cache_equal_one_process(shapes, vocab, tmp_path):
     assert f"image features: 0 cached, {N} computed" in (tmp_path / "two" / "log.txt").read_text()
     a, b = params(clipforge.load(one / "final")[0]), params(clipforge.load(tmp_path / "two" / "final")[0])
     assert max_diff(a, b) < 1e-5
+
+
+def test_unreadable_images_are_left_out_up_to_max_bad_fraction(shapes, vocab, tmp_path):
+    from clipforge.data.loader import BadDataError
+
+    lines = shapes.read_text().splitlines()
+    rows = [json.loads(x) for x in lines]
+    rows[0]["image"] = str(tmp_path / "missing.png")
+    (tmp_path / "broken.png").write_bytes(b"not a png")
+    rows[1]["image"] = str(tmp_path / "broken.png")
+    manifest = tmp_path / "m.jsonl"
+    manifest.write_text(
+        "".join(json.dumps({**r, "image": str(shapes.parent / r["image"])}) + "\n" for r in rows)
+    )
+    with pytest.raises(BadDataError, match="2 of 48 samples are unreadable"):
+        train(lit_cfg(tmp_path / "a", manifest, vocab, tmp_path / "cache", max_bad_fraction=0.0, steps=1))
+    run = train(lit_cfg(tmp_path / "b", manifest, vocab, tmp_path / "cache", max_bad_fraction=0.1, steps=1))
+    log = (run / "log.txt").read_text()
+    assert "2 unreadable" in log and "left out 2 unreadable samples" in log and "cannot read" in log

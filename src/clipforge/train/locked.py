@@ -280,6 +280,8 @@ def _built(ctx: Context, build: Callable[[], tuple[list, ft.BuildStats]], what: 
             stats.bad,
             stats.seconds,
         )
+        if stats.examples:
+            ctx.log.warning("unreadable %s inputs, e.g.: %s", what, "; ".join(stats.examples))
         ctx.barrier()
         return keys
     ctx.barrier()
