@@ -219,3 +219,39 @@ def test_config_errors_name_the_problem():
         CLIPConfig.from_dict({**small_config().to_dict(), "widht": 3})
     with pytest.raises(ValueError, match="activation"):
         small_config().replace(activation="relu")
+
+
+@pytest.mark.parametrize("kind", ["vit", "resnet"])
+def test_tower_forward_is_head_of_trunk_at_every_split(kind):
+    """forward == head(trunk(x, n), n) for every number of unlocked top blocks n, image and text towers."""
+    cfg = small_config(kind)
+    model = create_model(cfg, seed=0).eval()
+    images = torch.randn(3, 3, cfg.vision.image_size, cfg.vision.image_size)
+    tokens = random_tokens(3, cfg, seed=5)
+    with torch.no_grad():
+        for tower, x in ((model.visual, images), (model.text, tokens)):
+            assert tower.num_blocks == (1 if tower is model.visual and kind == "resnet" else 2)
+            full = tower(x)
+            for n in range(tower.num_blocks + 1):
+                feats = tower.trunk(x, n)
+                rows = feats if isinstance(feats, tuple) else (feats,)
+                assert all(t.shape[0] == 3 for t in rows)  # per sample along dim 0
+                assert torch.equal(tower.head(feats, n), full), (n, type(tower).__name__)
+            with pytest.raises(ValueError, match="unlockable blocks"):
+                tower.trunk(x, tower.num_blocks + 1)
+    # Unlocked = 0 hands over pooled features (B, width); above 0, states at a block's input.
+    assert model.visual.trunk(images).shape == (3, cfg.vision.width * (32 if kind == "resnet" else 1))
+
+
+def test_text_head_accepts_untrimmed_trunk_states():
+    """A feature cache stores text states at full length (`trim` off); the head gives the same features."""
+    model = create_model(small_config(), seed=0).eval()
+    tokens = random_tokens(4, model.config, seed=6)
+    with torch.no_grad():
+        model.text.trim = False
+        hidden, pos = model.text.trunk(tokens, 1)
+        model.text.trim = True
+        assert hidden.shape[1] == model.config.text.context_length
+        torch.testing.assert_close(
+            model.text.head((hidden, pos), 1), model.text(tokens), atol=1e-5, rtol=1e-5
+        )

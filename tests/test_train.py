@@ -289,6 +289,33 @@ def test_clean_stop_then_resume_equals_straight_run(straight_run, tmp_path):
     assert max(float((ea[k]["exp_avg_sq"] - eb[k]["exp_avg_sq"]).abs().max()) for k in ea) < 1e-9
 
 
+def test_locked_run_from_feature_cache_resumes_like_a_straight_run(straight_run, tmp_path):
+    """Both towers locked, trained from cached trunk outputs: 4 steps (mid-epoch: 3 batches an epoch), a clean
+    stop and 2 resumed steps equal 6 straight steps, and the resumed run reads the cache without computing."""
+    from clipforge.data.synthetic import write_shapes
+
+    manifest = write_shapes(tmp_path / "shapes", 48, size=32)
+    cfg = tiny_cfg(
+        tmp_path / "straight",
+        data=(str(manifest),),
+        vocab=str(straight_run / "tokenizer"),
+        lock_image=True,
+        lock_text=True,
+        unlock_image_blocks=1,
+        feature_cache=str(tmp_path / "cache"),
+    )
+    train(cfg)
+    resumed = cfg.replace(out=str(tmp_path / "resumed"))
+    train(resumed, stop_after=4)
+    assert [d.name for d in step_dirs(tmp_path / "resumed")] == ["step-3", "step-4"]
+    train(resumed)
+    log = (tmp_path / "resumed" / "log.txt").read_text()
+    assert "resumed from" in log and "image features: 48 cached, 0 computed" in log
+    _, a = load_state(step_dirs(tmp_path / "straight")[-1])
+    _, b = load_state(step_dirs(tmp_path / "resumed")[-1])
+    assert max_diff(params(a["model"]), params(b["model"])) < 1e-6
+
+
 def _child(out: str, vocab: str) -> None:
     """Run in a subprocess: train 6 steps with a loader that blocks forever at batch 4 (after step 3's
     checkpoint is written), to be killed with SIGKILL."""
@@ -490,8 +517,8 @@ def test_finetune_from_fp16_file_raises_recall_and_locks_the_image_tower(tmp_pat
     chance = 1 / 24
     assert after >= 3 * chance and after >= before + 3 * chance, (before, after)
     b, a = params(before_model), params(after_model)
-    assert torch.equal(b["visual.conv1.weight"], a["visual.conv1.weight"])  # locked
-    assert torch.equal(b["visual.proj"], a["visual.proj"])
+    assert torch.equal(b["visual.conv1.weight"], a["visual.conv1.weight"])  # the trunk is locked
+    assert not torch.equal(b["visual.proj"], a["visual.proj"])  # the head (projection) trains
     assert not torch.equal(b["visual.ln_post.weight"], a["visual.ln_post.weight"])  # norm layers trainable
     assert not torch.equal(b["text.text_projection"], a["text.text_projection"])
     assert (

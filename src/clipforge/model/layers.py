@@ -99,8 +99,11 @@ class Transformer(nn.Module):
             ResidualAttentionBlock(width, heads, mlp_ratio, activation) for _ in range(layers)
         )
 
-    def forward(self, x: torch.Tensor, causal: bool = False) -> torch.Tensor:  # (B, T, D) -> (B, T, D)
-        for block in self.resblocks:
+    def forward(
+        self, x: torch.Tensor, causal: bool = False, start: int = 0, stop: int | None = None
+    ) -> torch.Tensor:  # (B, T, D) -> (B, T, D)
+        """Blocks [start, stop) only: a tower's trunk runs the lower ones, its head the top ones."""
+        for block in self.resblocks[start:stop]:
             if self.grad_checkpointing and torch.is_grad_enabled():
                 x = checkpoint(block, x, causal, use_reentrant=False)
             else:

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from clipforge.model.config import VisionConfig
+from clipforge.model.tower import check_unlocked
 
 
 class Bottleneck(nn.Module):
@@ -61,6 +62,9 @@ class AttentionPool2d(nn.Module):
         self.c_proj = nn.Linear(width, output_dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, C, h, w) -> (B, output_dim)
+        return self.c_proj(self.pool(x))
+
+    def pool(self, x: torch.Tensor) -> torch.Tensor:  # (B, C, h, w) -> (B, C), before the output projection
         B, C = x.shape[:2]
         x = x.flatten(2).transpose(1, 2)  # (B, hw, C)
         x = torch.cat([x.mean(dim=1, keepdim=True), x], dim=1) + self.positional_embedding.to(x.dtype)
@@ -69,7 +73,7 @@ class AttentionPool2d(nn.Module):
         k = self.k_proj(x).view(B, -1, self.heads, hd).transpose(1, 2)  # (B, H, 1+hw, hd)
         v = self.v_proj(x).view(B, -1, self.heads, hd).transpose(1, 2)
         o = F.scaled_dot_product_attention(q, k, v)  # (B, H, 1, hd)
-        return self.c_proj(o.transpose(1, 2).reshape(B, C))
+        return o.transpose(1, 2).reshape(B, C)
 
 
 class ModifiedResNet(nn.Module):
@@ -110,6 +114,12 @@ class ModifiedResNet(nn.Module):
             for block in stage:
                 nn.init.zeros_(block.bn3.weight)
 
+    @property
+    def num_blocks(self) -> int:
+        """The attention pool is the one unlockable block: below it, BatchNorm statistics and the residual
+        stages are locked together."""
+        return 1
+
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:  # (B, 3, H, W) -> (B, 32w, H/32, W/32)
         x = x.to(self.conv1.weight.dtype)
         x = self.relu1(self.bn1(self.conv1(x)))
@@ -117,5 +127,18 @@ class ModifiedResNet(nn.Module):
         x = self.avgpool(self.relu3(self.bn3(self.conv3(x))))
         return self.layer4(self.layer3(self.layer2(self.layer1(x))))
 
+    def trunk(self, x: torch.Tensor, unlocked: int = 0) -> torch.Tensor:
+        """(B, 3, H, W) -> (B, 32w) attention-pooled features before the output projection (unlocked = 0), or
+        the (B, 32w, H/32, W/32) feature map at the input of the attention pool (unlocked = 1)."""
+        check_unlocked(unlocked, self.num_blocks, "image")
+        x = self.forward_features(x)
+        return x if unlocked else self.attnpool.pool(x)
+
+    def head(
+        self, feats: torch.Tensor, unlocked: int = 0
+    ) -> torch.Tensor:  # trunk(x, unlocked) -> (B, embed_dim)
+        check_unlocked(unlocked, self.num_blocks, "image")
+        return self.attnpool(feats) if unlocked else self.attnpool.c_proj(feats)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, 3, H, W) -> (B, embed_dim)
-        return self.attnpool(self.forward_features(x))
+        return self.head(self.trunk(x))

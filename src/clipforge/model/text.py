@@ -7,6 +7,7 @@ from torch import nn
 
 from clipforge.model.config import TextConfig
 from clipforge.model.layers import LayerNorm, Transformer
+from clipforge.model.tower import check_unlocked
 
 
 def eot_positions(tokens: torch.Tensor, eot_token_id: int) -> torch.Tensor:
@@ -41,20 +42,44 @@ class TextTransformer(nn.Module):
     def eot_positions(self, tokens: torch.Tensor) -> torch.Tensor:
         return eot_positions(tokens, self.eot_token_id)
 
-    def forward_tokens(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(B, T) ids -> ((B, T', width) token features after ln_final, (B,) pooling positions); T' <= T."""
+    @property
+    def num_blocks(self) -> int:
+        return self.transformer.layers
+
+    def _pool(self, x: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:  # (B, T, W), (B,) -> (B, W)
+        return self.ln_final(x[torch.arange(x.shape[0], device=x.device), pos])
+
+    def _trimmed(self) -> bool:
+        return self.trim and not torch.jit.is_tracing() and not torch.compiler.is_compiling()
+
+    def trunk(
+        self, tokens: torch.Tensor, unlocked: int = 0
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """(B, T) ids -> (B, width) pooled features (unlocked = 0), else ((B, T', width) hidden states at the
+        input of the last `unlocked` blocks, (B,) pooling positions); T' <= T, T' = T when `trim` is off."""
+        check_unlocked(unlocked, self.num_blocks, "text")
         if tokens.shape[1] > self.context_length:
             raise ValueError(
                 f"text has {tokens.shape[1]} tokens; this model's context length is {self.context_length}"
             )
         pos = self.eot_positions(tokens)
-        if self.trim and not torch.jit.is_tracing() and not torch.compiler.is_compiling():
+        if self._trimmed():
             tokens = tokens[:, : int(pos.max()) + 1]
         T = tokens.shape[1]
         x = self.token_embedding(tokens) + self.positional_embedding[:T]
-        x = self.transformer(x, causal=True)
-        return self.ln_final(x), pos
+        x = self.transformer(x, causal=True, stop=self.num_blocks - unlocked)
+        return self._pool(x, pos) if unlocked == 0 else (x, pos)
+
+    def head(
+        self, feats: torch.Tensor | tuple[torch.Tensor, torch.Tensor], unlocked: int = 0
+    ) -> torch.Tensor:  # trunk(tokens, unlocked) -> (B, embed_dim)
+        check_unlocked(unlocked, self.num_blocks, "text")
+        if unlocked:
+            x, pos = feats
+            if self._trimmed():  # hidden states cached at full length: causal, so the tail changes nothing
+                x = x[:, : int(pos.max()) + 1]
+            feats = self._pool(self.transformer(x, causal=True, start=self.num_blocks - unlocked), pos)
+        return feats @ self.text_projection
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:  # (B, T) -> (B, embed_dim)
-        x, pos = self.forward_tokens(tokens)
-        return x[torch.arange(x.shape[0], device=x.device), pos] @ self.text_projection
+        return self.head(self.trunk(tokens))

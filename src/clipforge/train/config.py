@@ -68,9 +68,22 @@ class TrainConfig:
     compile: bool = _opt(False, "torch.compile the model (slow first step)")
     device: str = _opt("auto", "auto (CUDA if present), cpu, cuda")
     # --- fine-tuning
-    lock_image: bool = _opt(False, "freeze the image tower (LiT)")
-    lock_image_norm_trainable: bool = _opt(False, "with lock_image: keep its normalisation layers trainable")
-    lock_text: bool = _opt(False, "freeze the text tower")
+    lock_image: bool = _opt(
+        False, "lock the image tower (LiT): all but its head (projection and unlocked top blocks) is frozen"
+    )
+    lock_image_norm_trainable: bool = _opt(
+        False, "with lock_image: keep its normalisation layers trainable (then nothing is cached)"
+    )
+    unlock_image_blocks: int = _opt(0, "with lock_image: train the image tower's top N blocks too")
+    lock_text: bool = _opt(
+        False, "lock the text tower: all but its head (projection and unlocked top blocks)"
+    )
+    unlock_text_blocks: int = _opt(0, "with lock_text: train the text tower's top N blocks too")
+    feature_cache: str = _opt(
+        "auto",
+        "where a locked tower's trunk outputs are cached: a directory, 'auto' (the clipforge cache), or 'off' "
+        "(compute them every step; slow, to check the cache)",
+    )
     pretrained_lr_scale: float = _opt(1.0, "learning-rate multiplier for weights loaded by --init")
     # --- bookkeeping
     seed: int = _opt(0, "seed of the model initialisation, data order and augmentation")
@@ -104,6 +117,10 @@ class TrainConfig:
             )
         if self.steps is not None and self.steps < 1:
             raise ValueError(f"steps must be at least 1, got {self.steps}")
+        for side in ("image", "text"):
+            n = getattr(self, f"unlock_{side}_blocks")
+            if n < 0 or (n and not getattr(self, f"lock_{side}")):
+                raise ValueError(f"unlock_{side}_blocks={n} needs lock_{side} and must be >= 0")
         if self.warmup_steps < 0 or self.lr <= 0 or self.pretrained_lr_scale < 0:
             raise ValueError("warmup_steps must be >= 0, lr > 0 and pretrained_lr_scale >= 0")
 

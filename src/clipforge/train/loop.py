@@ -27,12 +27,12 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
 from clipforge.checkpoint import save_model
-from clipforge.train import optim
+from clipforge.train import locked, optim
 from clipforge.train.build import initial_model
 from clipforge.train.config import TrainConfig
 from clipforge.train.dist import DistInfo, barrier, init_distributed, mean_across
 from clipforge.train.state import Position, restore, resume_state, rng_state, save_state
-from clipforge.train.step import forward_backward
+from clipforge.train.step import forward_backward, to_device
 
 LoaderFactory = Callable[..., Any]  # clipforge.data.loader.build_loader's signature
 
@@ -55,7 +55,7 @@ def train(
     run = Path(cfg.out)
     log = _logger(run, info)
     model, tok, pretrained = initial_model(cfg, run, captions, info.is_main, lambda: barrier(info))
-    model = _prepare(model, cfg, info.device)
+    model = _prepare(model, cfg, info.device, tok)
     opt = optim.build_optimizer(
         model,
         optim.param_groups(
@@ -70,8 +70,12 @@ def train(
     )
     scaler = torch.amp.GradScaler(info.device.type, enabled=cfg.precision == "fp16")
     pos = _maybe_resume(cfg, run, info, model, opt, scaler, log)
-    wrapped = _wrap(model, cfg, info)
-    make_loader = _loader_maker(cfg, info, model, tok, loader_factory)
+    # Locked towers: a module that runs their heads on trunk outputs, and batches that carry those outputs.
+    ctx = locked.Context(
+        cfg, model, tok, info.is_main, lambda: barrier(info), log, info.rank, info.world_size
+    )
+    module, make_loader = locked.setup(ctx, _loader_maker(cfg, info, model, tok, loader_factory))
+    wrapped = _wrap(module, cfg, info)
     steps_per_epoch = len(make_loader(pos.epoch, 0))
     if steps_per_epoch == 0:
         raise ValueError(
@@ -102,8 +106,8 @@ def train(
         optim.set_lr(opt, lr)
         loss = forward_backward(
             wrapped,
-            images.to(info.device, non_blocking=True),
-            tokens.to(info.device, non_blocking=True),
+            to_device(images, info.device),
+            to_device(tokens, info.device),
             loss=cfg.loss,
             local_loss=cfg.local_loss,
             accum_steps=cfg.accum_steps,
@@ -153,12 +157,9 @@ def train(
 _AMP = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def _prepare(model: torch.nn.Module, cfg: TrainConfig, device: torch.device) -> torch.nn.Module:
+def _prepare(model: torch.nn.Module, cfg: TrainConfig, device: torch.device, tok) -> torch.nn.Module:
     model = model.to(device).train()
-    if cfg.lock_image:
-        optim.lock_tower(model.visual, norm_trainable=cfg.lock_image_norm_trainable)
-    if cfg.lock_text:
-        optim.lock_tower(model.text)
+    locked.lock_towers(model, cfg, tok)
     model.set_grad_checkpointing(cfg.grad_checkpointing)
     _train_mode(model, cfg)
     return model
@@ -199,7 +200,7 @@ def _loader_maker(cfg: TrainConfig, info: DistInfo, model, tok, factory: LoaderF
         raise ValueError("no training data: pass data=[...] (--data PATH)")
     source = list(cfg.data) if len(cfg.data) > 1 else cfg.data[0]
 
-    def make(epoch: int, start_batch: int):
+    def make(epoch: int, start_batch: int, **options: Any):
         return factory(
             source,
             preprocess_cfg=model.config.preprocess,
@@ -214,6 +215,7 @@ def _loader_maker(cfg: TrainConfig, info: DistInfo, model, tok, factory: LoaderF
             max_bad_fraction=cfg.max_bad_fraction,
             samples_per_epoch=cfg.samples_per_epoch,
             start_batch=start_batch,
+            **options,
         )
 
     return make

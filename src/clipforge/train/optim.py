@@ -59,13 +59,14 @@ def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
         g["lr"] = lr * g.get("lr_scale", 1.0)
 
 
-def lock_tower(tower: nn.Module, norm_trainable: bool = False) -> None:
-    """Freeze a tower's weights (LiT); optionally leave its normalisation layers (LayerNorm, BatchNorm)
-    trainable."""
+def lock_tower(tower: nn.Module, norm_trainable: bool = False, keep: Collection[nn.Parameter] = ()) -> None:
+    """Freeze a tower's weights (LiT) except `keep` (its head); optionally leave its normalisation layers
+    (LayerNorm, BatchNorm) trainable."""
+    kept = {id(p) for p in keep}
     for module in tower.modules():
         is_norm = isinstance(module, (LayerNorm, nn.LayerNorm, nn.modules.batchnorm._BatchNorm))
         for p in module.parameters(recurse=False):
-            p.requires_grad_(norm_trainable and is_norm)
+            p.requires_grad_((norm_trainable and is_norm) or id(p) in kept)
 
 
 def freeze_batchnorm_stats(tower: nn.Module) -> None:

@@ -20,6 +20,20 @@ import torch
 from clipforge.loss import contrastive_loss
 
 Backward = Callable[[torch.Tensor], None]
+Inputs = torch.Tensor | tuple[torch.Tensor, ...]  # a tower's input: images, token ids, or trunk outputs
+
+
+def to_device(x: Inputs, device: torch.device) -> Inputs:
+    if isinstance(x, tuple):
+        return tuple(t.to(device, non_blocking=True) for t in x)
+    return x.to(device, non_blocking=True)
+
+
+def _chunks(x: Inputs, n: int) -> list[Inputs]:
+    """n micro-batches along dim 0; a tuple is split member by member."""
+    if isinstance(x, tuple):
+        return list(zip(*(t.chunk(n) for t in x)))
+    return list(x.chunk(n))
 
 
 def _no_sync(model: torch.nn.Module, last: bool):
@@ -31,8 +45,8 @@ def _no_sync(model: torch.nn.Module, last: bool):
 
 def forward_backward(
     model: torch.nn.Module,
-    images: torch.Tensor,
-    tokens: torch.Tensor,
+    images: Inputs,
+    tokens: Inputs,
     *,
     loss: str = "clip",
     local_loss: bool = False,
@@ -40,8 +54,9 @@ def forward_backward(
     autocast: contextlib.AbstractContextManager | None = None,
     backward: Backward | None = None,
 ) -> torch.Tensor:
-    """Accumulate into .grad the gradient of the loss on this rank's batch (images (B, 3, H, W), tokens (B, T))
-    and return the loss (detached). `model` is a CLIP, or a DDP / compiled wrapper of one."""
+    """Accumulate into .grad the gradient of the loss on this rank's batch (images (B, 3, H, W), tokens (B, T),
+    or a locked tower's trunk outputs) and return the loss (detached). `model` is a CLIP or a LockedCLIP, or a
+    DDP / compiled wrapper of one."""
     amp = autocast if autocast is not None else contextlib.nullcontext()
     backward = backward or (lambda t: t.backward())
 
@@ -55,7 +70,7 @@ def forward_backward(
         backward(value)
         return value.detach()
 
-    image_chunks, token_chunks = images.chunk(accum_steps), tokens.chunk(accum_steps)
+    image_chunks, token_chunks = _chunks(images, accum_steps), _chunks(tokens, accum_steps)
     with torch.no_grad(), amp:
         cached = [model(i, t) for i, t in zip(image_chunks, token_chunks)]
     cache_img = [c.image_features for c in cached]  # accum x (b, D)
