@@ -36,7 +36,10 @@ def client(tmp_path_factory):
         s.image.save(tmp / "img" / f"{i}.png")
     with Collection.create(tmp / "col", identity=enc.identity, dim=enc.dim) as c:
         c.add([tmp / "img"], enc, workers=0)
-    app = create_app(ServeConfig(collection=tmp / "col", thumb_dir=tmp / "thumbs"), encoder=enc)
+    app = create_app(
+        ServeConfig(collection=tmp / "col", thumb_dir=tmp / "thumbs", allowed_hosts=("testserver",)),
+        encoder=enc,
+    )
     with TestClient(app) as client:
         yield client
 

@@ -37,11 +37,25 @@ def check_fields(cls: type, obj: Any, where: str) -> None:
             if required:
                 raise ValueError(f"{where}.{f.name} is missing")
             continue
-        hint, value = hints[f.name], obj[f.name]
+        hint, value = _tower_class(hints[f.name], obj[f.name]), obj[f.name]
         if dataclasses.is_dataclass(hint) and (value is not None or required):  # null: the default
             check_fields(hint, value, f"{where}.{f.name}")
         elif not fits(value, hint):
             raise ValueError(f"{where}.{f.name} must be {describe(hint)}, found {_found(value)}")
+
+
+def _tower_class(hint: Any, value: Any) -> Any:
+    """A tower field is a union of config classes told apart by their `kind` key (CLIP's own towers may have
+    none): the class that kind names, so its fields are the ones checked."""
+    members = typing.get_args(hint)
+    if not members or not all(dataclasses.is_dataclass(m) for m in members):
+        return hint
+    kind = value.get("kind") if isinstance(value, dict) else None
+    for m in members:
+        default = next((f.default for f in dataclasses.fields(m) if f.name == "kind"), None)
+        if kind == default:
+            return m
+    return members[0]  # no or an unknown kind: the base class, whose own check names the valid kinds
 
 
 def get(d: dict[str, Any], key: str, hint: Any, where: str, default: Any = _REQUIRED) -> Any:
