@@ -36,8 +36,8 @@ from clipforge.model.clip import CLIP
 from clipforge.model.config import CLIPConfig, PreprocessConfig, TextConfig, VisionConfig
 from clipforge.model.convert import CheckpointError
 from clipforge.model.registry import get_config
-from clipforge.torchscript_reader import is_torchscript, read_torchscript
 from clipforge.tokenizer import AnyTokenizer, get_tokenizer
+from clipforge.torchscript_reader import is_torchscript, read_torchscript
 from clipforge.transforms import Preprocess, from_hf_preprocessor_config, to_hf_preprocessor_config
 
 FORMAT_FILE = "clipforge.json"
