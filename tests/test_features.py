@@ -303,6 +303,35 @@ def test_cli_locked_run_keeps_trunks_bitwise_and_saves_a_full_model(shapes, voca
     assert all(not torch.equal(a[k], b[k]) for k in trained if "bias" not in k)
 
 
+def test_embedding_from_the_cache_equals_running_the_image_tower(shapes, vocab, tmp_path):
+    # `clipforge embed --feature-cache`: a locked image tower's cached trunk rows through the trained head give
+    # the vectors the whole tower gives, and no image of the cached run is decoded or run through the trunk.
+    import numpy as np
+
+    from clipforge.encoder import Encoder
+    from clipforge.index.embed import embed_to_folder
+
+    run, cache = tmp_path / "run", tmp_path / "cache"
+    train(lit_cfg(run, shapes, vocab, cache, steps=3, batch_size=16))
+    model, tok, pre = clipforge.load(run / "final")
+    enc = Encoder(model, tok, pre)
+    embed_to_folder(shapes, enc, tmp_path / "full", dtype="float32", workers=0)
+    rows = locked.CachedImageRows(cache, model)
+    assert len(rows.shas) == N
+
+    def no_trunk(pixels):
+        assert len(pixels) == 0, "a cached image went through the tower"
+        return np.zeros((0, enc.dim), np.float32)
+
+    enc.embed_pixels = no_trunk
+    embed_to_folder(shapes, enc, tmp_path / "cached", dtype="float32", workers=0, cached=rows)
+    full, cached = (np.load(tmp_path / d / "img_emb" / "img_emb_0.npy") for d in ("full", "cached"))
+    assert full.shape == cached.shape == (N, model.config.embed_dim)
+    assert np.abs(full - cached).max() < 1e-5
+    other = locked.CachedImageRows(cache, create_model(model.config, seed=1))  # another trunk: nothing cached
+    assert not other.shas
+
+
 def test_locking_errors_name_the_problem(shapes, vocab, tmp_path):
     from clipforge.data.shards import write_shards
 

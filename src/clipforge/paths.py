@@ -22,6 +22,11 @@ def default_model_dir() -> Path:
     return cache_dir() / "models" / "default"
 
 
+def features_dir() -> Path:
+    """Locked towers' cached trunk outputs (`clipforge train --feature-cache auto`)."""
+    return cache_dir() / "features"
+
+
 def towers_dir() -> Path:
     """Pretrained tower weights unpacked by `clipforge data fetch-towers`, one folder per source."""
     return cache_dir() / "towers"

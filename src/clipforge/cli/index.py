@@ -123,6 +123,12 @@ def _register_embed(sub: argparse._SubParsersAction) -> None:
     e.add_argument("--out", required=True, help="output folder (img_emb/, text_emb/, metadata/)")
     e.add_argument("--part-size", type=int, default=100_000, help="vectors per output part (default 100000)")
     e.add_argument("--dtype", choices=["float16", "float32"], default="float16")
+    e.add_argument(
+        "--feature-cache",
+        default=None,
+        help="read images whose locked-tower features `clipforge train` cached from this folder ('auto': the "
+        "default cache) instead of running the image tower on them",
+    )
     _pipeline_flags(e)
     e.add_argument("--ray", action="store_true", help="run on Ray Data (RAY_ADDRESS or a local instance)")
     e.add_argument("--ray-actors", type=int, default=None, help="model actors (default: one per GPU, else 1)")
@@ -382,6 +388,13 @@ def embed(a: argparse.Namespace) -> int:
         from clipforge.index.embed import embed_to_folder
 
         enc = _load_encoder(a.model, a.vocab, a.device)
+        cached = None
+        if a.feature_cache is not None:
+            from clipforge.paths import features_dir
+            from clipforge.train.locked import CachedImageRows
+
+            root = features_dir() if a.feature_cache == "auto" else Path(a.feature_cache).expanduser()
+            cached = CachedImageRows(root, enc.model)
         summary = embed_to_folder(
             a.inputs,
             enc,
@@ -392,6 +405,7 @@ def embed(a: argparse.Namespace) -> int:
             exact_decode=a.exact_decode,
             dtype=a.dtype,
             progress=progress,
+            cached=cached,
         )
     lines = [
         f"embedded {summary.embedded} of {summary.items} images into {summary.out} ({summary.parts} parts, "

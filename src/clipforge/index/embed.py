@@ -236,10 +236,13 @@ def embed_to_folder(
     exact_decode: bool = False,
     dtype: str = "float16",
     progress: bool = False,
+    cached=None,
 ) -> eo.EmbedSummary:
     """Embed a folder, manifest or shards into `out` (see embed_output.py). Resumable: finished parts are kept.
 
-    `encoder` is a clipforge `Encoder` (it needs `.preprocess`, `.embed_pixels`, `.identity`)."""
+    `encoder` is a clipforge `Encoder` (it needs `.preprocess`, `.embed_pixels`, `.identity`). `cached`: rows
+    already known by file sha256 (`.shas`, `.embed(shas)`, e.g. a locked image tower's feature cache): those
+    files are read and hashed but not decoded, and their vectors come from it."""
     _check(batch_size, part_size, dtype)
     out = Path(out)
     items, parts, done = plan(inputs, encoder.identity, encoder.dim, out, part_size, dtype, exact_decode)
@@ -250,10 +253,16 @@ def embed_to_folder(
     prep = bulk_preprocess(encoder.preprocess, exact_decode)
     workers = default_workers() if workers is None else workers
     bar = _bar(sum(len(parts[p]) for p in todo), progress)
-    for (part, batch), dec in zip(jobs, decode_batches([b for _, b in jobs], prep, workers)):
+    known = {it.key: cached.shas for p in todo for it in parts[p]} if cached is not None else None
+    for (part, batch), dec in zip(jobs, decode_batches([b for _, b in jobs], prep, workers, known)):
         vecs = iter(encoder.embed_pixels(dec.pixels)) if dec.ok else iter(())
+        hits = [s for s, st in zip(dec.sha256, dec.status) if st == UNCHANGED]
+        from_cache = iter(cached.embed(hits).numpy()) if hits else iter(())
         for item, status, sha in zip(batch, dec.status, dec.sha256):
-            asm.add(part, item, next(vecs) if status is None else None, sha, status)
+            if status == UNCHANGED:
+                asm.add(part, item, next(from_cache), sha, None)
+            else:
+                asm.add(part, item, next(vecs) if status is None else None, sha, status)
         if bar is not None:
             bar.update(len(batch))
             bar.set_postfix(skipped=len(asm.skipped) + sum(len(a["skipped"]) for a in asm.pending.values()))

@@ -77,6 +77,46 @@ def head_parameters(tower: nn.Module, example: torch.Tensor, unlocked: int) -> l
     return [p for p, g in zip(params, grads) if g is not None]
 
 
+class CachedImageRows:
+    """Image embeddings of a model whose image tower is locked, read from the feature cache: the cached trunk
+    output of a file (keyed by its sha256) through the model's own head. A model trained with the image tower
+    locked has the trunk the cache was built with, so this equals running the whole tower (checked by the
+    namespace: another trunk, preprocessing or dtype makes another folder, which then holds nothing)."""
+
+    def __init__(self, root: str | Path, model: nn.Module) -> None:
+        self.model = model
+        tower = model.visual
+        size = model.config.vision.image_size
+        example = torch.zeros(1, 3, size, size, dtype=next(tower.parameters()).dtype)
+        head = {id(p) for p in head_parameters(tower, example, 0)}
+        before = {p: p.requires_grad for p in tower.parameters()}
+        try:  # the namespace of a run that locked this tower: its head's weights are left out
+            for p in tower.parameters():
+                p.requires_grad_(id(p) in head)
+            store = ft.image_store(root, tower, model.config, 0)
+        finally:
+            for p, rg in before.items():
+                p.requires_grad_(rg)
+        self.rows: dict[str, tuple[Path, int]] = store.index()
+        self.shas = set(self.rows)
+        self._parts: dict[Path, torch.Tensor] = {}
+
+    def _row(self, sha: str) -> torch.Tensor:
+        part, row = self.rows[sha]
+        if part not in self._parts:
+            from safetensors.torch import load_file
+
+            self._parts[part] = load_file(str(part))["out.0"]
+        return self._parts[part][row]
+
+    @torch.no_grad()
+    def embed(self, shas: Sequence[str]) -> torch.Tensor:
+        """(n, D) normalised embeddings of files with these sha256s (all must be in `shas`)."""
+        feats = torch.stack([self._row(s) for s in shas])
+        dtype = next(self.model.visual.parameters()).dtype
+        return torch.nn.functional.normalize(self.model.visual.head(feats.to(dtype), 0).float(), dim=-1)
+
+
 def lock_towers(model: CLIP, cfg: TrainConfig, tokenizer: Callable[[Sequence[str]], torch.Tensor]) -> None:
     """Freeze the locked towers' weights except their heads (and norm layers with lock_image_norm_trainable)."""
     size = model.config.preprocess.image_size
@@ -218,9 +258,9 @@ def _rows(table: tuple[torch.Tensor, ...]) -> Callable[[torch.Tensor], Any]:
 
 def cache_root(cfg: TrainConfig) -> Path:
     if cfg.feature_cache == "auto":
-        from clipforge.paths import cache_dir
+        from clipforge.paths import features_dir
 
-        return cache_dir() / "features"
+        return features_dir()
     return Path(cfg.feature_cache).expanduser()
 
 
