@@ -313,8 +313,8 @@ def test_embedding_from_the_cache_equals_running_the_image_tower(shapes, vocab, 
 
     run, cache = tmp_path / "run", tmp_path / "cache"
     train(lit_cfg(run, shapes, vocab, cache, steps=3, batch_size=16))
-    model, tok, pre = clipforge.load(run / "final")
-    enc = Encoder(model, tok, pre)
+    model, preprocess, tok = clipforge.load(run / "final")
+    enc = Encoder(model, preprocess, tok)
     embed_to_folder(shapes, enc, tmp_path / "full", dtype="float32", workers=0)
     rows = locked.CachedImageRows(cache, model)
     assert len(rows.shas) == N

@@ -642,3 +642,39 @@ def test_real_efficientnet_matches_reference():
     assert read_efficientnet(REAL / "efficientnet-lite0" / EFFICIENTNET_FILE).keys() == {
         k for k in model.visual.state_dict() if k != "proj"
     }
+
+
+def test_train_from_pretrained_towers_keeps_their_trunks_and_draws_projections_from_the_seed(tmp_path):
+    # `clipforge train --towers DIR`: the preset's towers start from the folder's weights, the projections are
+    # new and drawn from --seed, and the run's tokenizer is the text tower's own WordPiece vocabulary.
+    from clipforge.data.synthetic import write_shapes
+    from clipforge.train import TrainConfig, train
+
+    towers = tmp_path / "towers"
+    write_bert_dir(towers / TOWER_DIRS["bert"])
+    (towers / TOWER_DIRS["efficientnet"]).mkdir(parents=True)
+    torch.save(random_effnet_state_dict(), towers / TOWER_DIRS["efficientnet"] / EFFICIENTNET_FILE)
+    text_cfg, _ = read_bert_dir(towers / TOWER_DIRS["bert"], context_length=16)
+    cfg = small_config(text=text_cfg)
+    (tmp_path / "model.json").write_text(json.dumps(cfg.to_dict()))
+    shapes = write_shapes(tmp_path / "shapes", 16, size=32)
+    finals = []
+    for seed in (0, 1):
+        run = tmp_path / f"run{seed}"
+        tc = TrainConfig(
+            data=(str(shapes),), out=str(run), model=str(tmp_path / "model.json"), towers=str(towers),
+            lock_image=True, lock_text=True, feature_cache=str(tmp_path / "cache"), steps=2, batch_size=8,
+            workers=0, seed=seed, device="cpu", progress=False,
+        )  # fmt: skip
+        train(tc)
+        model, _, tok = clipforge.load(run / "final")
+        assert isinstance(tok, WordPieceTokenizer)
+        finals.append(model)
+    pretrained = create_model(cfg, pretrained=towers).state_dict()
+    for model in finals:
+        sd = model.state_dict()
+        fresh = {"visual.proj", "text.text_projection", "logit_scale"}
+        # (BatchNorm's step counters are not weights: no output depends on them in eval mode)
+        changed = [k for k in pretrained if k not in fresh and not torch.equal(sd[k], pretrained[k])]
+        assert [k for k in changed if not k.endswith("num_batches_tracked")] == []
+    assert not torch.allclose(finals[0].visual.proj, finals[1].visual.proj)

@@ -10,9 +10,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from clipforge import paths
 from clipforge.checkpoint import build_model, read_checkpoint, resolve
 from clipforge.model import CLIP, CLIPConfig, create_model, get_config
-from clipforge.tokenizer import Tokenizer
+from clipforge.model.pretrained import TOWER_DIRS
+from clipforge.tokenizer import AnyTokenizer, Tokenizer, get_tokenizer
 from clipforge.train.config import TrainConfig
 from clipforge.train.vocab import build_tokenizer, read_captions
 
@@ -68,6 +70,25 @@ def run_tokenizer(
     return tok
 
 
+def towers_folder(towers: str) -> Path:
+    return paths.towers_dir() if towers == "auto" else Path(towers).expanduser()
+
+
+def _pretrained_towers_model(
+    cfg: TrainConfig, run: Path, is_main: bool
+) -> tuple[CLIP, AnyTokenizer, set[str]]:
+    """The preset with its towers' pretrained weights (LiT's starting point) and the text tower's own tokenizer;
+    the projections (and the logit scale) are new, drawn from the run's seed, so seeds differ in them too."""
+    mcfg = _from_scratch_config(cfg)
+    folder = towers_folder(cfg.towers)
+    model = create_model(mcfg, seed=cfg.seed, pretrained=folder).train()
+    tok = get_tokenizer(folder / TOWER_DIRS[mcfg.text.kind], context_length=mcfg.text.context_length)
+    if is_main and not (run / "tokenizer").exists():
+        tok.save(run / "tokenizer")
+    fresh = {"visual.proj", "text.text_projection", "logit_scale", "logit_bias"}
+    return model, tok, {n for n, _ in model.named_parameters() if n not in fresh}
+
+
 def initial_model(
     cfg: TrainConfig,
     run: Path,
@@ -76,6 +97,8 @@ def initial_model(
     barrier: Callable[[], None],
 ) -> tuple[CLIP, Tokenizer, set[str]]:
     """(model in fp32, tokenizer, names of the parameters loaded from --init)."""
+    if cfg.init is None and cfg.towers is not None:
+        return _pretrained_towers_model(cfg, run, is_main)
     if cfg.init is None:
         mcfg = _from_scratch_config(cfg)
         tok = run_tokenizer(

@@ -44,6 +44,11 @@ class TrainConfig:
     vocab_size: int | None = _opt(None, "vocabulary size to train on the captions; none: the preset's")
     vocab: str | None = _opt(None, "use this tokenizer (directory or OpenAI .txt.gz) instead of training one")
     init: str | None = _opt(None, "fine-tune: start from this checkpoint (anything clipforge.load reads)")
+    towers: str | None = _opt(
+        None,
+        "start the preset's towers from pretrained weights in this folder ('auto': the cache's, filled by "
+        "`clipforge data fetch-towers`); the projections start new, from --seed",
+    )
     # --- schedule
     epochs: int = _opt(1, "passes over the data")
     steps: int | None = _opt(None, "total optimiser steps; overrides epochs")
