@@ -33,11 +33,6 @@ KNOWN_CYCLES: list[frozenset[str]] = [
         }
     ),
     frozenset({"clipforge.index.adding", "clipforge.index.search", "clipforge.index.store"}),
-    # Brought in with the pretrained tower kinds (merged in parallel with this test): the registry builds
-    # pretrained presets through model.pretrained, which builds the towers through the registry; the WordPiece
-    # tokenizer and tokenizer.get_tokenizer import each other. Both go with the stage redesign.
-    frozenset({"clipforge.model.pretrained", "clipforge.model.registry"}),
-    frozenset({"clipforge.tokenizer", "clipforge.wordpiece"}),
 ]
 
 
