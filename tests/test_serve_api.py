@@ -14,6 +14,7 @@ import importlib.util
 import io
 import json
 import os
+import pickle
 import socket
 import threading
 import time
@@ -32,7 +33,6 @@ from clipforge.data.synthetic import COLORS, SHAPES, draw_shape, write_shapes  #
 from clipforge.index import Collection, db  # noqa: E402
 from clipforge.serve import ServeConfig, create_app  # noqa: E402
 from clipforge.serve.bodies import MAX_JSON_DEPTH  # noqa: E402
-from clipforge.serve.config import CONFIG_ENV  # noqa: E402
 from clipforge.serve.schemas import MAX_TEXT_CHARS  # noqa: E402
 from clipforge.transforms import load_image  # noqa: E402
 
@@ -672,11 +672,34 @@ def test_cli_allow_host_reaches_the_app(tmp_path, monkeypatch):
         ):
             assert client.get("/healthz", headers={"Host": host}).status_code == status, host
     assert main(["serve", str(col), "--allow-host", "photos.lan:http"]) == 2  # one-line error, no traceback
-    # With --workers N the settings reach each worker process through the environment.
-    monkeypatch.delenv(CONFIG_ENV, raising=False)
-    assert main([*argv, "--workers", "2"]) == 0
-    assert ServeConfig.from_json(os.environ[CONFIG_ENV]).allowed_hosts == ("10.0.0.7", "photos.lan")
-    monkeypatch.delenv(CONFIG_ENV)
+    # With --workers N the settings reach each worker process in the uvicorn Config pickled to it (as a
+    # spawned worker receives it), not through the environment, which the command leaves as it found it.
+    import uvicorn.supervisors
+
+    class Supervisor:
+        def __init__(self, config, sockets, target=None):
+            ran["workers_config"] = pickle.loads(pickle.dumps(config))
+
+        def run(self):
+            pass
+
+    monkeypatch.setattr(uvicorn.supervisors, "Multiprocess", Supervisor)
+    monkeypatch.setenv("CLIPFORGE_TOKEN", "s3cret")
+    environ = dict(os.environ)
+    workers = ["--workers", "2", "--max-k", "7", "--port", "0"]  # binds a free loopback port
+    assert main(["serve", str(col), "--allow-host", "photos.lan", *workers]) == 0
+    assert dict(os.environ) == environ
+    worker = ran["workers_config"]
+    assert worker.workers == 2 and worker.factory
+    with TestClient(worker.app(), base_url="http://photos.lan") as client:
+        assert client.get("/healthz").status_code == 200
+        assert client.get("/healthz", headers={"Host": "attacker.example"}).status_code == 400
+        assert client.get("/api/search", params={"q": "x", "k": 7}).status_code == 200
+        assert client.get("/api/search", params={"q": "x", "k": 8}).status_code == 400  # --max-k 7
+        body = {"texts": ["a caption"]}
+        for token, status in (("no", 401), ("s3cret", 200)):
+            r = client.post("/api/index/add", json=body, headers={"Authorization": f"Bearer {token}"})
+            assert r.status_code == status, r.text
 
 
 def test_a_slow_write_holds_up_no_read(tmp_path, monkeypatch):
