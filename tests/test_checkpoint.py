@@ -11,7 +11,7 @@ import zipfile
 
 import pytest
 import torch
-from conftest import write_file_writer_archive
+from conftest import require, write_file_writer_archive
 from safetensors.torch import load_file, save_file
 
 import clipforge
@@ -82,7 +82,7 @@ def test_save_load_round_trip_is_exact(tmp_path, tok, kind):
 
 
 def test_clipforge_directory_loads_in_hugging_face(tmp_path, tok):
-    transformers = pytest.importorskip("transformers")
+    transformers = require("transformers")
     cfg = tiny_cfg(tok, activation="quick_gelu")
     model = create_model(cfg, seed=1).eval()
     save_model(model, tmp_path / "m", tokenizer=tok)
@@ -103,7 +103,7 @@ def test_clipforge_directory_loads_in_hugging_face(tmp_path, tok):
 
 
 def test_hugging_face_directory_loads_in_clipforge(tmp_path, tok):
-    transformers = pytest.importorskip("transformers")
+    transformers = require("transformers")
     cfg = tiny_cfg(tok, activation="quick_gelu")
     hf = transformers.CLIPModel(transformers.CLIPConfig(**convert.hf_config(cfg))).eval()
     hf.save_pretrained(tmp_path / "hf")
@@ -528,7 +528,7 @@ def test_config_that_is_not_utf8_or_strict_json_is_named(tmp_path, tok, name):
 
 def test_hugging_face_refuses_a_resnet_clipforge_directory(tmp_path, tok):
     """transformers has no ResNet CLIP: rather than build a default ViT with random weights, it must refuse."""
-    transformers = pytest.importorskip("transformers")
+    transformers = require("transformers")
     model = create_model(tiny_cfg(tok, "resnet"), seed=14)
     save_model(model, tmp_path / "rn", tokenizer=tok)
     with pytest.raises(OSError, match="model.safetensors"):

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 from PIL import Image
-from test_train import MICRO, MICRO_PATH, max_diff, params, tiny_cfg
+from test_train import MICRO, max_diff, micro_model, params, tiny_cfg
 
 import clipforge
 from clipforge.data.manifest import read_manifest
@@ -17,6 +17,7 @@ from clipforge.data.synthetic import write_shapes
 from clipforge.model import CLIPConfig, create_model
 from clipforge.train import features as ft
 from clipforge.train import locked, train
+from clipforge.train.config import TrainConfig
 
 N = 48
 
@@ -59,7 +60,7 @@ def locked_model(vocab: Path, unlocked: int = 0):
     model = create_model(cfg, seed=0)
     locked.lock_towers(
         model,
-        tiny_cfg(Path("unused"), lock_image=True, lock_text=True, unlock_text_blocks=unlocked),
+        TrainConfig(lock_image=True, lock_text=True, unlock_text_blocks=unlocked),
         tok,
     )
     return model, tok
@@ -276,7 +277,7 @@ def test_cli_locked_run_keeps_trunks_bitwise_and_saves_a_full_model(shapes, voca
     args = [
         "train",
         "--model",
-        str(MICRO_PATH),
+        str(micro_model(tmp_path)),
         "--data",
         str(shapes),
         "--vocab",

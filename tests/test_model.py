@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import require
 
 from clipforge.model import CLIPConfig, convert, create_model, get_config, list_models
 
@@ -107,7 +108,7 @@ def test_logit_scale_init_and_clamp():
 
 @pytest.mark.parametrize("activation", ["quick_gelu", "gelu"])
 def test_parity_with_hugging_face(activation):
-    transformers = pytest.importorskip("transformers")
+    transformers = require("transformers")
     cfg = small_config("vit", activation)
     hf_cfg = transformers.CLIPConfig(**convert.hf_config(cfg))
     torch.manual_seed(0)

@@ -14,6 +14,7 @@ import importlib.util
 import io
 import json
 import os
+import pickle
 import socket
 import threading
 import time
@@ -32,7 +33,6 @@ from clipforge.data.synthetic import COLORS, SHAPES, draw_shape, write_shapes  #
 from clipforge.index import Collection, db  # noqa: E402
 from clipforge.serve import ServeConfig, create_app  # noqa: E402
 from clipforge.serve.bodies import MAX_JSON_DEPTH  # noqa: E402
-from clipforge.serve.config import CONFIG_ENV  # noqa: E402
 from clipforge.serve.schemas import MAX_TEXT_CHARS  # noqa: E402
 from clipforge.transforms import load_image  # noqa: E402
 
@@ -533,7 +533,7 @@ def test_health_info_metrics_openapi_and_page(served):
         "writes_enabled": True,
         "moderation": True,
     }
-    assert h["items"] >= len(labels) - 1  # a write test may have removed one
+    assert h["items"] == len(labels)  # no test writes to `served`
     client.get("/api/search", params={"q": "red"})
     m = client.get("/metrics")
     assert m.status_code == 200 and m.headers["content-type"].startswith("text/plain")
@@ -672,11 +672,34 @@ def test_cli_allow_host_reaches_the_app(tmp_path, monkeypatch):
         ):
             assert client.get("/healthz", headers={"Host": host}).status_code == status, host
     assert main(["serve", str(col), "--allow-host", "photos.lan:http"]) == 2  # one-line error, no traceback
-    # With --workers N the settings reach each worker process through the environment.
-    monkeypatch.delenv(CONFIG_ENV, raising=False)
-    assert main([*argv, "--workers", "2"]) == 0
-    assert ServeConfig.from_json(os.environ[CONFIG_ENV]).allowed_hosts == ("10.0.0.7", "photos.lan")
-    monkeypatch.delenv(CONFIG_ENV)
+    # With --workers N the settings reach each worker process in the uvicorn Config pickled to it (as a
+    # spawned worker receives it), not through the environment, which the command leaves as it found it.
+    import uvicorn.supervisors
+
+    class Supervisor:
+        def __init__(self, config, sockets, target=None):
+            ran["workers_config"] = pickle.loads(pickle.dumps(config))
+
+        def run(self):
+            pass
+
+    monkeypatch.setattr(uvicorn.supervisors, "Multiprocess", Supervisor)
+    monkeypatch.setenv("CLIPFORGE_TOKEN", "s3cret")
+    environ = dict(os.environ)
+    workers = ["--workers", "2", "--max-k", "7", "--port", "0"]  # binds a free loopback port
+    assert main(["serve", str(col), "--allow-host", "photos.lan", *workers]) == 0
+    assert dict(os.environ) == environ
+    worker = ran["workers_config"]
+    assert worker.workers == 2 and worker.factory
+    with TestClient(worker.app(), base_url="http://photos.lan") as client:
+        assert client.get("/healthz").status_code == 200
+        assert client.get("/healthz", headers={"Host": "attacker.example"}).status_code == 400
+        assert client.get("/api/search", params={"q": "x", "k": 7}).status_code == 200
+        assert client.get("/api/search", params={"q": "x", "k": 8}).status_code == 400  # --max-k 7
+        body = {"texts": ["a caption"]}
+        for token, status in (("no", 401), ("s3cret", 200)):
+            r = client.post("/api/index/add", json=body, headers={"Authorization": f"Bearer {token}"})
+            assert r.status_code == status, r.text
 
 
 def test_a_slow_write_holds_up_no_read(tmp_path, monkeypatch):
@@ -726,8 +749,17 @@ def test_a_slow_write_holds_up_no_read(tmp_path, monkeypatch):
 
 
 # ---------------------------------------------------------------------------------------------- writes
-def test_writes_need_the_token(served):
-    client, _, tmp = served
+@pytest.fixture
+def writable(tmp_path) -> Iterator[tuple[TestClient, Path]]:
+    """A service of its own for the tests that change the collection: `served` stays as built, so no test
+    depends on which others ran before it."""
+    col, _ = build_collection(tmp_path, n=24, captions=False)
+    with TestClient(create_app(make_config(col, tmp_path, token=TOKEN), encoder=ShapeEncoder())) as client:
+        yield client, col
+
+
+def test_writes_need_the_token(writable):
+    client, col = writable
     body = {"texts": ["a yellow circle, described"]}
     assert client.post("/api/index/add", json=body).status_code == 401
     r = client.post("/api/index/add", json=body, headers={"Authorization": "Bearer wrong"})
@@ -739,7 +771,7 @@ def test_writes_need_the_token(served):
     assert r.status_code == 200, r.text
     new_ids = r.json()["ids"]
     assert len(new_ids) == 2 and r.json()["added"] == 2
-    assert list((tmp / "col" / "uploads").glob("*.png"))  # the upload is kept beside the collection
+    assert list((col / "uploads").glob("*.png"))  # the upload is kept beside the collection
     found = client.post("/api/search", json={"like": new_ids[0], "k": 50}).json()["results"]
     assert new_ids[0] in [h["id"] for h in found]  # searchable at once
     r = client.delete(f"/api/index/{new_ids[0]}", headers=auth)

@@ -11,6 +11,7 @@ import ftfy
 import pytest
 import regex
 import torch
+from conftest import require
 
 from clipforge.tokenizer import (
     OPENAI_NUM_MERGES,
@@ -171,7 +172,7 @@ def test_normalisation_cases(trained: Tokenizer) -> None:
 
 
 def test_parity_with_hugging_face(trained: Tokenizer, saved_dir: Path) -> None:
-    transformers = pytest.importorskip("transformers")
+    transformers = require("transformers")
     for cls in (transformers.CLIPTokenizer, transformers.CLIPTokenizerFast):
         hf = cls.from_pretrained(saved_dir)
         assert hf.bos_token_id == trained.sot_token_id and hf.eos_token_id == trained.eot_token_id
@@ -232,7 +233,7 @@ def test_save_load_round_trip(trained: Tokenizer, saved_dir: Path) -> None:
 
 
 def test_tokenizer_json_alone(trained: Tokenizer, saved_dir: Path, tmp_path: Path) -> None:
-    transformers = pytest.importorskip("transformers")
+    transformers = require("transformers")
     transformers.CLIPTokenizer.from_pretrained(saved_dir).save_pretrained(tmp_path / "hf")
     only_json = tmp_path / "only_json"
     only_json.mkdir()

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import require
 from safetensors.torch import save_file
 
 import clipforge
@@ -33,7 +34,7 @@ from clipforge.model.pretrained import (
 )
 from clipforge.wordpiece import WordPieceTokenizer
 
-transformers = pytest.importorskip("transformers")
+transformers = require("transformers")
 
 # --- small random checkpoints in the wheels' layouts ----------------------------------------------------------
 

@@ -13,7 +13,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -122,17 +121,30 @@ MICRO = {
         "eot_token_id": 599,
     },
 }
-MICRO_PATH = Path(tempfile.gettempdir()) / "clipforge-test-micro-model.json"
-MICRO_PATH.write_text(json.dumps(MICRO))
+
+
+def micro_model(directory: Path) -> Path:
+    """MICRO as a model JSON file in `directory` (a test's own temporary folder, never a shared one); written
+    atomically, as spawned ranks of the distributed test may ask for it at the same time."""
+    path = directory / "micro-model.json"
+    if not path.is_file():
+        directory.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(MICRO))
+        os.replace(tmp, path)
+    return path
+
+
 SAMPLES = shape_samples(96, size=32, seed=0)
 CAPTIONS = [c for s in SAMPLES for c in s.captions]
 
 
 def tiny_cfg(out: Path, **kw) -> TrainConfig:
+    """The micro model's run config; its model file sits beside the run directory `out`."""
     base = dict(
         data=("memory",),
         out=str(out),
-        model=str(MICRO_PATH),
+        model=str(micro_model(out.parent)) if "model" not in kw else kw["model"],
         vocab_size=600,
         batch_size=16,
         steps=6,
@@ -400,7 +412,7 @@ def test_no_readable_checkpoint_or_a_broken_explicit_one_is_a_named_error(straig
     argv = [
         "train",
         "--model",
-        str(MICRO_PATH),
+        str(micro_model(tmp_path)),
         "--vocab",
         str(straight_run / "tokenizer"),
         "--device",
@@ -527,7 +539,6 @@ def test_finetune_from_fp16_file_raises_recall_and_locks_the_image_tower(tmp_pat
 
 
 def test_cli_train_and_plot(straight_run, tmp_path):
-    pytest.importorskip("clipforge.data.loader")
     from clipforge.cli import main
     from clipforge.data.synthetic import write_shapes
 
@@ -538,7 +549,7 @@ def test_cli_train_and_plot(straight_run, tmp_path):
             "--config",
             "tiny",
             "--model",
-            str(MICRO_PATH),
+            str(micro_model(tmp_path)),
             "--data",
             str(manifest),
             "--out",
@@ -572,7 +583,7 @@ def test_bad_samples_are_reported_in_the_run_log(straight_run, tmp_path, capsys)
     images[0].write_bytes(b"not an image")
     images[1].write_bytes(b"")
     images[2].unlink()
-    argv = ["train", "--config", "tiny", "--model", str(MICRO_PATH), "--data", str(manifest)]
+    argv = ["train", "--config", "tiny", "--model", str(micro_model(tmp_path)), "--data", str(manifest)]
     argv += ["--out", str(tmp_path / "run"), "--steps", "2", "--batch-size", "16", "--workers", "2"]
     argv += ["--max-bad-fraction", "0.5", "--no-progress", "--vocab", str(straight_run / "tokenizer")]
     assert main(argv) == 0

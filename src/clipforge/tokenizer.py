@@ -27,6 +27,8 @@ import torch
 from tokenizers import Tokenizer as _RustTokenizer
 from tokenizers import decoders, models, pre_tokenizers
 
+from clipforge.tokens import read_json_object, to_context, tokenizer_json_type
+
 SOT = "<|startoftext|>"
 EOT = "<|endoftext|>"
 EOW = "</w>"
@@ -219,36 +221,6 @@ def get_tokenizer(path: str | Path, context_length: int = 77) -> AnyTokenizer:
     return Tokenizer.from_pretrained(p, context_length=context_length)
 
 
-def tokenizer_json_type(path: Path) -> str | None:
-    """The model type a tokenizers-library file names: "BPE", "WordPiece", ..."""
-    model = _read_json(path).get("model")
-    return model.get("type") if isinstance(model, dict) else None
-
-
-def to_context(
-    rows: list[list[int]], texts: Sequence[str], n_ctx: int, pad_id: int, truncate: bool, ends: str
-) -> torch.Tensor:
-    """Token rows with their start and end tokens -> LongTensor (N, n_ctx): each padded with `pad_id`; too
-    long a row cut with its end token kept last, or, with `truncate=False`, refused naming its text."""
-    if n_ctx < 2:
-        raise ValueError(f"context_length must be at least 2 ({ends}), got {n_ctx}")
-    out = []
-    for row, (text, ids) in enumerate(zip(texts, rows)):
-        if len(ids) > n_ctx:
-            if not truncate:
-                raise ValueError(
-                    f"text {row} is {len(ids)} tokens long with {ends}, more than the context length "
-                    f"{n_ctx}: {_abbreviate(text)}"
-                )
-            ids = ids[: n_ctx - 1] + ids[-1:]
-        out.append(ids + [pad_id] * (n_ctx - len(ids)))
-    return torch.tensor(out, dtype=torch.long).reshape(len(out), n_ctx)  # (N, n_ctx), also for N = 0
-
-
-def _abbreviate(text: str, limit: int = 80) -> str:
-    return repr(text if len(text) <= limit else text[:limit] + "...")
-
-
 def _check_vocab(vocab: dict[str, int], merges: Sequence[tuple[str, str]], source: str) -> None:
     """Refuse vocabularies that would silently drop bytes or lack CLIP's special tokens."""
     missing = [t for t in (SOT, EOT, *byte_symbols()) if t not in vocab]
@@ -301,7 +273,7 @@ def _read_hf_directory(path: Path) -> tuple[dict[str, int], list[tuple[str, str]
         path / "tokenizer.json",
     )
     if vocab_file.is_file() and merges_file.is_file():
-        vocab = _read_json(vocab_file)
+        vocab = read_json_object(vocab_file)
         lines = merges_file.read_text(encoding="utf-8").split("\n")
         header = 1 if lines and lines[0].startswith("#version") else 0
         return vocab, _parse_merge_lines(lines[header:], merges_file, first_line=1 + header)
@@ -310,18 +282,8 @@ def _read_hf_directory(path: Path) -> tuple[dict[str, int], list[tuple[str, str]
     raise ValueError(f"{path}: found neither vocab.json + merges.txt nor tokenizer.json")
 
 
-def _read_json(path: Path) -> dict:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path}: malformed JSON ({e})") from e
-    if not isinstance(data, dict):
-        raise ValueError(f"{path}: expected a JSON object")
-    return data
-
-
 def _read_tokenizer_json(path: Path) -> tuple[dict[str, int], list[tuple[str, str]]]:
-    model = _read_json(path).get("model", {})
+    model = read_json_object(path).get("model", {})
     if model.get("type") != "BPE" or not isinstance(model.get("vocab"), dict):
         raise ValueError(f"{path}: not a BPE tokenizer (model type {model.get('type')!r})")
     vocab = dict(model["vocab"])

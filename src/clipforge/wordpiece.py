@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from tokenizers import Tokenizer as _RustTokenizer
 
-from clipforge.tokenizer import to_context, tokenizer_json_type
+from clipforge.tokens import to_context, tokenizer_json_type
 
 
 class WordPieceTokenizer:

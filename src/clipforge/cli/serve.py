@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import argparse
-import os
+import functools
+import inspect
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -76,7 +79,7 @@ def serve(
         import uvicorn
 
         from clipforge.serve.app import create_app
-        from clipforge.serve.config import CONFIG_ENV, ServeConfig
+        from clipforge.serve.config import ServeConfig
     except ImportError as e:
         raise ImportError(
             f"`clipforge serve` needs the serve extra: pip install 'clipforge[serve]' ({e})"
@@ -114,13 +117,30 @@ def serve(
     if workers == 1:
         uvicorn.run(create_app(config), host=host, port=port, log_level="warning")
     else:
-        os.environ[CONFIG_ENV] = config.to_json()  # each worker process rebuilds the app from this
-        uvicorn.run(
-            "clipforge.serve.app:app_from_env",
-            factory=True,
-            host=host,
-            port=port,
-            workers=workers,
-            log_level="warning",
-        )
+        _run_workers(functools.partial(create_app, config), host, port, workers)
     return 0
+
+
+def _run_workers(app_factory: Callable[[], Any], host: str, port: int, workers: int) -> None:
+    """uvicorn's multi-process supervisor over one socket, each worker building its app with `app_factory`.
+
+    `uvicorn.run` takes only an import string when it starts workers, which would leave the settings to travel
+    through the environment. Its Config is pickled to each worker, though, so a picklable factory carries them
+    explicitly (the token included, which therefore never sits in an environment variable)."""
+    import uvicorn
+    from uvicorn.supervisors import Multiprocess
+
+    config = uvicorn.Config(
+        app_factory, factory=True, host=host, port=port, workers=workers, log_level="warning"
+    )
+    # Each worker builds its own Server in recent uvicorn; older versions take the target to run instead.
+    target = (
+        {"target": uvicorn.Server(config).run}
+        if "target" in inspect.signature(Multiprocess).parameters
+        else {}
+    )
+    sock = config.bind_socket()
+    try:
+        Multiprocess(config, sockets=[sock], **target).run()
+    finally:
+        sock.close()

@@ -8,9 +8,9 @@ import dataclasses
 from typing import Any
 
 from clipforge.loss import LOSSES
-from clipforge.train.config import PRECISIONS, PRESETS, TrainConfig, field_types
+from clipforge.train.config import PRESETS, TRAIN_PRECISIONS, TrainConfig, field_types
 
-CHOICES = {"loss": LOSSES, "precision": PRECISIONS}
+CHOICES = {"loss": LOSSES, "precision": TRAIN_PRECISIONS}
 
 
 def register(sub: argparse._SubParsersAction) -> None:

@@ -7,8 +7,7 @@ from clipforge.model.config import (
     TextConfig,
     VisionConfig,
 )
-from clipforge.model.pretrained import pretrained_towers
-from clipforge.model.registry import create_model, get_config, list_models
+from clipforge.model.registry import create_model, get_config, list_models, pretrained_towers
 
 __all__ = [
     "CLIP",

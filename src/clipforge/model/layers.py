@@ -1,7 +1,7 @@
 """The Transformer pieces both towers share: pre-LN residual blocks with fused q/k/v attention through SDPA.
 
 Parameter names follow OpenAI's CLIP (`attn.in_proj_weight`, `mlp.c_fc`, `ln_1`, ...) so that its checkpoints and
-OpenCLIP's load with no renaming inside the towers; only convert.py knows any other naming.
+OpenCLIP's load with no renaming inside the towers; only the convert modules know any other naming.
 """
 
 from __future__ import annotations

@@ -19,10 +19,9 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from clipforge import paths
 from clipforge.model import convert
 from clipforge.model.clip import CLIP
-from clipforge.model.config import BertTextConfig, CLIPConfig, EfficientNetConfig
+from clipforge.model.config import BertTextConfig, EfficientNetConfig
 from clipforge.model.convert import CheckpointError, StateDict
 
 # Folder of each tower kind's weights under the towers folder.
@@ -119,13 +118,3 @@ def load_pretrained_towers(model: CLIP, towers_dir: str | Path) -> list[str]:
             f"no pretrained weights for towers of kinds {kinds}; available: {sorted(TOWER_DIRS)}"
         )
     return loaded
-
-
-def pretrained_towers(
-    name_or_config: str | CLIPConfig, towers_dir: str | Path | None = None, *, seed: int | None = None
-) -> CLIP:
-    """`create_model(name_or_config, seed=seed)` with its towers loaded from `towers_dir` (default: the
-    clipforge cache's towers/, filled by `clipforge data fetch-towers`)."""
-    from clipforge.model.registry import create_model
-
-    return create_model(name_or_config, seed=seed, pretrained=towers_dir or paths.towers_dir())

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 
+from clipforge import paths
 from clipforge.model.clip import CLIP
 from clipforge.model.config import CLIPConfig
 
@@ -50,3 +51,11 @@ def create_model(
 
         load_pretrained_towers(model, pretrained)
     return model
+
+
+def pretrained_towers(
+    name_or_config: str | CLIPConfig, towers_dir: str | Path | None = None, *, seed: int | None = None
+) -> CLIP:
+    """`create_model(name_or_config, seed=seed)` with its towers loaded from `towers_dir` (default: the
+    clipforge cache's towers/, filled by `clipforge data fetch-towers`)."""
+    return create_model(name_or_config, seed=seed, pretrained=towers_dir or paths.towers_dir())

@@ -2,13 +2,12 @@
 (clip-retrieval's); the work is done by engine.Engine and the library below it.
 
     create_app(config, encoder=None)  one process's app; the model and collection load here, once
-    app_from_env()                    the factory uvicorn calls in each `--workers N` process
+                                      (`clipforge serve --workers N` calls it in each worker process)
 """
 
 from __future__ import annotations
 
 import logging
-import os
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -22,7 +21,7 @@ from starlette.exceptions import HTTPException
 from clipforge.index.types import EncoderLike
 
 from . import api, compat
-from .config import CONFIG_ENV, ServeConfig
+from .config import ServeConfig
 from .engine import Engine, NotFound
 from .guard import Guard
 from .metrics import Metrics
@@ -153,14 +152,6 @@ def create_app(config: ServeConfig, encoder: EncoderLike | None = None) -> FastA
         hosts=config.host_names(),
     )
     return app
-
-
-def app_from_env() -> FastAPI:
-    """uvicorn's factory for worker processes: settings from $CLIPFORGE_SERVE_CONFIG, token from the env."""
-    raw = os.environ.get(CONFIG_ENV)
-    if not raw:
-        raise ValueError(f"${CONFIG_ENV} is not set; start the server with `clipforge serve COLLECTION`")
-    return create_app(ServeConfig.from_json(raw).with_env_token())
 
 
 def _version() -> str:

@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import json
 import os
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 LOCAL_HOSTS = ("localhost", "127.0.0.1", "::1")  # Host header names every server accepts
 TOKEN_ENV = "CLIPFORGE_TOKEN"  # bearer token for writes; unset = writes disabled
-CONFIG_ENV = "CLIPFORGE_SERVE_CONFIG"  # how `--workers N` hands the settings to each worker process
 
 
 @dataclass(frozen=True)
@@ -69,21 +67,6 @@ class ServeConfig:
     def with_env_token(self) -> ServeConfig:
         """The token from $CLIPFORGE_TOKEN unless one is set already (an empty variable counts as unset)."""
         return self if self.token else replace(self, token=os.environ.get(TOKEN_ENV) or None)
-
-    def to_json(self) -> str:
-        d = asdict(self)
-        d.pop("token")  # the token travels through its own environment variable, never in this blob
-        return json.dumps({k: str(v) if isinstance(v, Path) else v for k, v in d.items()})
-
-    @classmethod
-    def from_json(cls, text: str) -> ServeConfig:
-        d = json.loads(text)
-        for key in ("collection", "policy", "thumb_dir"):
-            if d.get(key) is not None:
-                d[key] = Path(d[key])
-        for key in ("cors_origins", "allowed_hosts"):
-            d[key] = tuple(d.get(key) or ())
-        return cls(**d)
 
 
 def host_name(header: str) -> str | None:

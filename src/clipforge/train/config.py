@@ -18,7 +18,7 @@ from typing import Any
 
 from clipforge.loss import LOSSES
 
-PRECISIONS = ("fp32", "bf16", "fp16")
+TRAIN_PRECISIONS = ("fp32", "bf16", "fp16")
 
 
 def _opt(default: Any, help: str) -> Any:
@@ -105,7 +105,7 @@ class TrainConfig:
         if self.eval_data is not None:
             object.__setattr__(self, "eval_data", _expand(self.eval_data))
         _check_choice("loss", self.loss, LOSSES)
-        _check_choice("precision", self.precision, PRECISIONS)
+        _check_choice("precision", self.precision, TRAIN_PRECISIONS)
         for name in (
             "batch_size",
             "accum_steps",

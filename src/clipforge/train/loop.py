@@ -50,24 +50,12 @@ def train(
     from `cfg.data`) for the vocabulary of a run from scratch. `stop_after` stops cleanly after that many steps
     in this call, leaving a checkpoint to resume from, as an interrupted run would."""
     info = init_distributed(cfg.device)
-    if cfg.precision == "fp16" and info.device.type != "cuda":
-        raise ValueError("precision fp16 needs a CUDA device; use bf16 or fp32 on CPU")
+    _check_precision(cfg, info)
     run = Path(cfg.out)
     log = _logger(run, info)
     model, tok, pretrained = initial_model(cfg, run, captions, info.is_main, lambda: barrier(info))
     model = _prepare(model, cfg, info.device, tok)
-    opt = optim.build_optimizer(
-        model,
-        optim.param_groups(
-            model,
-            weight_decay=cfg.weight_decay,
-            pretrained=pretrained,
-            pretrained_lr_scale=cfg.pretrained_lr_scale,
-        ),
-        cfg.lr,
-        (cfg.beta1, cfg.beta2),
-        cfg.eps,
-    )
+    opt = _optimizer(model, cfg, pretrained)
     scaler = torch.amp.GradScaler(info.device.type, enabled=cfg.precision == "fp16")
     pos = _maybe_resume(cfg, run, info, model, opt, scaler, log)
     # Locked towers: a module that runs their heads on trunk outputs, and batches that carry those outputs.
@@ -76,65 +64,32 @@ def train(
     )
     module, make_loader = locked.setup(ctx, _loader_maker(cfg, info, model, tok, loader_factory))
     wrapped = _wrap(module, cfg, info)
-    steps_per_epoch = len(make_loader(pos.epoch, 0))
-    if steps_per_epoch == 0:
-        raise ValueError(
-            f"{cfg.data}: no full batch of {cfg.batch_size} x {info.world_size} ranks in the data"
-        )
+    steps_per_epoch = _steps_per_epoch(make_loader, pos, cfg, info)
     total = cfg.steps or cfg.epochs * steps_per_epoch
-    if info.is_main:
-        run.mkdir(parents=True, exist_ok=True)
-        (run / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
-        log.info(
-            "run %s: %d steps of %d x %d, %d steps per epoch",
-            run,
-            total,
-            cfg.batch_size,
-            info.world_size,
-            steps_per_epoch,
-        )
+    _start_run(run, cfg, info, log, total, steps_per_epoch)
     amp = torch.autocast(info.device.type, dtype=_AMP[cfg.precision], enabled=cfg.precision != "fp32")
     bar = _progress(cfg, info, total, pos.step)
     metrics = _Metrics(run, info.is_main)
     metrics.drop_after(pos.step, log)
-    done_here, last_eval_step, t_last = 0, -1, time.perf_counter()
+    done_here, last_eval_step, rate = 0, -1, _Rate(cfg.batch_size * info.world_size)
     feed = _Feed(make_loader, pos, steps_per_epoch, log)
     for epoch, index, (images, tokens) in feed:
         if pos.step >= total:
             break
         lr = optim.lr_at(pos.step, base=cfg.lr, total=total, warmup=cfg.warmup_steps, minimum=cfg.min_lr)
         optim.set_lr(opt, lr)
-        loss = forward_backward(
-            wrapped,
-            to_device(images, info.device),
-            to_device(tokens, info.device),
-            loss=cfg.loss,
-            local_loss=cfg.local_loss,
-            accum_steps=cfg.accum_steps,
-            autocast=amp,
-            backward=lambda t: scaler.scale(t).backward(),
-        )
-        _optimizer_step(model, opt, scaler, cfg.grad_clip)
+        loss = _step(wrapped, model, opt, scaler, amp, images, tokens, cfg, info.device)
         pos, done_here = Position(pos.step + 1, epoch, index + 1), done_here + 1
-        now = time.perf_counter()
-        rate, t_last = cfg.batch_size * info.world_size / max(now - t_last, 1e-9), now
+        samples_per_s = rate.tick()
         if pos.step % cfg.log_every == 0 or pos.step == total:
-            value = mean_across(loss, info)
-            metrics.write(
-                step=pos.step,
-                epoch=epoch,
-                loss=value,
-                lr=lr,
-                samples_per_s=rate,
-                logit_scale=float(model.scale().detach()),
-            )
-            bar.set_postfix(loss=f"{value:.4f}", lr=f"{lr:.2e}", samples_s=f"{rate:.1f}")
+            _log_step(metrics, bar, model, pos, mean_across(loss, info), lr, samples_per_s)
         bar.update(1)
-        if index + 1 == steps_per_epoch or pos.step == total:
+        end_of_epoch = index + 1 == steps_per_epoch
+        stopping = pos.step == total or (stop_after is not None and done_here >= stop_after)
+        if end_of_epoch or pos.step == total:
             _end_of_epoch(cfg, info, model, tok, metrics, pos, log)
             last_eval_step = pos.step
-        stopping = pos.step == total or (stop_after is not None and done_here >= stop_after)
-        if index + 1 == steps_per_epoch or stopping:
+        if end_of_epoch or stopping:
             _report_bad_samples(feed.loader, epoch, info, log)
         if pos.step % cfg.checkpoint_every == 0 or stopping:
             _checkpoint(run, pos, cfg, info, model, opt, scaler)
@@ -142,19 +97,107 @@ def train(
             break
     bar.close()
     if pos.step >= total and info.is_main:
-        save_model(
-            model, run / "final", tokenizer=tok, extra={"training": {"steps": pos.step, "run": str(run)}}
-        )
-        log.info("final model saved to %s (last evaluation at step %d)", run / "final", last_eval_step)
-        _plot(run, log)
-    barrier(info)
-    _close(log)
-    if info.distributed:
-        dist.destroy_process_group()
+        _save_final(run, model, tok, pos.step, last_eval_step, log)
+    _finish(info, log)
     return run
 
 
 _AMP = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def _check_precision(cfg: TrainConfig, info: DistInfo) -> None:
+    if cfg.precision == "fp16" and info.device.type != "cuda":
+        raise ValueError("precision fp16 needs a CUDA device; use bf16 or fp32 on CPU")
+
+
+def _optimizer(model: torch.nn.Module, cfg: TrainConfig, pretrained: Any) -> torch.optim.Optimizer:
+    groups = optim.param_groups(
+        model,
+        weight_decay=cfg.weight_decay,
+        pretrained=pretrained,
+        pretrained_lr_scale=cfg.pretrained_lr_scale,
+    )
+    return optim.build_optimizer(model, groups, cfg.lr, (cfg.beta1, cfg.beta2), cfg.eps)
+
+
+def _steps_per_epoch(make_loader, pos: Position, cfg: TrainConfig, info: DistInfo) -> int:
+    steps = len(make_loader(pos.epoch, 0))
+    if steps == 0:
+        raise ValueError(
+            f"{cfg.data}: no full batch of {cfg.batch_size} x {info.world_size} ranks in the data"
+        )
+    return steps
+
+
+def _start_run(
+    run: Path, cfg: TrainConfig, info: DistInfo, log: logging.Logger, total: int, steps_per_epoch: int
+) -> None:
+    """Write the resolved config into the run and say what the run will do."""
+    if not info.is_main:
+        return
+    run.mkdir(parents=True, exist_ok=True)
+    (run / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
+    log.info(
+        "run %s: %d steps of %d x %d, %d steps per epoch",
+        run,
+        total,
+        cfg.batch_size,
+        info.world_size,
+        steps_per_epoch,
+    )
+
+
+def _step(wrapped, model, opt, scaler, amp, images, tokens, cfg: TrainConfig, device) -> torch.Tensor:
+    """One optimiser step on one global batch (its micro-batches accumulated); returns the loss."""
+    loss = forward_backward(
+        wrapped,
+        to_device(images, device),
+        to_device(tokens, device),
+        loss=cfg.loss,
+        local_loss=cfg.local_loss,
+        accum_steps=cfg.accum_steps,
+        autocast=amp,
+        backward=lambda t: scaler.scale(t).backward(),
+    )
+    _optimizer_step(model, opt, scaler, cfg.grad_clip)
+    return loss
+
+
+class _Rate:
+    """Samples per second over the last step (the time since the previous tick, loading included)."""
+
+    def __init__(self, samples_per_step: int) -> None:
+        self.samples, self.last = samples_per_step, time.perf_counter()
+
+    def tick(self) -> float:
+        now = time.perf_counter()
+        rate, self.last = self.samples / max(now - self.last, 1e-9), now
+        return rate
+
+
+def _log_step(metrics, bar, model, pos: Position, loss: float, lr: float, samples_per_s: float) -> None:
+    metrics.write(
+        step=pos.step,
+        epoch=pos.epoch,
+        loss=loss,
+        lr=lr,
+        samples_per_s=samples_per_s,
+        logit_scale=float(model.scale().detach()),
+    )
+    bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", samples_s=f"{samples_per_s:.1f}")
+
+
+def _save_final(run: Path, model, tok, step: int, last_eval_step: int, log: logging.Logger) -> None:
+    save_model(model, run / "final", tokenizer=tok, extra={"training": {"steps": step, "run": str(run)}})
+    log.info("final model saved to %s (last evaluation at step %d)", run / "final", last_eval_step)
+    _plot(run, log)
+
+
+def _finish(info: DistInfo, log: logging.Logger) -> None:
+    barrier(info)
+    _close(log)
+    if info.distributed:
+        dist.destroy_process_group()
 
 
 def _prepare(model: torch.nn.Module, cfg: TrainConfig, device: torch.device, tok) -> torch.nn.Module:
