@@ -362,6 +362,7 @@ def test_training_sees_the_reader_samples(same_lines, kind):
 
     tok = clipforge.train_tokenizer(["a red square blue circle green triangle"] * 4, 520, context_length=8)
     samples = list(src.iter_samples(same_lines[kind]))
+    assert open_source(same_lines[kind]) == src.open_source(same_lines[kind])
     if kind != "shards":
         assert open_source(same_lines[kind]) == ("manifest", samples)
     loader = build_loader(

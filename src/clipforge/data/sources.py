@@ -20,7 +20,8 @@ The rules (docs/data.md says the same for users):
   made absolute and normalised (`os.path.abspath`, not `resolve()`: a symlinked photo library keeps the
   names it was given). A URL (`://`) is kept as written.
 - Captions: the first of `CAPTION_FIELDS` ("captions", "caption", "text") whose value is not null, a string
-  or a list of strings; in CSV/TSV every column whose name starts with "caption" (else a "text" column),
+  or a list of strings ("captions" first: the corpus builder writes it and training always preferred it;
+  "caption" is img2dataset's and clip-retrieval's column); in CSV/TSV every column whose name starts with "caption" (else a "text" column),
   a cell holding several separated by "|". Folders and shards: the `.txt` sidecar, one caption per
   non-empty line, else the `.json` sidecar by the field rule. Captions are stripped; empty ones dropped.
 - Key: a "key" field, else the image as written (folders: the path relative to the folder; shards:
@@ -28,6 +29,7 @@ The rules (docs/data.md says the same for users):
   row's metadata (later rows only add keys it lacks); two images under one key are an error.
 - Metadata: every other field of the row (or the `.json` sidecar), minus the image, key and caption fields.
 
+The record types, errors and field rules live in `clipforge.data.sample` (shared with `shards.py`).
 Errors: `SourceError` (a ValueError) names the file and line. `SampleError` (a SourceError) is one shard
 record or sidecar that cannot be used; streaming readers report it to `on_error` and go on.
 """
