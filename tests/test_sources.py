@@ -1,0 +1,438 @@
+"""THE reader (clipforge.data.sources): one caption rule, one path rule, one error type, shards read the same
+locally and streamed, rank x worker splits cover every item once, embedding folders read as parts; and the
+same lines given as JSONL, CSV, TSV, a folder or shards reach training, evaluation and indexing as the same
+samples."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import clipforge
+from clipforge.data import sources as src
+from clipforge.data.sample import Member, Sample, SampleError, SourceError, SourceNotFoundError
+from clipforge.data.synthetic import shape_samples
+from clipforge.model.config import PreprocessConfig
+from clipforge.transforms import Preprocess
+
+CFG = PreprocessConfig(image_size=16)
+
+
+def jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def png(seed: int = 0) -> bytes:
+    buf = io.BytesIO()
+    shape_samples(1, size=16, seed=seed)[0].image.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def write_tar(path: Path, members: list[tuple[str, bytes]]) -> Path:
+    with tarfile.open(path, "w") as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return path
+
+
+# ------------------------------------------------------------------------------------------------ rules
+
+
+def test_caption_rule_captions_then_caption_then_text(tmp_path):
+    m = jsonl(
+        tmp_path / "m.jsonl",
+        [
+            {"image": "a.png", "caption": "second choice", "captions": [" first ", "", "also"]},
+            {"image": "b.png", "caption": ["a dog", "a puppy"], "text": "ignored"},
+            {"image": "c.png", "captions": None, "text": "from text"},
+            {"image": "d.png"},
+        ],
+    )
+    got = {s.key: s for s in src.read_manifest(m)}
+    assert got["a.png"].captions == ("first", "also")
+    assert got["b.png"].captions == ("a dog", "a puppy")
+    assert got["c.png"].captions == ("from text",)
+    assert got["d.png"].captions == ()
+    assert all(set(s.metadata) == set() for s in got.values())  # caption fields are not metadata
+    jsonl(m, [{"image": "a.png", "caption": "ok"}, {"image": "b.png", "captions": [3]}])
+    with pytest.raises(SourceError, match=r"m\.jsonl:2: captions must be"):
+        src.read_manifest(m)
+
+
+def test_csv_caption_columns_and_text_fallback(tmp_path):
+    (tmp_path / "m.csv").write_text('image,caption,caption_2,label\na.png,"x, y",z|w,cat\nb.png,,,\n')
+    a, b = src.read_manifest(tmp_path / "m.csv")
+    assert a.captions == ("x, y", "z", "w") and a.metadata == {"label": "cat"}
+    assert b.captions == () and b.metadata == {}  # empty cells are absent, not ""
+    (tmp_path / "t.tsv").write_text("image_path\ttext\tkey\nc.png\tone|two\tk1\n")
+    (c,) = src.read_manifest(tmp_path / "t.tsv")
+    assert (c.key, c.captions, c.image) == ("k1", ("one", "two"), str(tmp_path / "c.png"))
+
+
+def test_path_rule_is_absolute_and_normalised_but_keeps_symlinks(tmp_path, monkeypatch):
+    real = tmp_path / "real"
+    (real / "sub").mkdir(parents=True)
+    (real / "sub" / "a.png").write_bytes(png())
+    link = tmp_path / "library"
+    link.symlink_to(real, target_is_directory=True)
+    jsonl(
+        link / "m.jsonl",
+        [
+            {"image": "sub/./x/../a.png", "caption": "a"},
+            {"image": "/abs/b.png", "caption": "b"},
+            {"image": "https://example.invalid/c.png", "caption": "c"},
+        ],
+    )
+    monkeypatch.chdir(tmp_path)
+    a, b, c = src.read_manifest("library/m.jsonl")
+    assert a.image == str(link / "sub" / "a.png")  # the link's name, not real/...
+    assert (b.image, c.image) == ("/abs/b.png", "https://example.invalid/c.png")
+    (f,) = src.read_manifest("library/sub")
+    assert f.image == str(link / "sub" / "a.png") and f.key == "a.png"
+
+
+def test_one_error_type_naming_file_and_line(tmp_path):
+    m = tmp_path / "m.jsonl"
+    m.write_text('{"image": "a.png"}\n\n{"image": \n')
+    with pytest.raises(SourceError, match=r"m\.jsonl:3: not valid JSON"):
+        src.read_manifest(m)
+    m.write_text('{"image": "a.png"}\n{"caption": "no image"}\n')
+    with pytest.raises(SourceError, match=r"m\.jsonl:2: needs an image path"):
+        src.read_manifest(m)
+    (tmp_path / "m.csv").write_text("image,caption\na.png,x\nb.png,y,extra\n")
+    with pytest.raises(SourceError, match=r"m\.csv:3: 3 fields"):
+        src.read_manifest(tmp_path / "m.csv")
+    (tmp_path / "m.json").write_text("{}")
+    with pytest.raises(SourceError, match="not a data source"):
+        src.open_source(tmp_path / "m.json")
+    with pytest.raises(SourceNotFoundError) as e:
+        src.open_source(tmp_path / "nope.jsonl")
+    assert isinstance(e.value, FileNotFoundError) and isinstance(e.value, ValueError)
+
+
+def test_rows_sharing_a_key_merge_and_two_images_under_one_key_fail(tmp_path):
+    m = jsonl(
+        tmp_path / "m.jsonl",
+        [
+            {"image": "a.png", "caption": "one", "label": "cat", "id": 1},
+            {"image": "b.png", "caption": "other"},
+            {"image": "a.png", "caption": "two", "id": 2, "extra": True},
+        ],
+    )
+    a, b = src.read_manifest(m)
+    assert a.captions == ("one", "two") and a.metadata == {"label": "cat", "id": 1, "extra": True}
+    assert a.origin.endswith("m.jsonl:1")
+    jsonl(m, [{"image": "a.png", "key": "k"}, {"image": "b.png", "key": "k"}])
+    with pytest.raises(SourceError, match=r"m\.jsonl:2: key 'k' names .*b\.png, but .*m\.jsonl:1"):
+        src.read_manifest(m)
+
+
+def test_folder_sidecars_hidden_files_and_order(tmp_path):
+    (tmp_path / "b").mkdir()
+    (tmp_path / ".cache").mkdir()
+    for name in ("z.png", "b/a.png", "b.png", ".hidden.png", "._z.png", ".cache/x.png"):
+        (tmp_path / name).write_bytes(png())
+    (tmp_path / "z.txt").write_text("a cat\n\n a kitten \n")
+    (tmp_path / "z.json").write_text('{"label": "cat", "caption": "not used: .txt wins"}')
+    (tmp_path / "b.json").write_text('{"captions": ["from json"], "w": 16}')
+    got = src.read_folder(tmp_path)
+    assert [s.key for s in got] == ["b/a.png", "b.png", "z.png"]
+    b_a, b, z = got
+    assert z.captions == ("a cat", "a kitten") and z.metadata == {"label": "cat"}
+    assert b.captions == ("from json",) and b.metadata == {"w": 16}
+    assert b_a.captions == () and b_a.metadata == {}
+    (tmp_path / "b.json").write_text("[1, 2]")
+    with pytest.raises(SampleError, match=r"b\.png: its \.json sidecar holds a list"):
+        src.read_folder(tmp_path)
+
+
+def test_source_kinds(tmp_path):
+    (tmp_path / "imgs").mkdir()
+    (tmp_path / "imgs" / "a.png").write_bytes(png())
+    (tmp_path / "shards").mkdir()
+    write_tar(tmp_path / "shards" / "0.tar", [])
+    (tmp_path / "emb" / "img_emb").mkdir(parents=True)
+    (tmp_path / "emb" / "metadata").mkdir()
+    jsonl(tmp_path / "m.jsonl", [{"image": "imgs/a.png"}])
+    kinds = {n: src.source_kind(tmp_path / n) for n in ("imgs", "shards", "shards/0.tar", "emb", "m.jsonl")}
+    assert kinds == {
+        "imgs": "folder",
+        "shards": "shards",
+        "shards/0.tar": "shards",
+        "emb": "embeddings",
+        "m.jsonl": "manifest",
+    }
+    assert src.source_kind(tmp_path / "imgs" / "a.png") == "image"
+    assert src.source_kind("https://example.invalid/{000..009}.tar") == "shards"
+    with pytest.raises(SourceError, match="embedding folder"):
+        src.open_source(tmp_path / "emb")  # a stage that needs images refuses vectors
+    (tmp_path / "shards" / "stray.jpg").write_bytes(b"x")
+    with pytest.raises(SourceError, match="both .tar shards and images"):
+        src.source_kind(tmp_path / "shards")
+    with pytest.raises(SourceError, match="cannot mix"):
+        src.open_source([tmp_path / "m.jsonl", tmp_path / "shards" / "0.tar"])
+
+
+# ------------------------------------------------------------------------------------------------- shards
+
+
+def test_local_and_streamed_shards_give_the_same_samples(tmp_path):
+    pytest.importorskip("webdataset")
+    shard = write_tar(
+        tmp_path / "s.tar",
+        [
+            ("__meta__/info.json", b"{}"),  # skipped, as webdataset skips it
+            ("a.jpg", png(1)),
+            ("a.txt", b"one\ntwo\n"),
+            ("a.json", b'{"n": 1, "caption": "x"}'),
+            ("dir/b.c.PNG", png(2)),  # key dir/b, extension c.png: not an image member
+            ("dir/b.webp", png(3)),
+            ("dir/b.json", b'{"caption": "from json"}'),
+            ("nothing.txt", b"no image"),
+            ("d.png", png(4)),
+        ],
+    )
+    errors: list[Exception] = []
+    local = list(src.shard_samples(str(shard), errors.append))
+    assert [type(e) for e in errors] == [SampleError] and "s.tar/nothing" in str(errors[0])
+    assert [s.key for s in local] == ["s.tar/a", "s.tar/dir/b", "s.tar/d"]
+    assert all(isinstance(s.image, Member) for s in local)
+    assert [s.captions for s in local] == [("one", "two"), ("from json",), ()]
+    assert [s.metadata for s in local] == [{"n": 1}, {}, {}]
+    assert local[1].read() == png(3)
+    from clipforge.data import shards as sh
+
+    streamed = []
+    for rec in sh.iter_records([str(shard)], lambda e: False):
+        try:
+            streamed.append(sh.record_sample(rec))
+        except SampleError:
+            pass
+    assert streamed == [Sample(s.key, s.read(), s.captions, s.metadata) for s in local]
+    with pytest.raises(SampleError, match="nothing"):
+        list(src.shard_samples(str(shard)))  # no on_error: the first bad record raises
+
+
+def test_role_items_deal_every_item_once_as_the_loader_does():
+    from clipforge.data.batches import role_shards
+
+    for n in (0, 1, 5, 12, 13):
+        for world in (1, 2, 3):
+            for workers in (0, 1, 2, 4):
+                seen = []
+                for rank in range(world):
+                    roles = src.role_items(n, rank, world, workers)
+                    assert roles == role_shards(n, rank, world, workers)
+                    seen += [i for r in roles for i in r]
+                assert sorted(seen) == list(range(n))
+
+
+def test_iter_samples_split_by_rank_and_worker(tmp_path):
+    rows = [{"image": f"{i}.png", "caption": str(i)} for i in range(7)]
+    m = jsonl(tmp_path / "m.jsonl", rows)
+    for i in range(5):
+        write_tar(tmp_path / f"{i}.tar", [(f"k{i}.png", png(i)), (f"k{i}.txt", b"c")])
+    shards = [tmp_path / f"{i}.tar" for i in range(5)]
+    everything = [s.key for s in src.iter_samples([m, *shards])]
+    assert everything == [f"{i}.png" for i in range(7)] + [f"{i}.tar/k{i}" for i in range(5)]
+    parts = [
+        [s.key for s in src.iter_samples([m, *shards], rank=r, world_size=2, worker=w, workers=2)]
+        for r in range(2)
+        for w in range(2)
+    ]
+    assert sorted(k for p in parts for k in p) == sorted(everything)
+    assert parts[0][:2] == ["0.png", "4.png"]  # rank 0 reads 0, 2, 4, 6; its worker 0 every other one
+
+
+# --------------------------------------------------------------------------------------- embedding folders
+
+
+def test_clip_retrieval_embedding_folder(tmp_path):
+    pq = pytest.importorskip("pyarrow.parquet")
+    import pyarrow as pa
+
+    out = tmp_path / "emb"
+    for d in ("img_emb", "text_emb", "metadata"):
+        (out / d).mkdir(parents=True)
+    x = np.random.default_rng(0).standard_normal((5, 4)).astype(np.float16)
+    for i, (a, b) in enumerate([(0, 3), (3, 5)]):
+        np.save(out / "img_emb" / f"img_emb_{i}.npy", x[a:b])
+        np.save(out / "text_emb" / f"text_emb_{i}.npy", x[a:b])
+        rows = {"image_path": [f"/p/{j}.jpg" for j in range(a, b)], "caption": [f"c{j}" for j in range(a, b)]}
+        rows["url"] = [None if j == 1 else f"u{j}" for j in range(a, b)]
+        pq.write_table(pa.table(rows), out / "metadata" / f"metadata_{i}.parquet")
+    parts = list(src.read_embeddings(out))
+    assert [p.keys for p in parts] == [["/p/0.jpg", "/p/1.jpg", "/p/2.jpg"], ["/p/3.jpg", "/p/4.jpg"]]
+    assert parts[0].captions[2] == ("c2",) and parts[0].metadata[:2] == [{"url": "u0"}, {}]
+    assert np.array_equal(np.concatenate([p.vectors for p in parts]), x)
+    assert isinstance(parts[0].vectors, np.memmap) and parts[1].text_vectors.shape == (2, 4)
+    np.save(out / "img_emb" / "img_emb_1.npy", x[:1])
+    with pytest.raises(SourceError, match="part 1: vectors of shape"):
+        list(src.read_embeddings(out))
+
+
+def test_embed_output_reads_as_the_index_reads_it(tmp_path):
+    pytest.importorskip("pyarrow")
+    from clipforge.index import embed_output as eo
+
+    out = tmp_path / "emb"
+    header = {"format": eo.FORMAT, "model": {"model": "m"}, "dim": 3, "dtype": "float32", "part_size": 2}
+    header.update({"parts": 2, "count": 3, "captions": False, "input": "x"})
+    eo.prepare(out, header)
+    x = np.eye(3, dtype=np.float32)
+    rows = [{"image_path": f"s.tar/{i}", "caption": None, "sha256": str(i), "n": i} for i in range(3)]
+    eo.write_part(out, 0, 2, x[:2], None, rows[:2], [], "float32")
+    with pytest.raises(SourceError, match=r"unfinished: parts \['1'\]"):
+        list(src.read_embeddings(out))
+    eo.write_part(out, 1, 2, x[2:], None, rows[2:], [], "float32")
+    ours = list(src.read_embeddings(out))
+    theirs = list(eo.iter_parts(out))
+    assert [p.keys for p in ours] == [[r["image_path"] for r in rs] for _, rs in theirs]
+    assert [p.metadata for p in ours] == [
+        [{"sha256": r["sha256"], "n": r["n"]} for r in rs] for _, rs in theirs
+    ]
+    assert all(np.array_equal(p.vectors, v) for p, (v, _) in zip(ours, theirs))
+    assert src.open_source(out, embeddings=True) == ("embeddings", [str(out)])
+
+
+# --------------------------------------------------------------------------- one sample, every stage
+
+
+LINES = [  # (captions, label)
+    (["a red square", "a square, red"], "red"),
+    (["a blue circle"], "blue"),
+    (["a green triangle", "green, pointing up"], "green"),
+]
+
+
+@pytest.fixture(scope="module")
+def same_lines(tmp_path_factory) -> dict[str, Path]:
+    """The same three samples as JSONL, CSV, TSV, an image folder with sidecars and a shard."""
+    root = tmp_path_factory.mktemp("lines")
+    (root / "img").mkdir()
+    (root / "shards").mkdir()
+    members = []
+    for i, (caps, label) in enumerate(LINES):
+        data = png(i)
+        (root / "img" / f"{i}.png").write_bytes(data)
+        (root / "img" / f"{i}.txt").write_text("\n".join(caps) + "\n")
+        (root / "img" / f"{i}.json").write_text(json.dumps({"label": label}))
+        meta = json.dumps({"label": label}).encode()
+        members += [(f"{i}.png", data), (f"{i}.txt", "\n".join(caps).encode()), (f"{i}.json", meta)]
+    write_tar(root / "shards" / "0.tar", members)
+    rows = [{"image": f"img/{i}.png", "captions": c, "label": lab} for i, (c, lab) in enumerate(LINES)]
+    jsonl(root / "m.jsonl", rows)
+    table = [("image", "caption", "label")] + [
+        (r["image"], "|".join(r["captions"]), r["label"]) for r in rows
+    ]
+    for name, delim in (("m.csv", ","), ("m.tsv", "\t")):
+        with open(root / name, "w", newline="") as f:
+            csv.writer(f, delimiter=delim).writerows(table)
+    kinds = {"jsonl": "m.jsonl", "csv": "m.csv", "tsv": "m.tsv", "folder": "img", "shards": "shards"}
+    return {k: root / v for k, v in kinds.items()}
+
+
+KINDS = ["jsonl", "csv", "tsv", "folder", "shards"]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_the_reader_sees_the_same_samples_in_every_format(same_lines, kind):
+    got = list(src.iter_samples(same_lines[kind]))
+    assert [s.captions for s in got] == [tuple(c) for c, _ in LINES]
+    assert [s.metadata for s in got] == [{"label": lab} for _, lab in LINES]
+    assert [s.read() for s in got] == [png(i) for i in range(len(LINES))]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_training_sees_the_reader_samples(same_lines, kind):
+    """The loader (evaluation order, first caption) yields the reader's keys, captions and pixels."""
+    pytest.importorskip("webdataset")
+    from clipforge.data.loader import build_loader, open_source
+
+    tok = clipforge.train_tokenizer(["a red square blue circle green triangle"] * 4, 520, context_length=8)
+    samples = list(src.iter_samples(same_lines[kind]))
+    assert open_source(same_lines[kind]) == src.open_source(same_lines[kind])
+    if kind != "shards":
+        assert open_source(same_lines[kind]) == ("manifest", samples)
+    loader = build_loader(
+        same_lines[kind],
+        preprocess_cfg=CFG,
+        tokenizer=tok,
+        batch_size=2,
+        train=False,
+        workers=0,
+        return_meta=True,
+    )
+    batches = list(loader)
+    assert [k for _, _, m in batches for k in m.keys] == [s.key for s in samples]
+    assert [c for _, _, m in batches for c in m.captions] == [s.captions[0] for s in samples]
+    pixels = torch.cat([x for x, _, _ in batches])
+    assert torch.equal(pixels, torch.stack([Preprocess(CFG)(s.load()) for s in samples]))
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_evaluation_sees_the_reader_samples(same_lines, kind):
+    from clipforge.eval.manifest import captions_of, read_labelled_manifest
+
+    samples = list(src.iter_samples(same_lines[kind]))
+    rows = read_labelled_manifest(same_lines[kind], required=("image", "label"))
+    assert [r["label"] for r in rows] == [s.metadata["label"] for s in samples]
+    assert [tuple(captions_of(r)) for r in rows] == [s.captions for s in samples]
+    assert [r["image"] if isinstance(r["image"], bytes) else Path(r["image"]).read_bytes() for r in rows] == [
+        s.read() for s in samples
+    ]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_indexing_through_the_adapter_sees_the_reader_samples(same_lines, kind):
+    from clipforge.index.sources import Item
+
+    samples = list(src.iter_samples(same_lines[kind]))
+    items = [Item(**src.index_fields(s)) for s in samples]
+    assert [it.read() for it in items] == [s.read() for s in samples]
+    assert [it.caption for it in items] == [s.captions[0] for s in samples]
+    assert [it.metadata for it in items] == [s.metadata for s in samples]
+    if kind == "shards":
+        assert [it.key for it in items] == ["0.tar/0", "0.tar/1", "0.tar/2"]
+    else:
+        assert all(it.key == it.path == s.image and os.path.isabs(it.key) for it, s in zip(items, samples))
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="index/sources.list_items still reads inputs itself (a folder's or shard's .txt as one caption, "
+    "no .json sidecar metadata); the lead rewires it to src.index_fields, then this passes: drop the mark",
+)
+@pytest.mark.parametrize("kind", ["folder", "shards"])
+def test_index_list_items_sees_the_reader_samples(same_lines, kind):
+    from clipforge.index.sources import Item, list_items
+
+    assert list_items(same_lines[kind]) == [
+        Item(**src.index_fields(s)) for s in src.iter_samples(same_lines[kind])
+    ]
+
+
+def test_sample_load_is_the_one_decoder(tmp_path):
+    """Samples decode through transforms.load_image: EXIF orientation and alpha on white, for files and
+    shard members alike (index/files.decode does neither)."""
+    from PIL import Image
+
+    im = Image.new("RGBA", (4, 2), (0, 0, 0, 0))
+    buf = io.BytesIO()
+    im.save(buf, format="PNG")
+    write_tar(tmp_path / "s.tar", [("t.png", buf.getvalue())])
+    (s,) = src.shard_samples(str(tmp_path / "s.tar"))
+    assert s.load().getpixel((0, 0)) == (255, 255, 255)
+    with pytest.raises(ValueError, match="s.tar/t: 4x2 = 8 pixels exceeds"):
+        s.load(max_pixels=7)
