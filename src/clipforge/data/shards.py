@@ -2,11 +2,11 @@
 
 Each sample is a group of tar members sharing a key: `KEY.jpg` / `KEY.png` / `KEY.webp` (the image),
 `KEY.txt` (captions, one per line) and `KEY.json` (metadata). When `.txt` is missing, captions come from
-the JSON by the caption rule of `clipforge.data.sample`. Reading goes two ways that give the same Samples:
-a local tar is indexed with tarfile (images stay byte ranges, no webdataset needed), and training streams
-records through webdataset (remote shards too), each record made a Sample by `record_sample`. `write_shards` also leaves `shards.json` beside the
-shards: the sample count of each shard (so a loader knows an epoch's length without reading them) and
-where they came from.
+the JSON by the caption rule of `clipforge.data.sample`. `shard_samples` reads a shard for every stage in
+one of two ways that give the same Samples: a local tar is indexed with tarfile (images stay byte ranges,
+no webdataset needed); a remote one is streamed through webdataset, each record made a Sample by
+`record_sample`. `write_shards` also leaves `shards.json` beside the shards: the sample count of each shard
+(so a loader knows an epoch's length without reading them) and where they came from.
 """
 
 from __future__ import annotations
@@ -298,20 +298,11 @@ def shard_samples(url: str, on_error: Callable[[Exception], None] | None = None)
         report(SourceError(f"{url}: not a readable uncompressed tar shard ({e})"))
 
 
-def parse_record(rec: dict[str, Any]) -> tuple[str, bytes, tuple[str, ...]]:
-    """(key, image bytes, captions) of a streamed record; SampleError when it has no image or no caption."""
-    s = record_sample(rec)
-    if not s.captions:
-        raise SampleError(f"{s.key}: no caption")
-    return s.key, s.read(), s.captions
-
-
-def read_shards(source: str | Path) -> Iterator[tuple[str, bytes, tuple[str, ...]]]:
-    """(key, image bytes, captions) of every sample, in shard order; bad records raise. For inspection and
-    tests; training reads through `clipforge.data.loader`."""
-
-    def strict(e: Exception) -> bool:
-        raise e
-
-    for rec in iter_records(shard_urls(source), strict):
-        yield parse_record(rec)
+def read_shards(source: str | os.PathLike) -> Iterator[tuple[str, bytes, tuple[str, ...]]]:
+    """(key, image bytes, captions) of every sample, in shard order; a bad record or one without caption
+    raises. For inspection and tests; training reads through `clipforge.data.loader`."""
+    for url in shard_urls(source):
+        for s in shard_samples(url):
+            if not s.captions:
+                raise SampleError(f"{s.key}: no caption")
+            yield s.key, s.read(), s.captions
