@@ -294,12 +294,10 @@ def test_embed_output_reads_as_the_index_reads_it(tmp_path):
         list(src.read_embeddings(out))
     eo.write_part(out, 1, 2, x[2:], None, rows[2:], [], "float32")
     ours = list(src.read_embeddings(out))
-    theirs = list(eo.iter_parts(out))
-    assert [p.keys for p in ours] == [[r["image_path"] for r in rs] for _, rs in theirs]
-    assert [p.metadata for p in ours] == [
-        [{"sha256": r["sha256"], "n": r["n"]} for r in rs] for _, rs in theirs
-    ]
-    assert all(np.array_equal(p.vectors, v) for p, (v, _) in zip(ours, theirs))
+    assert [p.keys for p in ours] == [["s.tar/0", "s.tar/1"], ["s.tar/2"]]
+    assert [m for p in ours for m in p.metadata] == [{"sha256": str(i), "n": i} for i in range(3)]
+    assert [p.captions for p in ours] == [[(), ()], [()]]
+    assert np.array_equal(np.concatenate([p.vectors for p in ours]), x)
     assert src.open_source(out, embeddings=True) == ("embeddings", [str(out)])
 
 
@@ -393,10 +391,10 @@ def test_evaluation_sees_the_reader_samples(same_lines, kind):
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_indexing_through_the_adapter_sees_the_reader_samples(same_lines, kind):
-    from clipforge.index.sources import Item
+    from clipforge.index.sources import item_of
 
     samples = list(src.iter_samples(same_lines[kind]))
-    items = [Item(**src.index_fields(s)) for s in samples]
+    items = [item_of(s) for s in samples]
     assert [it.read() for it in items] == [s.read() for s in samples]
     assert [it.caption for it in items] == [s.captions[0] for s in samples]
     assert [it.metadata for it in items] == [s.metadata for s in samples]
@@ -406,18 +404,11 @@ def test_indexing_through_the_adapter_sees_the_reader_samples(same_lines, kind):
         assert all(it.key == it.path == s.image and os.path.isabs(it.key) for it, s in zip(items, samples))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="index/sources.list_items still reads inputs itself (a folder's or shard's .txt as one caption, "
-    "no .json sidecar metadata); the lead rewires it to src.index_fields, then this passes: drop the mark",
-)
 @pytest.mark.parametrize("kind", ["folder", "shards"])
 def test_index_list_items_sees_the_reader_samples(same_lines, kind):
-    from clipforge.index.sources import Item, list_items
+    from clipforge.index.sources import item_of, list_items
 
-    assert list_items(same_lines[kind]) == [
-        Item(**src.index_fields(s)) for s in src.iter_samples(same_lines[kind])
-    ]
+    assert list_items(same_lines[kind]) == [item_of(s) for s in src.iter_samples(same_lines[kind])]
 
 
 def test_sample_load_is_the_one_decoder(tmp_path):

@@ -76,7 +76,6 @@ __all__ = [
     "SampleError",
     "SourceError",
     "SourceNotFoundError",
-    "index_fields",
     "is_shard_source",
     "iter_samples",
     "open_source",
@@ -267,25 +266,26 @@ def is_embedding_folder(path: str | os.PathLike) -> bool:
     return (p / "img_emb").is_dir() and ((p / "metadata").is_dir() or (p / "embeddings.json").is_file())
 
 
-def _part_names(root: Path) -> list[str]:
-    """Part suffixes in order: from the clipforge sidecar (every part must carry its done-marker), else the
-    img_emb_<i>.npy files present (clip-retrieval writes no sidecar)."""
+def _part_names(root: Path) -> tuple[list[str], int | None]:
+    """(part suffixes in order, the vectors' dimension if known): from the clipforge sidecar (every part
+    must carry its done-marker), else the img_emb_<i>.npy files present (clip-retrieval writes no sidecar)."""
     side = root / "embeddings.json"
     if side.is_file():
         try:
-            n = int(json.loads(side.read_text(encoding="utf-8"))["parts"])
+            header = json.loads(side.read_text(encoding="utf-8"))
+            n, dim = int(header["parts"]), int(header["dim"])
         except (ValueError, KeyError, TypeError) as e:
             raise SourceError(f"{side}: unreadable sidecar ({e})") from None
         names = [str(i).zfill(len(str(max(n, 1)))) for i in range(n)]
         missing = [x for x in names if not (root / "_done" / f"part_{x}.json").is_file()]
         if missing:
             raise SourceError(f"{root} is unfinished: parts {missing[:10]} missing; rerun the embedding")
-        return names
+        return names, dim
     found = [p.stem.removeprefix("img_emb_") for p in (root / "img_emb").glob("img_emb_*.npy")]
     names = sorted((x for x in found if x.isdigit()), key=int)
     if not names:
         raise SourceError(f"{root}: no img_emb/img_emb_<i>.npy parts")
-    return names
+    return names, None
 
 
 def read_embeddings(folder: str | os.PathLike) -> Iterator[EmbeddingPart]:
@@ -299,8 +299,8 @@ def read_embeddings(folder: str | os.PathLike) -> Iterator[EmbeddingPart]:
     root = Path(os.path.abspath(os.path.expanduser(os.fspath(folder))))
     if not is_embedding_folder(root):
         raise SourceError(f"{root}: not an embedding folder (img_emb/ with metadata/ or embeddings.json)")
-    dim = None
-    for name in _part_names(root):
+    names, dim = _part_names(root)
+    for name in names:
         where = f"{root}: part {name}"
         meta_file = root / "metadata" / f"metadata_{name}.parquet"
         if not meta_file.is_file():
@@ -427,23 +427,3 @@ def iter_samples(
                 yield from shard_samples(items[i], on_error)
             else:
                 yield items[i]
-
-
-def index_fields(sample: Sample) -> dict[str, Any]:
-    """The keyword arguments of `clipforge.index.sources.Item` for a sample: files are keyed by their
-    absolute path (as the collection stores them), shard members by `SHARD.tar/KEY`; the first caption."""
-    if isinstance(sample.image, Member):
-        key, path, offset, length = sample.key, sample.image.path, sample.image.offset, sample.image.size
-    elif isinstance(sample.image, str):
-        key, path, offset, length = sample.image, sample.image, 0, -1
-    else:
-        raise SourceError(f"{sample.key}: an in-memory image cannot be indexed by path")
-    caption = sample.captions[0] if sample.captions else None
-    return {
-        "key": key,
-        "path": path,
-        "offset": offset,
-        "length": length,
-        "caption": caption,
-        "metadata": dict(sample.metadata),
-    }
