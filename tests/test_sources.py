@@ -8,13 +8,13 @@ from __future__ import annotations
 import csv
 import io
 import json
-import os
 import tarfile
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 import clipforge
 from clipforge.data import sources as src
@@ -304,118 +304,168 @@ def test_embed_output_reads_as_the_index_reads_it(tmp_path):
 # --------------------------------------------------------------------------- one sample, every stage
 
 
-LINES = [  # (captions, label)
-    (["a red square", "a square, red"], "red"),
-    (["a blue circle"], "blue"),
-    (["a green triangle", "green, pointing up"], "green"),
-]
+def _rgba_png() -> tuple[bytes, np.ndarray]:
+    """An 8x6 PNG, left half transparent red, right half opaque blue; and its pixels on white."""
+    a = np.zeros((6, 8, 4), np.uint8)
+    a[:, :4] = (255, 0, 0, 0)
+    a[:, 4:] = (0, 0, 255, 255)
+    buf = io.BytesIO()
+    Image.fromarray(a, "RGBA").save(buf, format="PNG")
+    upright = np.where(a[..., 3:] == 255, a[..., :3], 255).astype(np.uint8)
+    return buf.getvalue(), upright
+
+
+def _rotated_jpeg() -> tuple[bytes, np.ndarray]:
+    """An 8x4 JPEG whose EXIF says "rotate 90 degrees"; and its pixels upright (4x8)."""
+    a = np.zeros((4, 8, 3), np.uint8)
+    a[:, :2] = 255  # a white band at the left, so the rotation shows
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    buf = io.BytesIO()
+    Image.fromarray(a).save(buf, format="JPEG", quality=95, exif=exif)
+    decoded = Image.open(io.BytesIO(buf.getvalue()))
+    upright = np.asarray(decoded.convert("RGB").transpose(Image.Transpose.ROTATE_270))
+    return buf.getvalue(), upright
+
+
+IMAGES = ["0.png", "1.jpg", "2.png"]
+CAPTIONS = [("a red square", "a square, red"), ("a blue circle",), ("a green triangle", "green, pointing up")]
+LABELS = ["red", "blue", "green"]
+KEYS = {"jsonl": [f"img/{n}" for n in IMAGES], "folder": IMAGES, "shards": ["0.tar/0", "0.tar/1", "0.tar/2"]}
+KEYS["csv"] = KEYS["tsv"] = KEYS["jsonl"]
+KINDS = list(KEYS)
 
 
 @pytest.fixture(scope="module")
-def same_lines(tmp_path_factory) -> dict[str, Path]:
-    """The same three samples as JSONL, CSV, TSV, an image folder with sidecars and a shard."""
+def same_lines(tmp_path_factory) -> tuple[dict[str, Path], list[np.ndarray]]:
+    """The same three samples as JSONL, CSV, TSV, a folder of images with sidecars and a local shard, each
+    written the way its format allows (a caption field that the rule must pass over, rows sharing a key, a
+    .json sidecar whose caption the .txt overrides); and the upright pixels each image must decode to: a
+    transparent PNG (on white), a JPEG with an EXIF rotation (turned upright), a plain PNG."""
     root = tmp_path_factory.mktemp("lines")
     (root / "img").mkdir()
     (root / "shards").mkdir()
+    plain = png(2)
+    (rgba, rgba_px), (jpeg, jpeg_px) = _rgba_png(), _rotated_jpeg()
+    data = [rgba, jpeg, plain]
+    pixels = [rgba_px, jpeg_px, np.asarray(Image.open(io.BytesIO(plain)).convert("RGB"))]
     members = []
-    for i, (caps, label) in enumerate(LINES):
-        data = png(i)
-        (root / "img" / f"{i}.png").write_bytes(data)
-        (root / "img" / f"{i}.txt").write_text("\n".join(caps) + "\n")
-        (root / "img" / f"{i}.json").write_text(json.dumps({"label": label}))
-        meta = json.dumps({"label": label}).encode()
-        members += [(f"{i}.png", data), (f"{i}.txt", "\n".join(caps).encode()), (f"{i}.json", meta)]
+    for name, d, caps, label in zip(IMAGES, data, CAPTIONS, LABELS):
+        stem = name.split(".")[0]
+        side = json.dumps({"label": label, "caption": "not this: the .txt comes first"}).encode()
+        files = {name: d, f"{stem}.txt": "\n".join(caps).encode(), f"{stem}.json": side}
+        for n, b in files.items():
+            (root / "img" / n).write_bytes(b)
+        members += list(files.items())
     write_tar(root / "shards" / "0.tar", members)
-    rows = [{"image": f"img/{i}.png", "captions": c, "label": lab} for i, (c, lab) in enumerate(LINES)]
-    jsonl(root / "m.jsonl", rows)
-    table = [("image", "caption", "label")] + [
-        (r["image"], "|".join(r["captions"]), r["label"]) for r in rows
+    rows = [
+        {"image": "img/0.png", "captions": list(CAPTIONS[0]), "caption": "not this", "label": "red"},
+        {"image": "img/1.jpg", "caption": CAPTIONS[1][0], "text": "nor this", "label": "blue"},
+        {"image": "img/2.png", "text": CAPTIONS[2][0], "label": "green"},
+        {"image": "img/2.png", "captions": [CAPTIONS[2][1]]},  # a second row for the same image
     ]
+    jsonl(root / "m.jsonl", rows)
+    table = [("image", "caption", "caption_2", "label")]
+    table += [("img/0.png", "|".join(CAPTIONS[0]), "", "red"), ("img/1.jpg", CAPTIONS[1][0], "", "blue")]
+    table += [("img/2.png", CAPTIONS[2][0], CAPTIONS[2][1], "green")]
     for name, delim in (("m.csv", ","), ("m.tsv", "\t")):
         with open(root / name, "w", newline="") as f:
             csv.writer(f, delimiter=delim).writerows(table)
-    kinds = {"jsonl": "m.jsonl", "csv": "m.csv", "tsv": "m.tsv", "folder": "img", "shards": "shards"}
-    return {k: root / v for k, v in kinds.items()}
-
-
-KINDS = ["jsonl", "csv", "tsv", "folder", "shards"]
+    names = {"jsonl": "m.jsonl", "csv": "m.csv", "tsv": "m.tsv", "folder": "img", "shards": "shards"}
+    return {k: root / v for k, v in names.items()}, pixels
 
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_the_reader_sees_the_same_samples_in_every_format(same_lines, kind):
-    got = list(src.iter_samples(same_lines[kind]))
-    assert [s.captions for s in got] == [tuple(c) for c, _ in LINES]
-    assert [s.metadata for s in got] == [{"label": lab} for _, lab in LINES]
-    assert [s.read() for s in got] == [png(i) for i in range(len(LINES))]
+    paths, pixels = same_lines
+    got = list(src.iter_samples(paths[kind]))
+    assert [s.key for s in got] == KEYS[kind]
+    assert [s.captions for s in got] == CAPTIONS
+    assert [s.metadata for s in got] == [{"label": lab} for lab in LABELS]
+    assert [np.asarray(s.load()).tolist() for s in got] == [p.tolist() for p in pixels]
 
 
-@pytest.mark.parametrize("kind", KINDS)
-def test_training_sees_the_reader_samples(same_lines, kind):
-    """The loader (evaluation order, first caption) yields the reader's keys, captions and pixels."""
-    pytest.importorskip("webdataset")
-    from clipforge.data.loader import build_loader, open_source
-
-    tok = clipforge.train_tokenizer(["a red square blue circle green triangle"] * 4, 520, context_length=8)
-    samples = list(src.iter_samples(same_lines[kind]))
-    assert open_source(same_lines[kind]) == src.open_source(same_lines[kind])
-    if kind != "shards":
-        assert open_source(same_lines[kind]) == ("manifest", samples)
-    loader = build_loader(
-        same_lines[kind],
-        preprocess_cfg=CFG,
-        tokenizer=tok,
-        batch_size=2,
-        train=False,
-        workers=0,
-        return_meta=True,
-    )
-    batches = list(loader)
-    assert [k for _, _, m in batches for k in m.keys] == [s.key for s in samples]
-    assert [c for _, _, m in batches for c in m.captions] == [s.captions[0] for s in samples]
-    pixels = torch.cat([x for x, _, _ in batches])
-    assert torch.equal(pixels, torch.stack([Preprocess(CFG)(s.load()) for s in samples]))
-
-
-@pytest.mark.parametrize("kind", KINDS)
-def test_evaluation_sees_the_reader_samples(same_lines, kind):
+def _stage_views(source: Path) -> dict[str, dict[str, list]]:
+    """What training, evaluation and indexing each see of `source`: keys, captions, labels and the
+    preprocessed pixels (3, S, S) of every sample, read by each stage's own entry point."""
+    pytest.importorskip("pyarrow")  # the index extra
+    from clipforge.data.loader import build_loader
     from clipforge.eval.manifest import captions_of, read_labelled_manifest
+    from clipforge.index.embed import decode_item
+    from clipforge.index.sources import list_items
+    from clipforge.train.vocab import read_captions
 
-    samples = list(src.iter_samples(same_lines[kind]))
-    rows = read_labelled_manifest(same_lines[kind], required=("image", "label"))
-    assert [r["label"] for r in rows] == [s.metadata["label"] for s in samples]
-    assert [tuple(captions_of(r)) for r in rows] == [s.captions for s in samples]
-    assert [r["image"] if isinstance(r["image"], bytes) else Path(r["image"]).read_bytes() for r in rows] == [
-        s.read() for s in samples
-    ]
+    pre = Preprocess(CFG)
+    tok = clipforge.train_tokenizer(["a red square blue circle green triangle"] * 4, 520, context_length=8)
+    batches = list(
+        build_loader(
+            source, preprocess_cfg=CFG, tokenizer=tok, batch_size=2, train=False, workers=0, return_meta=True
+        )
+    )
+    rows = read_labelled_manifest(source, required=("image", "label"))
+    items = list_items(source)
+    return {
+        "training": {
+            "keys": [k for _, _, m in batches for k in m.keys],
+            "first captions": [c for _, _, m in batches for c in m.captions],
+            "captions": read_captions([source]),  # the vocabulary's pass over the same data
+            "pixels": [x for xs, _, _ in batches for x in xs],
+        },
+        "evaluation": {
+            "keys": [r["key"] for r in rows],
+            "first captions": [captions_of(r)[0] for r in rows],
+            "captions": [c for r in rows for c in captions_of(r)],
+            "labels": [r["label"] for r in rows],
+            "pixels": [pre(r["image"]) for r in rows],
+        },
+        "indexing": {
+            "keys": [it.key for it in items],
+            "first captions": [it.caption for it in items],
+            "labels": [it.metadata["label"] for it in items],
+            "pixels": [decode_item(it, pre)[0] for it in items],
+        },
+    }
 
 
 @pytest.mark.parametrize("kind", KINDS)
-def test_indexing_through_the_adapter_sees_the_reader_samples(same_lines, kind):
-    from clipforge.index.sources import item_of
+def test_training_evaluation_and_indexing_see_the_same_samples(same_lines, kind):
+    """The same lines reach every stage as the same samples: keys, every caption by the one caption rule
+    (captions, then caption, then text; .txt before .json; rows of one key merged), labels, and pixels
+    decoded by the one decoder (EXIF upright, transparency on white) and preprocessed alike."""
+    paths, pixels = same_lines
+    views = _stage_views(paths[kind])
+    # The index keys a file by its absolute path (as the collection stores files), a shard member as read.
+    files = kind != "shards"
+    index_keys = [str(paths["jsonl"].parent / "img" / n) for n in IMAGES] if files else KEYS[kind]
+    expected = {
+        "keys": KEYS[kind],
+        "first captions": [c[0] for c in CAPTIONS],
+        "captions": [c for caps in CAPTIONS for c in caps],
+        "labels": LABELS,
+        "pixels": [Preprocess(CFG)(Image.fromarray(p)) for p in pixels],
+    }
+    for stage, view in views.items():
+        for what, got in view.items():
+            want = index_keys if (stage, what) == ("indexing", "keys") else expected[what]
+            if what == "pixels":
+                assert len(got) == len(want) and all(torch.equal(a, b) for a, b in zip(got, want)), stage
+            else:
+                assert got == want, f"{stage} reads the {what} of {kind} differently"
 
-    samples = list(src.iter_samples(same_lines[kind]))
-    items = [item_of(s) for s in samples]
-    assert [it.read() for it in items] == [s.read() for s in samples]
-    assert [it.caption for it in items] == [s.captions[0] for s in samples]
-    assert [it.metadata for it in items] == [s.metadata for s in samples]
-    if kind == "shards":
-        assert [it.key for it in items] == ["0.tar/0", "0.tar/1", "0.tar/2"]
-    else:
-        assert all(it.key == it.path == s.image and os.path.isabs(it.key) for it, s in zip(items, samples))
 
+def test_collection_add_decodes_as_the_other_stages(same_lines):
+    """Collection.add decodes files with index.files.decode: the one decoder, not a second one."""
+    from clipforge.index import files
 
-@pytest.mark.parametrize("kind", ["folder", "shards"])
-def test_index_list_items_sees_the_reader_samples(same_lines, kind):
-    from clipforge.index.sources import item_of, list_items
-
-    assert list_items(same_lines[kind]) == [item_of(s) for s in src.iter_samples(same_lines[kind])]
+    paths, pixels = same_lines
+    for name, want in zip(IMAGES, pixels):
+        got = files.decode(files.read(str(paths["folder"] / name)))
+        assert np.array_equal(np.asarray(got), want), name
 
 
 def test_sample_load_is_the_one_decoder(tmp_path):
     """Samples decode through transforms.load_image: EXIF orientation and alpha on white, for files and
-    shard members alike (index/files.decode does neither)."""
-    from PIL import Image
-
+    shard members alike."""
     im = Image.new("RGBA", (4, 2), (0, 0, 0, 0))
     buf = io.BytesIO()
     im.save(buf, format="PNG")

@@ -1,8 +1,8 @@
 """Manifests as the evaluators and calibrators read them: rows (dicts) of the samples that
 `clipforge.data.sources` reads, so an evaluation sees exactly the samples training and indexing see.
 
-A row holds the sample's metadata ("label", "tags", "categories", ...), plus "image" (an absolute path, or
-the encoded bytes of a shard member), "captions" and "caption" (all captions and the first, when it has
+A row holds the sample's metadata ("label", "tags", "categories", ...), plus "key" (the sample's), "image"
+(an absolute path, or the encoded bytes of a shard member), "captions" and "caption" (all captions and the first, when it has
 any) and "_line" (file and line, for messages). Any source `sources` reads works: JSON lines, CSV/TSV, a
 folder of images with sidecars, shards.
 """
@@ -21,7 +21,8 @@ __all__ = ["ManifestError", "captions_of", "read_labelled_manifest"]
 
 
 def _row(s: Sample) -> dict[str, Any]:
-    row = {**s.metadata, "image": s.image if isinstance(s.image, str) else s.read(), "_line": s.origin}
+    image = s.image if isinstance(s.image, str) else s.read()
+    row = {**s.metadata, "key": s.key, "image": image, "_line": s.origin}
     if s.captions:
         row["captions"], row["caption"] = list(s.captions), s.captions[0]
     return row
