@@ -1,7 +1,8 @@
 """THE reader (clipforge.data.sources): one caption rule, one path rule, one error type, shards read the same
 locally and streamed, rank x worker splits cover every item once, embedding folders read as parts; and the
 same lines given as JSONL, CSV, TSV, a folder or shards reach training, evaluation and indexing as the same
-samples."""
+samples. Streamed shards need the train extra (webdataset), embedding folders and the embed pipeline the
+index extra (pyarrow): installed for the suite, so a missing one fails rather than skips."""
 
 from __future__ import annotations
 
@@ -188,7 +189,6 @@ def test_source_kinds(tmp_path):
 
 
 def test_local_and_streamed_shards_give_the_same_samples(tmp_path):
-    pytest.importorskip("webdataset")
     shard = write_tar(
         tmp_path / "s.tar",
         [
@@ -256,8 +256,8 @@ def test_iter_samples_split_by_rank_and_worker(tmp_path):
 
 
 def test_clip_retrieval_embedding_folder(tmp_path):
-    pq = pytest.importorskip("pyarrow.parquet")
     import pyarrow as pa
+    import pyarrow.parquet as pq
 
     out = tmp_path / "emb"
     for d in ("img_emb", "text_emb", "metadata"):
@@ -280,7 +280,6 @@ def test_clip_retrieval_embedding_folder(tmp_path):
 
 
 def test_embed_output_reads_as_the_index_reads_it(tmp_path):
-    pytest.importorskip("pyarrow")
     from clipforge.index import embed_output as eo
 
     out = tmp_path / "emb"
@@ -388,7 +387,6 @@ def test_the_reader_sees_the_same_samples_in_every_format(same_lines, kind):
 def _stage_views(source: Path) -> dict[str, dict[str, list]]:
     """What training, evaluation and indexing each see of `source`: keys, captions, labels and the
     preprocessed pixels (3, S, S) of every sample, read by each stage's own entry point."""
-    pytest.importorskip("pyarrow")  # the index extra
     from clipforge.data.loader import build_loader
     from clipforge.eval.manifest import captions_of, read_labelled_manifest
     from clipforge.index.embed import decode_item

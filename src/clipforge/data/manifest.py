@@ -1,5 +1,6 @@
-"""Image-caption manifests: the names the loader and older code import, now read by `clipforge.data.sources`
-(THE reader of every stage; its docstring and docs/data.md give the rules)."""
+"""Deprecated: import from `clipforge.data.sources`, THE reader of every stage (its docstring and
+docs/data.md give the rules). These names stay for code written against the old manifest module;
+`ManifestError` is `SourceError` itself, not a second error class."""
 
 from __future__ import annotations
 
