@@ -211,12 +211,12 @@ def test_local_and_streamed_shards_give_the_same_samples(tmp_path):
     assert [s.captions for s in local] == [("one", "two"), ("from json",), ()]
     assert [s.metadata for s in local] == [{"n": 1}, {}, {}]
     assert local[1].read() == png(3)
-    from clipforge.data import shards as sh
+    from clipforge.data import tars
 
     streamed = []
-    for rec in sh.iter_records([str(shard)], lambda e: False):
+    for rec in tars.iter_records([str(shard)], lambda e: False):
         try:
-            streamed.append(sh.record_sample(rec))
+            streamed.append(tars.record_sample(rec))
         except SampleError:
             pass
     assert streamed == [Sample(s.key, s.read(), s.captions, s.metadata) for s in local]

@@ -20,7 +20,8 @@ import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from clipforge.data.sample import Sample
-from clipforge.data.sources import role_items, shard_samples
+from clipforge.data.sources import role_items
+from clipforge.data.tars import shard_samples
 from clipforge.model.config import PreprocessConfig
 from clipforge.transforms import Preprocess, TrainTransform
 

@@ -1,12 +1,10 @@
-"""WebDataset tar shards in the img2dataset layout: write them from a manifest, list, count and read them.
+"""WebDataset tar shards in the img2dataset layout: write them from a manifest, count them; reading them
+into Samples is `tars.py` (which `clipforge.data.sources` reads through).
 
-Each sample is a group of tar members sharing a key: `KEY.jpg` / `KEY.png` / `KEY.webp` (the image),
-`KEY.txt` (captions, one per line) and `KEY.json` (metadata). When `.txt` is missing, captions come from
-the JSON by the caption rule of `clipforge.data.sample`. `shard_samples` reads a shard for every stage in
-one of two ways that give the same Samples: a local tar is indexed with tarfile (images stay byte ranges,
-no webdataset needed); a remote one is streamed through webdataset, each record made a Sample by
-`record_sample`. `write_shards` also leaves `shards.json` beside the shards: the sample count of each shard
-(so a loader knows an epoch's length without reading them) and where they came from.
+`write_shards` groups each sample's members under one key: `KEY.jpg` / `KEY.png` / `KEY.webp` (the image),
+`KEY.txt` (captions, one per line) and `KEY.json` (metadata). It also leaves `shards.json` beside the
+shards: the sample count of each shard (so a loader knows an epoch's length without reading them) and
+where they came from.
 """
 
 from __future__ import annotations
@@ -15,47 +13,24 @@ import io
 import json
 import logging
 import os
-import re
-import tarfile
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 from PIL import Image
 
-from clipforge.data.sample import (
-    MAX_SIDECAR_BYTES,
-    Member,
-    Sample,
-    SampleError,
-    SourceError,
-    SourceNotFoundError,
-    group_sample,
-)
+from clipforge.data.sample import Sample, SampleError, SourceError
+from clipforge.data.sources import read_manifest
+from clipforge.data.tars import count_tar, is_remote, require_webdataset, shard_samples, shard_urls
 from clipforge.transforms import ImageError, load_image
 
 SIDECAR = "shards.json"
-SHARD_IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 _KEEP_FORMATS = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}  # stored as they are; others become PNG
-_WDS_KEY = re.compile(
-    r"^((?:.*/|)[^.]+)[.]([^/]*)$"
-)  # webdataset's rule: key ends at the basename's first dot
-_WDS_META = re.compile(r"__[^/]*__($|/)")  # members webdataset skips (__meta__ and the like)
 log = logging.getLogger("clipforge.data")
 
 
 class ShardError(SourceError):
     """Shards that cannot be written."""
-
-
-def _webdataset() -> Any:
-    try:
-        import webdataset
-    except ImportError as e:
-        raise ImportError(
-            "writing shards, or reading remote or patterned ones, needs webdataset: pip install 'clipforge[train]'"
-        ) from e
-    return webdataset
 
 
 # ------------------------------------------------------------------------------------------------ writing
@@ -85,9 +60,7 @@ def write_shards(
     """Write the samples of a manifest (or image+txt folder) as `out_dir/00000.tar, 00001.tar, ...` with
     `shard_size` samples each, plus the `shards.json` sidecar, which this returns. Samples whose image is
     missing or unreadable or that have no caption are skipped, counted and named in the sidecar."""
-    from clipforge.data.sources import read_manifest  # sources imports this module: import when used
-
-    wds = _webdataset()
+    wds = require_webdataset()
     if shard_size < 1:
         raise ValueError(f"shard_size must be >= 1, got {shard_size}")
     samples = read_manifest(source)
@@ -151,21 +124,6 @@ def _progress(items: list, on: bool) -> Any:
 # ------------------------------------------------------------------------------------- listing, counting
 
 
-def count_tar(path: str) -> int:
-    """Samples (distinct keys) in a local tar, reading member headers only (tarfile seeks past the data)."""
-    keys = set()
-    try:
-        with tarfile.open(path) as tf:
-            for m in tf:
-                match = _WDS_KEY.match(m.name)
-                if m.isreg() and match and not _WDS_META.match(m.name):
-                    keys.add(match.group(1))
-    except tarfile.TarError as e:
-        # A corrupt shard is counted as far as it reads; its bad tail is skipped and counted when loading.
-        log.warning("%s: cannot read the whole tar (%s); counted %d samples", path, e, len(keys))
-    return len(keys)
-
-
 def shard_counts(urls: Sequence[str]) -> list[int] | None:
     """Samples per shard: from the `shards.json` sidecar beside them when it lists them all, else by
     reading local tar headers; None for remote shards without a sidecar."""
@@ -191,111 +149,6 @@ def _sidecar_counts(folder: Path) -> dict[str, int]:
     except (ValueError, KeyError, TypeError):
         log.warning("%s: unreadable sidecar, counting shards instead", f)
         return {}
-
-
-# ------------------------------------------------------------------------------------------------ reading
-
-
-def is_remote(url: str) -> bool:
-    """A URL or a `pipe:` command, streamed rather than opened as a local file."""
-    return "://" in url or url.startswith("pipe:")
-
-
-def is_shard_source(source: str) -> bool:
-    """A URL, a `pipe:` command, a brace pattern or a `.tar` path (rather than a manifest or folder)."""
-    return is_remote(source) or "{" in source or source.endswith(".tar")
-
-
-def shard_urls(source: str | os.PathLike) -> list[str]:
-    """Shards of a folder of `.tar` files (sorted), a brace pattern (`a/{000..009}.tar`), a URL or a `.tar`
-    path; local ones absolute."""
-    s = os.fspath(source)
-    if os.path.isdir(s):
-        urls = sorted(os.path.join(os.path.abspath(s), n) for n in os.listdir(s) if n.endswith(".tar"))
-        if not urls:
-            raise SourceError(f"{s}: no .tar shards in this folder")
-        return urls
-    urls = [s] if not (is_remote(s) or "{" in s) else _webdataset().shardlists.expand_urls(s)
-    urls = [u if is_remote(u) else os.path.abspath(os.path.expanduser(u)) for u in urls]
-    missing = [u for u in urls if not is_remote(u) and not os.path.isfile(u)]
-    if missing:
-        raise SourceNotFoundError(f"shard not found: {missing[0]} ({len(missing)} of {len(urls)} missing)")
-    return urls
-
-
-def iter_records(urls: Sequence[str], on_error: Callable[[Exception], bool]) -> Iterator[dict[str, Any]]:
-    """Raw webdataset records ({"__key__", "__url__", "jpg": bytes, "txt": bytes, ...}) of the shards in
-    order, streamed (remote shards too). A corrupt member or shard goes to `on_error` (True: go on)."""
-    return _webdataset().tarfile_to_samples(handler=on_error)(iter([{"url": u} for u in urls]))
-
-
-def _text(data: bytes | None) -> str | None:
-    return None if data is None else data.decode("utf-8", "replace")
-
-
-def record_sample(rec: Mapping[str, Any]) -> Sample:
-    """The Sample of a streamed shard record; image as bytes. SampleError when it has no image member."""
-    url = str(rec.get("__url__", "?"))
-    key = f"{os.path.basename(url)}/{rec.get('__key__', '?')}"
-    image = next((rec[e] for e in SHARD_IMAGE_EXTS if e in rec), None)
-    if image is None:
-        raise SampleError(f"{key}: no image member (.{'/.'.join(SHARD_IMAGE_EXTS)})")
-    return group_sample(key, image, _text(rec.get("txt")), _text(rec.get("json")), key)
-
-
-def _tar_groups(
-    path: str, report: Callable[[Exception], bool]
-) -> Iterator[tuple[str, dict[str, bytes | Member]]]:
-    """(key, {ext: Member for an image, bytes for anything else}) of a local tar: consecutive members
-    grouped, meta members skipped, a repeated extension reported, as webdataset does."""
-    with tarfile.open(path, "r:") as tar:  # uncompressed only: images are read back by byte range
-        key, group = None, {}
-        for m in tar:
-            match = _WDS_KEY.match(m.name)
-            if not m.isreg() or _WDS_META.match(m.name) or not match:
-                continue
-            prefix, ext = match.group(1), match.group(2).lower()
-            if prefix != key and group:
-                yield key, group
-                group = {}
-            key = prefix
-            if ext in group:
-                report(SampleError(f"{path}: member {m.name} repeats .{ext} in sample {prefix}; skipped"))
-            elif ext in SHARD_IMAGE_EXTS:
-                group[ext] = Member(path, m.offset_data, m.size)
-            elif ext in ("txt", "json"):
-                if m.size > MAX_SIDECAR_BYTES:
-                    report(
-                        SampleError(f"{path}: member {m.name} is {m.size} bytes, over {MAX_SIDECAR_BYTES}")
-                    )
-                    continue
-                group[ext] = tar.extractfile(m).read()  # the next header read seeks back past it
-        if group:
-            yield key, group
-
-
-def shard_samples(url: str, on_error: Callable[[Exception], None] | None = None) -> Iterator[Sample]:
-    """Samples of one shard in order. A local tar is indexed without reading images (each is a `Member`
-    byte range); a remote one is streamed (images as bytes). Bad records raise, or go to `on_error`."""
-
-    def report(e: Exception) -> bool:
-        if on_error is None:
-            raise e
-        on_error(e)
-        return True
-
-    if is_remote(url):
-        records: Iterable[Mapping[str, Any]] = iter_records([url], report)
-    else:
-        records = ({"__url__": url, "__key__": k, **g} for k, g in _tar_groups(url, report))
-    try:
-        for rec in records:
-            try:
-                yield record_sample(rec)
-            except SampleError as e:
-                report(e)
-    except (tarfile.TarError, OSError) as e:
-        report(SourceError(f"{url}: not a readable uncompressed tar shard ({e})"))
 
 
 def read_shards(source: str | os.PathLike) -> Iterator[tuple[str, bytes, tuple[str, ...]]]:

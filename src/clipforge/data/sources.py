@@ -29,8 +29,8 @@ The rules (docs/data.md says the same for users):
   row's metadata (later rows only add keys it lacks); two images under one key are an error.
 - Metadata: every other field of the row (or the `.json` sidecar), minus the image, key and caption fields.
 
-The record types, errors and field rules live in `clipforge.data.sample` (shared with `shards.py`).
-Errors: `SourceError` (a ValueError) names the file and line. `SampleError` (a SourceError) is one shard
+The record types, errors and field rules live in `clipforge.data.sample` (shared with `tars.py`, which
+reads shards). Errors: `SourceError` (a ValueError) names the file and line. `SampleError` (a SourceError) is one shard
 record or sidecar that cannot be used; streaming readers report it to `on_error` and go on.
 """
 
@@ -61,7 +61,7 @@ from clipforge.data.sample import (
     metadata_of,
     resolve_image,
 )
-from clipforge.data.shards import is_remote, is_shard_source, shard_samples, shard_urls
+from clipforge.data.tars import is_remote, is_shard_source, shard_samples, shard_urls
 
 if TYPE_CHECKING:
     import numpy as np
