@@ -223,9 +223,11 @@ def test_iconify_svg_renders_and_flips() -> None:
 # --- split --------------------------------------------------------------------------------------------
 
 
-def _items(concepts: list[str]) -> list[corpus.Item]:
+def _items(concepts: list[str]) -> list[corpus.CorpusItem]:
     return [
-        corpus.Item(s, f"{i}", c, [c], "png", "") for i, c in enumerate(concepts) for s in ("noto", "fluent")
+        corpus.CorpusItem(s, f"{i}", c, [c], "png", "")
+        for i, c in enumerate(concepts)
+        for s in ("noto", "fluent")
     ]
 
 

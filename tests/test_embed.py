@@ -15,6 +15,7 @@ from conftest import save_tiny_model
 from memlimit import GB, address_space_cap
 from PIL import Image
 
+from clipforge.data.sources import read_embeddings
 from clipforge.data.synthetic import shape_samples, write_shapes
 from clipforge.encoder import Encoder
 from clipforge.index import embed_output as eo
@@ -42,9 +43,8 @@ def folder(tmp_path_factory) -> Path:
 
 
 def read_folder(out: Path) -> tuple[np.ndarray, np.ndarray | None, list[dict]]:
-    parts = list(eo.iter_parts(out, mmap=False))
-    img = np.concatenate([v for v, _ in parts]).astype(np.float32)
-    rows = [r for _, r in parts for r in r]
+    img = np.concatenate([p.vectors for p in read_embeddings(out)]).astype(np.float32)
+    rows = [r for f in sorted((out / "metadata").glob("*.parquet")) for r in pq.read_table(f).to_pylist()]
     text_files = sorted((out / "text_emb").glob("*.npy"))
     text = np.concatenate([np.load(f) for f in text_files]).astype(np.float32) if text_files else None
     return img, text, rows

@@ -3,8 +3,10 @@ against the Python API (Collection.search with the same Encoder) and against Enc
 
 from __future__ import annotations
 
+import io
 import json
 import shutil
+import tarfile
 import time
 from pathlib import Path
 
@@ -136,6 +138,32 @@ def test_embed_folder_then_index_add_without_reembedding(capsys, model, enc, ima
         hits = c.search(vector=np.ones(enc.dim), k=7)
         got = c.vectors(np.array([h.id for h in hits]))
     np.testing.assert_allclose(got, enc.embed_images([h.path for h in hits]), atol=2e-3)  # stored as float16
+
+
+def test_add_routes_each_input_by_the_readers_source_kind(capsys, model, enc, tmp_path):
+    """`index add` routes by data.sources.source_kind: a folder of .tar shards is embedded as shards (it was
+    walked as files, each .tar "not an image"), a missing path is reported, in one command."""
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    samples = shape_samples(4, size=40, seed=3)
+    for t in range(2):
+        with tarfile.open(shards / f"{t}.tar", "w") as tar:
+            for i, s in enumerate(samples[2 * t : 2 * t + 2]):
+                buf = io.BytesIO()
+                s.image.save(buf, format="PNG")
+                for ext, data in (("png", buf.getvalue()), ("txt", s.captions[0].encode())):
+                    info = tarfile.TarInfo(f"k{i}.{ext}")
+                    info.size = len(data)
+                    tar.addfile(info, io.BytesIO(data))
+    col = tmp_path / "col"
+    run(capsys, "index", "create", col, "--model", model, "--index", "flat", "--json")
+    missing = tmp_path / "gone.png"
+    rep = run(capsys, "index", "add", col, shards, missing, "--workers", "0", "--json")
+    assert rep["added"] == 4 and [f["path"] for f in rep["failed"]] == [str(missing)]
+    with Collection.open(col, readonly=True) as c:
+        got = {h.path: h.caption for h in c.search(vector=np.ones(enc.dim), k=10)}
+    keys = [f"{t}.tar/k{i}" for t in range(2) for i in range(2)]
+    assert got == dict(zip(keys, [s.captions[0] for s in samples]))
 
 
 def test_captions_and_image_to_text(capsys, model, images, tmp_path):

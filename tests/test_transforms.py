@@ -354,6 +354,19 @@ def test_draft_decodes_smaller_and_barely_moves_the_tensor() -> None:
     )
 
 
+def test_a_decoded_frame_is_returned_without_a_copy(tmp_path: Path, monkeypatch) -> None:
+    """Bulk decoding keeps one image per file in memory, not two: a decoded frame comes back as it is, still
+    usable once its file is closed."""
+    natural(64, 48).save(tmp_path / "a.png")
+    copies: list[tuple[int, int]] = []
+    real = Image.Image.copy
+    monkeypatch.setattr(Image.Image, "copy", lambda self: copies.append(self.size) or real(self))
+    for src in (tmp_path / "a.png", encode(natural(64, 48), "JPEG"), encode(natural(64, 48), "PNG")):
+        out = load_image(src)
+        assert np.asarray(out.resize((8, 6))).shape == (6, 8, 3)
+    assert copies == []
+
+
 # ------------------------------------------------------------------------------------- train transform
 
 

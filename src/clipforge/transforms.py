@@ -133,8 +133,10 @@ def _decode(
         # ImageFile.LOAD_TRUNCATED_IMAGES, so Pillow raises instead of padding the missing rows.
         img.load()
         out = _finish(img)
-        # Detach from the (soon closed) file: the caller gets a plain in-memory image.
-        return img.copy() if out is img else out
+        # Detach from the (soon closed) file: the caller gets a plain in-memory image. A single frame is
+        # detached already (Pillow drops `fp` once it is decoded); copying it too would double the peak
+        # memory of every upright RGB image, the common case of bulk decoding. Animations keep `fp`.
+        return img.copy() if out is img and getattr(img, "fp", None) is not None else out
 
 
 @contextlib.contextmanager

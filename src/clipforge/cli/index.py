@@ -12,8 +12,6 @@ from pathlib import Path
 
 from clipforge.cli.common import add_json_flag, emit
 
-MANIFEST_OR_SHARD = (".jsonl", ".csv", ".tsv", ".tar")
-
 
 def _model_flags(p: argparse.ArgumentParser, required: bool = False) -> None:
     help_ = "checkpoint directory or 'default'" + ("" if required else " (default: the collection's model)")
@@ -189,16 +187,16 @@ def add(
 ) -> int:
     from clipforge.index import AddReport, Collection
     from clipforge.index.bulk import add_embedding_folder, add_sources
-    from clipforge.index.embed_output import is_embedding_folder
 
     if not inputs and not texts:
         raise ValueError("index add needs PATH arguments or --texts FILE")
     report, caption_ids = AddReport(), []
     # counting_commits: a failed write (a full disk) says how many items of this command are stored
     with Collection.open(path) as coll, coll.counting_commits():
-        folders = [p for p in inputs if is_embedding_folder(p)]
-        bulk = [p for p in inputs if p not in folders and Path(p).suffix.lower() in MANIFEST_OR_SHARD]
-        files = [p for p in inputs if p not in folders and p not in bulk]
+        kinds = {p: _add_route(p) for p in inputs}
+        folders = [p for p in inputs if kinds[p] == "embeddings"]
+        bulk = [p for p in inputs if kinds[p] in ("manifest", "shards")]
+        files = [p for p in inputs if kinds[p] not in ("embeddings", "manifest", "shards")]
         for f in folders:
             _merge(report, add_embedding_folder(coll, f))
         if files or bulk or texts:
@@ -245,6 +243,17 @@ def add(
     lines += [f"  failed: {p}: {r}" for p, r in report.failed]
     emit(result, as_json, "\n".join(lines))
     return 0
+
+
+def _add_route(path: str) -> str:
+    """The one reader's `source_kind` of an input; what it cannot name (a missing path, a file of another
+    type) goes to Collection.add as a file, which tries it and reports why it failed."""
+    from clipforge.data.sources import SourceError, source_kind
+
+    try:
+        return source_kind(path)
+    except SourceError:
+        return "files"
 
 
 def _merge(into, part) -> None:

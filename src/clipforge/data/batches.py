@@ -10,7 +10,6 @@ from __future__ import annotations
 import hashlib
 import itertools
 import math
-import os
 import random
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -20,10 +19,11 @@ import numpy as np
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
-from clipforge.data import shards as sh
-from clipforge.data.manifest import Sample
+from clipforge.data.sample import Sample
+from clipforge.data.sources import role_items
+from clipforge.data.tars import shard_samples
 from clipforge.model.config import PreprocessConfig
-from clipforge.transforms import Preprocess, TrainTransform, load_image
+from clipforge.transforms import Preprocess, TrainTransform
 
 MIN_SAMPLES_TO_JUDGE = 500  # judge the bad fraction mid-epoch only after this many samples
 MAX_CONSECUTIVE_BAD = 1000  # a worker that reads this many bad samples in a row gives up
@@ -101,16 +101,18 @@ class Decoder:
         self.total_seen = self.total_bad = self.run_of_bad = self.named = 0
         self.examples: list[str] = []
 
-    def __call__(self, key: str, image: Any, captions: Sequence[str], ident: int) -> tuple | None:
+    def __call__(self, sample: Sample, ident: int) -> tuple | None:
         """(tensor (3, S, S), caption, key), or None for a bad sample."""
         self._read()
+        key, captions = sample.key, sample.captions
         try:
             if not captions:
                 raise ValueError(f"{key}: no caption")
             cap_seed, crop_seed = _seeds(self.plan.seed, self.plan.epoch, ident)
-            if not isinstance(image, (str, os.PathLike)):  # shard bytes: errors name the record
+            image: Any = sample.image
+            if not isinstance(image, str):  # a shard member: decoded here, so that errors name the record
                 cfg = self.plan.preprocess
-                image = load_image(image, name=key, draft_size=cfg.image_size if cfg.fast_jpeg else None)
+                image = sample.load(draft_size=cfg.image_size if cfg.fast_jpeg else None)
             if self.plan.train:
                 x = self.transform(image, generator=crop_seed)
                 caption = captions[cap_seed % len(captions)]
@@ -214,19 +216,10 @@ class ManifestBatches(IterableDataset):
             yield dec.payload([], failed=str(e))
 
     def _load(self, dec: Decoder, i: int) -> tuple | None:
-        s = self.samples[i]
-        return dec(s.key, s.image, s.captions, i)
+        return dec(self.samples[i], i)
 
 
 # ----------------------------------------------------------------------------------------------- shards
-
-
-def role_shards(n_shards: int, rank: int, world_size: int, workers: int) -> list[list[int]]:
-    """Shard indices each worker role of `rank` reads: rank-strided, then worker-strided. There are
-    min(workers, shards of this rank) roles; the assignment is fixed across epochs so batch counts are."""
-    mine = list(range(n_shards))[rank::world_size]
-    n = min(max(1, workers), len(mine))
-    return [mine[v::n] for v in range(n)]
 
 
 def quotas(weights: list[int], steps: int) -> list[int]:
@@ -266,7 +259,8 @@ class ShardBatches(IterableDataset):
 
     def __iter__(self) -> Iterator[Payload]:
         p = self.plan
-        roles = role_shards(len(self.urls), p.rank, p.world_size, self.workers)
+        # The assignment is fixed across epochs, so batch counts are.
+        roles = role_items(len(self.urls), p.rank, p.world_size, self.workers)
         info = get_worker_info()
         wid = info.id if info is not None else 0
         if p.train:
@@ -286,29 +280,30 @@ class ShardBatches(IterableDataset):
         except GiveUp as e:
             yield dec.payload([], failed=str(e))
 
-    def _records(self, dec: Decoder, urls: list[str], role: int) -> Iterator[dict]:
-        """This role's records: one pass (evaluation) or, for training, pass after pass, each pass in a new
-        order (shards shuffled, then records through a buffer) seeded by (seed, epoch, rank, role, pass)."""
+    def _records(self, dec: Decoder, urls: list[str], role: int) -> Iterator[Sample]:
+        """This role's samples: one pass (evaluation) or, for training, pass after pass, each pass in a new
+        order (shards shuffled, then samples through a buffer) seeded by (seed, epoch, rank, role, pass)."""
 
-        def on_error(e: Exception) -> bool:
+        def on_error(e: Exception) -> None:
             dec.failure(f"corrupt shard data: {e}")
-            return True
 
         p = self.plan
         for k in itertools.count() if p.train else [0]:
             rng = random.Random(_seeds(p.seed, p.epoch, p.rank, role, k)[0])
             todo = rng.sample(urls, len(urls)) if p.train else urls
-            records = sh.iter_records(todo, on_error)
+            records = itertools.chain.from_iterable(shard_samples(u, on_error) for u in todo)
             if p.train:
                 records = buffer_shuffle(records, SHUFFLE_BUFFER, rng)
             got = 0
-            for rec in records:
+            for s in records:
                 got += 1
-                yield rec
+                yield s
             if got == 0:
                 raise GiveUp(f"no readable samples in shards {urls[:3]}")
 
-    def _train_batches(self, dec: Decoder, stream: Iterator[dict], used: int, left: int) -> Iterator[Payload]:
+    def _train_batches(
+        self, dec: Decoder, stream: Iterator[Sample], used: int, left: int
+    ) -> Iterator[Payload]:
         bs = self.plan.batch_size
         for _ in range(used * bs):  # resume: skip, without decoding, what earlier batches consumed
             next(stream)
@@ -320,10 +315,10 @@ class ShardBatches(IterableDataset):
                     items.append(it)
             yield dec.payload(items)
 
-    def _eval_batches(self, dec: Decoder, stream: Iterator[dict]) -> Iterator[Payload]:
+    def _eval_batches(self, dec: Decoder, stream: Iterator[Sample]) -> Iterator[Payload]:
         items: list[tuple] = []
-        for rec in stream:
-            it = self._decode(dec, rec)
+        for s in stream:
+            it = self._decode(dec, s)
             if it is not None:
                 items.append(it)
             if dec.seen >= self.plan.batch_size:  # samples read, good or bad
@@ -333,13 +328,8 @@ class ShardBatches(IterableDataset):
             yield dec.payload(items)
 
     @staticmethod
-    def _decode(dec: Decoder, rec: dict) -> tuple | None:
-        try:
-            key, image, captions = sh.parse_record(rec)
-        except ValueError as e:
-            dec.failure(str(e))
-            return None
-        return dec(key, image, captions, _key_id(key))
+    def _decode(dec: Decoder, s: Sample) -> tuple | None:
+        return dec(s, _key_id(s.key))  # seeded by the key: a shard's order is the shuffle buffer's
 
 
 def buffer_shuffle(items: Iterator, size: int, rng: random.Random) -> Iterator:

@@ -66,7 +66,7 @@ class CorpusConfig:
 
 
 @dataclass
-class Item:
+class CorpusItem:
     source: str
     id: str
     concept: str
@@ -150,7 +150,7 @@ def _hash_unit(*parts: object) -> float:
     return int.from_bytes(digest[:8], "big") / 2**64
 
 
-def openclipart_items(svg_root: Path, seed: int, skips: Skips) -> list[Item]:
+def openclipart_items(svg_root: Path, seed: int, skips: Skips) -> list[CorpusItem]:
     """Public-domain Open Clip Art drawings with a usable name, minus the excluded and down-weighted folders."""
     files = sorted(p for p in svg_root.rglob("*.svg"))
     metas: dict[Path, cap.SvgMeta] = {}
@@ -179,7 +179,7 @@ def openclipart_items(svg_root: Path, seed: int, skips: Skips) -> list[Item]:
 
 def _openclipart_item(
     rel: str, path: Path, meta: cap.SvgMeta, shared: int, seed: int, skips: Skips
-) -> Item | None:
+) -> CorpusItem | None:
     folder = rel.rsplit("/", 1)[0] if "/" in rel else ""
     if folder.startswith(EXCLUDED_DIRS):
         skips.add(f"openclipart: excluded folder {folder.split('/')[0]}/{folder.split('/')[1]}", rel)
@@ -201,7 +201,7 @@ def _openclipart_item(
     category = cap.category_from_path(folder)
     kws = cap.keywords(meta.subjects, exclude=[thing, meta.creator, category])
     ident = re.sub(r"[^A-Za-z0-9._-]+", "_", rel[: -len(".svg")].replace("/", "__"))
-    return Item(
+    return CorpusItem(
         source="openclipart",
         id=ident,
         concept=thing,
@@ -218,7 +218,7 @@ def emojibase_index(pkg: Path) -> dict[str, tuple[str, list[str]]]:
     return {cap.hex_key(e["hexcode"]): (e["label"], e.get("tags") or []) for e in data}
 
 
-def emoji_datasource_items(pkg: Path, source: str, base: dict, skips: Skips) -> list[Item]:
+def emoji_datasource_items(pkg: Path, source: str, base: dict, skips: Skips) -> list[CorpusItem]:
     """Noto or Twemoji: one item per emoji and per skin-tone variant that has an image in this set."""
     vendor = {"noto": "google", "twemoji": "twitter"}[source]
     img_dir = pkg / "img" / vendor / "64"
@@ -248,7 +248,9 @@ def emoji_datasource_items(pkg: Path, source: str, base: dict, skips: Skips) -> 
                 continue
             tone = cap.tone_phrase(tone_key) if tone_key else ""
             items.append(
-                Item(source, path.stem, name, cap.emoji_captions(name, tone=tone, **common), "png", str(path))
+                CorpusItem(
+                    source, path.stem, name, cap.emoji_captions(name, tone=tone, **common), "png", str(path)
+                )
             )
     return items
 
@@ -279,7 +281,7 @@ def _iconify_names(icons: dict, skips: Skips, source: str) -> list[str]:
     return sorted(names)
 
 
-def fluent_items(pkg: Path, base: dict, skips: Skips) -> list[Item]:
+def fluent_items(pkg: Path, base: dict, skips: Skips) -> list[CorpusItem]:
     """Fluent Emoji Flat: name with an optional skin-tone suffix, CLDR concept joined through chars.json."""
     icons = json.loads((pkg / "icons.json").read_text("utf-8"))
     hex_of = {n: cap.hex_key(h) for h, n in json.loads((pkg / "chars.json").read_text("utf-8")).items()}
@@ -303,11 +305,11 @@ def fluent_items(pkg: Path, base: dict, skips: Skips) -> list[Item]:
             tags=cap.emoji_tags(tags, name),
             style="flat",
         )
-        items.append(Item("fluent", icon, name, captions, "svg_text", _iconify_svg(icons, icon) or ""))
+        items.append(CorpusItem("fluent", icon, name, captions, "svg_text", _iconify_svg(icons, icon) or ""))
     return items
 
 
-def game_icon_items(pkg: Path, skips: Skips) -> list[Item]:
+def game_icon_items(pkg: Path, skips: Skips) -> list[CorpusItem]:
     """game-icons.net silhouettes, captioned from their descriptive names."""
     icons = json.loads((pkg / "icons.json").read_text("utf-8"))
     items = []
@@ -317,7 +319,7 @@ def game_icon_items(pkg: Path, skips: Skips) -> list[Item]:
             skips.add("game-icons: name says nothing about the picture", icon)
             continue
         svg = _iconify_svg(icons, icon) or ""
-        items.append(Item("game-icons", icon, thing, cap.game_icon_captions(thing), "svg_text", svg))
+        items.append(CorpusItem("game-icons", icon, thing, cap.game_icon_captions(thing), "svg_text", svg))
     return items
 
 
@@ -329,7 +331,9 @@ def concept_in_heldout(concept: str, fraction: float, seed: int) -> bool:
     return _hash_unit(seed, "split", cap.normalise_concept(concept)) < fraction
 
 
-def split_by_concept(items: list[Item], fraction: float, seed: int) -> tuple[list[Item], list[Item]]:
+def split_by_concept(
+    items: list[CorpusItem], fraction: float, seed: int
+) -> tuple[list[CorpusItem], list[CorpusItem]]:
     train, heldout = [], []
     for it in items:
         (heldout if concept_in_heldout(it.concept, fraction, seed) else train).append(it)
@@ -344,7 +348,7 @@ def _write_jsonl(path: Path, rows: list[dict]) -> None:
     os.replace(tmp, path)
 
 
-def _row(it: Item) -> dict:
+def _row(it: CorpusItem) -> dict:
     return {
         "image": it.image,
         "captions": it.captions,
@@ -376,8 +380,8 @@ Models whose towers start from pretrained weights also owe the credits in ../tow
 """
 
 
-def _gather_items(downloads: Path, cfg: CorpusConfig, skips: Skips, packages: dict) -> list[Item]:
-    items: list[Item] = []
+def _gather_items(downloads: Path, cfg: CorpusConfig, skips: Skips, packages: dict) -> list[CorpusItem]:
+    items: list[CorpusItem] = []
     emoji_sources = {"noto", "twemoji", "fluent"} & set(cfg.sources)
     base = emojibase_index(fetch_npm(downloads, NPM_PACKAGES["emojibase"])) if emoji_sources else {}
     for source in cfg.sources:
@@ -397,7 +401,7 @@ def _gather_items(downloads: Path, cfg: CorpusConfig, skips: Skips, packages: di
     return items
 
 
-def _render_all(items: list[Item], out: Path, cfg: CorpusConfig, progress: bool) -> dict[str, str]:
+def _render_all(items: list[CorpusItem], out: Path, cfg: CorpusConfig, progress: bool) -> dict[str, str]:
     """Render what is not cached yet; returns id -> failure reason for every item that has no image."""
     images = out / "images"
     state_path = images / "render.json"
@@ -432,7 +436,9 @@ def _render_all(items: list[Item], out: Path, cfg: CorpusConfig, progress: bool)
     return failures
 
 
-def _summary(cfg: CorpusConfig, train: list[Item], heldout: list[Item], skips: Skips, packages: dict) -> dict:
+def _summary(
+    cfg: CorpusConfig, train: list[CorpusItem], heldout: list[CorpusItem], skips: Skips, packages: dict
+) -> dict:
     counts = {
         s: {"train": sum(it.source == s for it in train), "heldout": sum(it.source == s for it in heldout)}
         for s in cfg.sources

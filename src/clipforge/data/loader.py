@@ -1,4 +1,4 @@
-"""Training and evaluation batches from manifests, image folders or shards, decoded in worker processes.
+"""Training and evaluation batches from any source `clipforge.data.sources` reads, decoded in worker processes.
 
     loader = build_loader("train.jsonl", preprocess_cfg=cfg.preprocess, tokenizer=tok, batch_size=256)
     for images, tokens in loader:        # (B, 3, S, S) float32, (B, T) long
@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -46,9 +45,8 @@ from clipforge.data.batches import (
     Plan,
     ShardBatches,
     quotas,
-    role_shards,
 )
-from clipforge.data.manifest import MANIFEST_SUFFIXES, ManifestError, read_folder, read_manifest
+from clipforge.data.sources import open_source, role_items
 from clipforge.model.config import PreprocessConfig
 from clipforge.tokenizer import Tokenizer
 
@@ -80,33 +78,6 @@ class BatchMeta:
 
 
 # ------------------------------------------------------------------------------------------ main process
-
-
-def open_source(source: str | Path | Sequence[str | Path]) -> tuple[str, list]:
-    """("manifest", samples) or ("shards", urls) for a manifest file (.jsonl/.csv/.tsv), a folder of
-    images with .txt captions, a folder of .tar shards, a .tar path, a brace pattern or URL, or a list of
-    sources of one kind (concatenated)."""
-    if not isinstance(source, (str, Path)):
-        parts = [open_source(s) for s in source]
-        kinds = {k for k, _ in parts}
-        if len(kinds) != 1:
-            raise ManifestError(f"cannot mix manifests and shards in one source list: {list(source)}")
-        return kinds.pop(), [x for _, items in parts for x in items]
-    s = str(source)
-    if os.path.isdir(s):
-        if any(Path(s).glob("*.tar")):
-            return "shards", sh.shard_urls(s)
-        return "manifest", read_folder(s)
-    if sh.is_shard_source(s):
-        return "shards", sh.shard_urls(s)
-    if not os.path.exists(s):
-        raise FileNotFoundError(f"data source not found: {s}")
-    if Path(s).suffix.lower() in MANIFEST_SUFFIXES:
-        return "manifest", read_manifest(s)
-    raise ManifestError(
-        f"{s}: not a data source; give a manifest ({', '.join(MANIFEST_SUFFIXES)}), a folder of images with "
-        ".txt captions, a folder of .tar shards, a .tar path, a brace pattern or a URL"
-    )
 
 
 class Loader:
@@ -311,17 +282,16 @@ def _shard_steps(
     if counts is None:
         if not train:
             raise ValueError("evaluation over shards needs local shards (to count their samples)")
-        n = len(role_shards(len(urls), rank, world_size, workers))
+        n = len(role_items(len(urls), rank, world_size, workers))
         return steps, tuple(quotas([1] * n, steps))
 
     def full_batches(r: int) -> list[int]:
         return [
-            sum(counts[i] for i in idx) // batch_size
-            for idx in role_shards(len(urls), r, world_size, workers)
+            sum(counts[i] for i in idx) // batch_size for idx in role_items(len(urls), r, world_size, workers)
         ]
 
     if not train:
-        mine = role_shards(len(urls), rank, world_size, workers)
+        mine = role_items(len(urls), rank, world_size, workers)
         return sum(math.ceil(sum(counts[i] for i in idx) / batch_size) for idx in mine), ()
     if one_pass:  # no samples_per_epoch: no role reads its shards twice
         steps = min(steps, *(sum(full_batches(r)) for r in range(world_size)))

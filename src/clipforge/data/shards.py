@@ -1,8 +1,8 @@
-"""WebDataset tar shards in the img2dataset layout: write them from a manifest, list, count and read them.
+"""WebDataset tar shards in the img2dataset layout: write them from a manifest, count them; reading them
+into Samples is `tars.py` (which `clipforge.data.sources` reads through).
 
-Each sample is a group of tar members sharing a key: `KEY.jpg` / `KEY.png` / `KEY.webp` (the image),
-`KEY.txt` (captions, one per line) and `KEY.json` (metadata). When `.txt` is missing, captions come from
-the JSON's `"captions"` list or `"caption"` string. `write_shards` also leaves `shards.json` beside the
+`write_shards` groups each sample's members under one key: `KEY.jpg` / `KEY.png` / `KEY.webp` (the image),
+`KEY.txt` (captions, one per line) and `KEY.json` (metadata). It also leaves `shards.json` beside the
 shards: the sample count of each shard (so a loader knows an epoch's length without reading them) and
 where they came from.
 """
@@ -13,36 +13,24 @@ import io
 import json
 import logging
 import os
-import re
-import tarfile
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 from PIL import Image
 
-from clipforge.data.manifest import Sample, SampleError, clean_captions, read_manifest
+from clipforge.data.sample import Sample, SampleError, SourceError
+from clipforge.data.sources import read_manifest
+from clipforge.data.tars import count_tar, is_remote, require_webdataset, shard_samples, shard_urls
 from clipforge.transforms import ImageError, load_image
 
 SIDECAR = "shards.json"
-SHARD_IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 _KEEP_FORMATS = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}  # stored as they are; others become PNG
-_KEY = re.compile(
-    r"^((?:.*/|)[^.]+)[.]([^/]*)$"
-)  # webdataset's rule: the key ends at the basename's first dot
 log = logging.getLogger("clipforge.data")
 
 
-class ShardError(ValueError):
-    """Shards that cannot be found or listed."""
-
-
-def _webdataset() -> Any:
-    try:
-        import webdataset
-    except ImportError as e:
-        raise ImportError("reading or writing shards needs webdataset: pip install 'clipforge[train]'") from e
-    return webdataset
+class ShardError(SourceError):
+    """Shards that cannot be written."""
 
 
 # ------------------------------------------------------------------------------------------------ writing
@@ -72,7 +60,7 @@ def write_shards(
     """Write the samples of a manifest (or image+txt folder) as `out_dir/00000.tar, 00001.tar, ...` with
     `shard_size` samples each, plus the `shards.json` sidecar, which this returns. Samples whose image is
     missing or unreadable or that have no caption are skipped, counted and named in the sidecar."""
-    wds = _webdataset()
+    wds = require_webdataset()
     if shard_size < 1:
         raise ValueError(f"shard_size must be >= 1, got {shard_size}")
     samples = read_manifest(source)
@@ -136,48 +124,10 @@ def _progress(items: list, on: bool) -> Any:
 # ------------------------------------------------------------------------------------- listing, counting
 
 
-def is_shard_source(source: str) -> bool:
-    """A URL, a `pipe:` command, a brace pattern or a `.tar` path (rather than a manifest or folder)."""
-    return "://" in source or source.startswith("pipe:") or "{" in source or source.endswith(".tar")
-
-
-def shard_urls(source: str | Path) -> list[str]:
-    """Shard paths/URLs of a folder of `.tar` files (sorted), a brace pattern (`a/{000..009}.tar`), a URL
-    or a single `.tar` path."""
-    if os.path.isdir(source):
-        folder = Path(source)
-        urls = sorted(str(p) for p in folder.glob("*.tar"))
-        if not urls:
-            raise ShardError(f"{folder}: no .tar shards in this folder")
-        return urls
-    urls = _webdataset().shardlists.expand_urls(str(source))
-    local = [u for u in urls if "://" not in u and not u.startswith("pipe:")]
-    missing = [u for u in local if not os.path.isfile(u)]
-    if missing:
-        raise FileNotFoundError(f"shard not found: {missing[0]} ({len(missing)} of {len(urls)} missing)")
-    return urls
-
-
-def count_tar(path: str) -> int:
-    """Samples (distinct keys) in a local tar, reading member headers only (tarfile seeks past the data)."""
-    keys = set()
-    try:
-        with tarfile.open(path) as tf:
-            for m in tf:
-                match = _KEY.match(m.name)
-                if m.isreg() and match:
-                    keys.add(match.group(1))
-    except tarfile.TarError as e:
-        # A corrupt shard is counted as far as it reads; its bad tail is skipped and counted when loading.
-        log.warning("%s: cannot read the whole tar (%s); counted %d samples", path, e, len(keys))
-    return len(keys)
-
-
 def shard_counts(urls: Sequence[str]) -> list[int] | None:
     """Samples per shard: from the `shards.json` sidecar beside them when it lists them all, else by
     reading local tar headers; None for remote shards without a sidecar."""
-    remote = any("://" in u or u.startswith("pipe:") for u in urls)
-    if remote:
+    if any(is_remote(u) for u in urls):
         return None
     by_dir: dict[str, dict[str, int]] = {}
     out = []
@@ -201,43 +151,11 @@ def _sidecar_counts(folder: Path) -> dict[str, int]:
         return {}
 
 
-# ------------------------------------------------------------------------------------------------ reading
-
-
-def iter_records(urls: Sequence[str], on_error: Callable[[Exception], bool]) -> Iterator[dict[str, Any]]:
-    """Raw webdataset records ({"__key__", "__url__", "jpg": bytes, "txt": bytes, ...}) of the shards in
-    order. A corrupt or unreadable member or shard goes to `on_error` (return True to go on)."""
-    wds = _webdataset()
-    return wds.tarfile_to_samples(handler=on_error)(iter([{"url": u} for u in urls]))
-
-
-def parse_record(rec: dict[str, Any]) -> tuple[str, bytes, tuple[str, ...]]:
-    """(key, image bytes, captions) of a shard record; SampleError when it has no image or no caption."""
-    key = f"{os.path.basename(rec.get('__url__', '?'))}/{rec.get('__key__', '?')}"
-    image = next((rec[e] for e in SHARD_IMAGE_EXTS if e in rec), None)
-    if image is None:
-        raise SampleError(f"{key}: no image member (.jpg/.jpeg/.png/.webp)")
-    if "txt" in rec:
-        captions = clean_captions(rec["txt"].decode("utf-8", "replace").splitlines(), key)
-    elif "json" in rec:
-        try:
-            meta = json.loads(rec["json"])
-        except ValueError as e:
-            raise SampleError(f"{key}: unreadable .json member") from e
-        captions = clean_captions(meta.get("captions", meta.get("caption")), key)
-    else:
-        captions = ()
-    if not captions:
-        raise SampleError(f"{key}: no caption")
-    return key, image, captions
-
-
-def read_shards(source: str | Path) -> Iterator[tuple[str, bytes, tuple[str, ...]]]:
-    """(key, image bytes, captions) of every sample, in shard order; bad records raise. For inspection and
-    tests; training reads through `clipforge.data.loader`."""
-
-    def strict(e: Exception) -> bool:
-        raise e
-
-    for rec in iter_records(shard_urls(source), strict):
-        yield parse_record(rec)
+def read_shards(source: str | os.PathLike) -> Iterator[tuple[str, bytes, tuple[str, ...]]]:
+    """(key, image bytes, captions) of every sample, in shard order; a bad record or one without caption
+    raises. For inspection and tests; training reads through `clipforge.data.loader`."""
+    for url in shard_urls(source):
+        for s in shard_samples(url):
+            if not s.captions:
+                raise SampleError(f"{s.key}: no caption")
+            yield s.key, s.read(), s.captions

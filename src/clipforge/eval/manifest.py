@@ -1,44 +1,44 @@
-"""Labelled JSON-lines manifests as the evaluators and calibrators read them: one object per line, an "image"
-path relative to the manifest's folder (or absolute), plus whatever the task needs ("label", "caption",
-"tags", "categories"). Training data (images and captions only) is read by clipforge.data.manifest instead;
-both raise the same `ManifestError`."""
+"""Manifests as the evaluators and calibrators read them: rows (dicts) of the samples that
+`clipforge.data.sources` reads, so an evaluation sees exactly the samples training and indexing see.
+
+A row holds the sample's metadata ("label", "tags", "categories", ...), plus "key" (the sample's), "image"
+(an absolute path, or the encoded bytes of a shard member), "captions" and "caption" (all captions and the first, when it has
+any) and "_line" (file and line, for messages). Any source `sources` reads works: JSON lines, CSV/TSV, a
+folder of images with sidecars, shards.
+"""
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
-from clipforge.data.manifest import ManifestError
+from clipforge.data.sample import Sample
+from clipforge.data.sample import SourceError as ManifestError
+from clipforge.data.sources import iter_samples
 
 __all__ = ["ManifestError", "captions_of", "read_labelled_manifest"]
+
+
+def _row(s: Sample) -> dict[str, Any]:
+    image = s.image if isinstance(s.image, str) else s.read()
+    row = {**s.metadata, "key": s.key, "image": image, "_line": s.origin}
+    if s.captions:
+        row["captions"], row["caption"] = list(s.captions), s.captions[0]
+    return row
 
 
 def read_labelled_manifest(
     path: str | os.PathLike, required: Sequence[str] = ("image",)
 ) -> list[dict[str, Any]]:
-    """Rows with "image" resolved to a path string; every key in `required` must be present."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"manifest {path} does not exist")
+    """Rows of every sample of `path`; each key in `required` must be present (ManifestError naming the
+    file and line otherwise)."""
     rows = []
-    for i, line in enumerate(path.read_text("utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ManifestError(f"{path}:{i}: not valid JSON ({e.msg})") from e
-        if not isinstance(row, dict):
-            raise ManifestError(f"{path}:{i}: expected a JSON object, got {type(row).__name__}")
+    for s in iter_samples(path):
+        row = _row(s)
         missing = [k for k in required if k not in row]
         if missing:
-            raise ManifestError(f"{path}:{i}: missing key(s) {missing}")
-        if "image" in row:
-            row["image"] = str(path.parent / row["image"])
-        row["_line"] = f"{path}:{i}"
+            raise ManifestError(f"{s.origin}: missing key(s) {missing}")
         rows.append(row)
     if not rows:
         raise ManifestError(f"manifest {path} has no rows")
@@ -46,9 +46,7 @@ def read_labelled_manifest(
 
 
 def captions_of(row: dict[str, Any]) -> list[str]:
-    """A row's "caption" (a string or a list) or "captions", as a non-empty list of strings."""
-    value = row.get("caption", row.get("captions"))
-    caps = [value] if isinstance(value, str) else list(value or [])
-    if not caps or not all(isinstance(c, str) and c.strip() for c in caps):
-        raise ManifestError(f'{row["_line"]}: needs a non-empty "caption" (a string or a list of strings)')
-    return caps
+    """A row's captions (the caption rule of `clipforge.data.sample`), as a non-empty list."""
+    if not row.get("captions"):
+        raise ManifestError(f'{row["_line"]}: needs a caption ("captions", "caption" or "text")')
+    return list(row["captions"])

@@ -14,6 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
+from clipforge.data.sources import EmbeddingPart, read_embeddings
+
 from . import ann
 from . import embed_output as eo
 from .store import Collection
@@ -32,14 +34,17 @@ def check_folder_model(coll: Collection, folder: Path, side: dict) -> None:
         )
 
 
-def _record(row: dict) -> dict:
-    meta = {k: v for k, v in row.items() if k not in ("image_path", "caption", "sha256") and v is not None}
-    return {
-        "path": row["image_path"],
-        "caption": row.get("caption"),
-        "sha256": row.get("sha256"),
-        "metadata": meta,
-    }
+def _records(part: EmbeddingPart) -> list[dict]:
+    """The collection rows of a part: the first caption, the content hash apart from the other metadata."""
+    return [
+        {
+            "path": key,
+            "caption": caps[0] if caps else None,
+            "sha256": meta.get("sha256"),
+            "metadata": {k: v for k, v in meta.items() if k != "sha256"},
+        }
+        for key, caps, meta in zip(part.keys, part.captions, part.metadata)
+    ]
 
 
 def add_embedding_folder(coll: Collection, folder: str | Path, chunk: int = CHUNK) -> AddReport:
@@ -50,9 +55,10 @@ def add_embedding_folder(coll: Collection, folder: str | Path, chunk: int = CHUN
     check_folder_model(coll, folder, side)
     report = AddReport(failed=[(k, r) for k, r in eo.collect_skipped(folder)])
     with coll.counting_commits():
-        for vecs, rows in eo.iter_parts(folder):
+        for part in read_embeddings(folder):
+            rows = _records(part)
             for start in range(0, len(rows), chunk):
-                x = np.asarray(vecs[start : start + chunk], np.float32)
+                x = np.asarray(part.vectors[start : start + chunk], np.float32)
                 _add_chunk(coll, x, rows[start : start + chunk], report)
     return report
 
@@ -90,26 +96,26 @@ def add_sources(
 def _add_chunk(coll: Collection, x: np.ndarray, rows: list[dict], report: AddReport) -> None:
     keep, drop, kept = [], [], []
     for i, row in enumerate(rows):
-        old = coll.conn.execute("SELECT id, sha256 FROM items WHERE key=?", (row["image_path"],)).fetchall()
-        if old and all(sha == row.get("sha256") for _, sha in old):
-            report.unchanged.append(row["image_path"])
+        old = coll.conn.execute("SELECT id, sha256 FROM items WHERE key=?", (row["path"],)).fetchall()
+        if old and all(sha == row["sha256"] for _, sha in old):
+            report.unchanged.append(row["path"])
             continue
         keep.append(i)
         drop += [rid for rid, _ in old]
-        kept.append((row["image_path"], bool(old)))
+        kept.append((row["path"], bool(old)))
     if not keep:
         return
     xs = x[keep]
     xs /= np.maximum(np.linalg.norm(xs, axis=1, keepdims=True), 1e-12)  # float16 storage: renormalise
     coll._writable()
-    report.ids += coll._commit(xs, [_record(rows[i]) for i in keep], drop)
+    report.ids += coll._commit(xs, [rows[i] for i in keep], drop)
     for path, replaced in kept:
         (report.updated if replaced else report.added).append(path)
 
 
 def sample_vectors(folder: Path, n: int, seed: int = 0) -> np.ndarray:
     """Up to `n` vectors (n, D) float32 drawn uniformly across all parts, reading only the rows drawn."""
-    parts = [v for v, _ in eo.iter_parts(folder)]
+    parts = [p.vectors for p in read_embeddings(folder)]
     sizes = np.array([len(v) for v in parts])
     total = int(sizes.sum())
     rng = np.random.default_rng(seed)
@@ -129,7 +135,7 @@ def build_ivfpq(
     """A new IVF-PQ collection at `out` holding every vector of the embedding folder. Returns it open."""
     folder = Path(folder)
     side = eo.read_sidecar(folder)
-    total = sum(len(v) for v, _ in eo.iter_parts(folder))
+    total = sum(len(p.vectors) for p in read_embeddings(folder))
     if total < 2 * 39 * 16:  # too few to train even 16 lists
         raise ValueError(f"{folder} holds {total} vectors; IVF-PQ needs at least {2 * 39 * 16}")
     coll = Collection.create(out, identity=side["model"], dim=int(side["dim"]), index="ivfpq")

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -149,36 +149,8 @@ def read_sidecar(folder: Path) -> dict:
     return side
 
 
-def is_embedding_folder(path: str | Path) -> bool:
-    return (Path(path) / SIDECAR).is_file() and (Path(path) / "img_emb").is_dir()
-
-
 def collect_skipped(out: Path) -> list[tuple[str, str]]:
     skipped = []
     for p in sorted((out / "_done").glob("part_*.json")):
         skipped += [tuple(s) for s in json.loads(p.read_text())["skipped"]]
     return skipped
-
-
-def iter_parts(folder: str | Path, mmap: bool = True) -> Iterator[tuple[np.ndarray, list[dict]]]:
-    """(image vectors (n, D), metadata rows) of each finished part, in order. `mmap` leaves vectors on disk."""
-    import pyarrow.parquet as pq
-
-    folder = Path(folder)
-    side = read_sidecar(folder)
-    n_parts = int(side["parts"])
-    missing = [i for i in range(n_parts) if i not in done_parts(folder)]
-    if missing:
-        raise EmbeddingFolderError(
-            f"{folder} is unfinished: parts {missing[:10]} missing; rerun `clipforge embed` to complete it"
-        )
-    for i in range(n_parts):
-        name = part_name(i, n_parts)
-        vecs = np.load(folder / "img_emb" / f"img_emb_{name}.npy", mmap_mode="r" if mmap else None)
-        rows = pq.read_table(folder / "metadata" / f"metadata_{name}.parquet").to_pylist()
-        if len(rows) != len(vecs) or (len(vecs) and vecs.shape[1] != side["dim"]):
-            raise EmbeddingFolderError(
-                f"{folder}: part {name} has {len(vecs)} vectors of shape {vecs.shape} but {len(rows)} metadata "
-                f"rows (dim {side['dim']} expected)"
-            )
-        yield vecs, rows
