@@ -6,8 +6,7 @@ Heavy optional dependencies (FAISS, FastAPI, webdataset, ...) are imported where
 clipforge needs only torch and the core requirements.
 """
 
-__version__ = "0.1.0"
-
+from clipforge._version import __version__
 from clipforge.checkpoint import CheckpointError, load, save_model
 from clipforge.model import CLIP, CLIPConfig, create_model, get_config, list_models
 from clipforge.tokenizer import Tokenizer, get_tokenizer, train_tokenizer

@@ -216,9 +216,9 @@ class OnnxCLIP:
 def load_onnx(
     directory: str | Path, vocab: str | Path | None = None
 ) -> tuple[OnnxCLIP, Preprocess, Tokenizer | None]:
-    from clipforge.checkpoint import _read_tokenizer, choose_tokenizer
+    from clipforge.checkpoint.common import choose_tokenizer, read_tokenizer
 
     model = OnnxCLIP(directory)
-    found = _read_tokenizer(Path(directory), model.config.text.context_length)
+    found = read_tokenizer(Path(directory), model.config.text.context_length)
     tokenizer = choose_tokenizer(found, vocab, model.config, f"ONNX export {directory}")
     return model, Preprocess(model.config.preprocess), tokenizer
