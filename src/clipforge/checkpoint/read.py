@@ -18,6 +18,7 @@ from clipforge.checkpoint.common import (
 from clipforge.model import convert
 from clipforge.model.clip import CLIP
 from clipforge.model.convert import CheckpointError
+from clipforge.model.tower import Towers, check_towers
 from clipforge.tokenizer import AnyTokenizer
 from clipforge.transforms import Preprocess
 
@@ -25,12 +26,21 @@ from clipforge.transforms import Preprocess
 READERS = (clipforge_dir, open_clip_dir, hf_dir, state_dict_file)
 
 
-def read_checkpoint(path: str | Path, *, preset: str | None = None, activation: str | None = None) -> Loaded:
+def read_checkpoint(
+    path: str | Path,
+    *,
+    preset: str | None = None,
+    activation: str | None = None,
+    towers: Towers = "both",
+) -> Loaded:
     """Read any supported checkpoint into clipforge names and a config.
 
     `preset` names the architecture of a bare state dict (else it is inferred from shapes); `activation`
-    overrides the activation where the file does not record it. Weights holding NaN or infinities are refused."""
-    return _read(Path(path).expanduser(), ReadOptions(preset=preset, activation=activation))
+    overrides the activation where the file does not record it; `towers` ("text" or "image") keeps that tower's
+    tensors only (a safetensors file reads no others). Weights holding NaN or infinities are refused."""
+    check_towers(towers)
+    keep = None if towers == "both" else (lambda key: convert.tower_of(key) in (towers, "shared"))
+    return _read(Path(path).expanduser(), ReadOptions(preset=preset, activation=activation, keep=keep))
 
 
 def _read(p: Path, options: ReadOptions) -> Loaded:
@@ -44,10 +54,12 @@ def _read(p: Path, options: ReadOptions) -> Loaded:
     return loaded
 
 
-def build_model(loaded: Loaded) -> CLIP:
+def build_model(loaded: Loaded, towers: Towers = "both") -> CLIP:
+    """The model `loaded` describes, with `towers` built (the other, if any, is an AbsentTower); every tensor of
+    the towers built must be in `loaded`, and no other."""
     try:
         with torch.device("meta"):  # shapes only: nothing is allocated before the weights are checked
-            model = CLIP(loaded.config)
+            model = CLIP(loaded.config, towers=towers)
     except (RuntimeError, ValueError, ArithmeticError) as e:  # zero or absurd sizes
         raise CheckpointError(
             f"{loaded.source}: its config describes a model that cannot be built ({e})"
@@ -91,13 +103,18 @@ def load(
     precision: str = "fp32",
     compile: bool = False,
     channels_last: bool | None = None,
+    towers: Towers = "both",
 ) -> tuple[CLIP, Preprocess, AnyTokenizer | None]:
     """`model, preprocess, tokenizer = clipforge.load(path)`: any supported checkpoint, ready for inference.
 
     `vocab` (a vocabulary file or directory) supplies the tokenizer of a bare state dict, which carries none.
     `precision` ("fp32", "bf16", "int8"), `compile` and `channels_last` pick inference fast paths (see
     clipforge.fast.optimize and docs/speed.md). A directory written by `clipforge export onnx` loads as a model
-    run by onnxruntime with the same encode_image / encode_text API."""
+    run by onnxruntime with the same encode_image / encode_text API.
+
+    `towers="text"` (or "image") reads, builds and keeps that tower alone: a text-query service holds no image
+    weights. The missing tower's encode_* raises TowerNotLoadedError."""
+    check_towers(towers)
     p = resolve(path)
     from clipforge.onnx_export import is_onnx_dir, load_onnx
 
@@ -106,9 +123,9 @@ def load(
             raise ValueError(
                 f"{p} is an ONNX export: precision, compile and channels_last apply to PyTorch models"
             )
-        return load_onnx(p, vocab=vocab)
-    loaded = read_checkpoint(p, preset=preset, activation=activation)
-    model = build_model(loaded).to(device)
+        return load_onnx(p, vocab=vocab, towers=towers)
+    loaded = read_checkpoint(p, preset=preset, activation=activation, towers=towers)
+    model = build_model(loaded, towers).to(device)
     if precision != "fp32" or compile or channels_last is not False:
         from clipforge.fast import optimize
 

@@ -145,7 +145,8 @@ def embed(
 ) -> int:
     from clipforge.encoder import Encoder
 
-    enc = Encoder.load(model, **options)
+    # Only the tower that runs is read: embedding texts needs no image weights in memory, and vice versa.
+    enc = Encoder.load(model, towers="text" if texts is not None else "image", **options)
     items = texts if texts is not None else images
     vectors = enc.embed_texts(texts) if texts is not None else enc.embed_images(images)
     if out:

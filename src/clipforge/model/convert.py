@@ -43,6 +43,20 @@ def detect_layout(sd: StateDict) -> str:
     )
 
 
+_IMAGE_PREFIXES = ("visual.", "vision_model.", "visual_projection.")
+_TEXT_PREFIXES = ("text.", "text_model.", "text_projection", *_OPENAI_TEXT)
+
+
+def tower_of(key: str) -> str:
+    """'image', 'text' or 'shared' (logit_scale, logit_bias) for a tensor name in any layout detect_layout
+    knows: their tower prefixes do not collide, so one rule reads them all."""
+    if key.startswith(_IMAGE_PREFIXES):
+        return "image"
+    if key.startswith(_TEXT_PREFIXES):
+        return "text"
+    return "shared"
+
+
 def unwrap(sd: dict[str, Any]) -> StateDict:
     """Training checkpoints nest the weights ({'state_dict': ...}) and DDP prefixes them ('module.')."""
     for key in ("state_dict", "model", "model_state_dict"):
