@@ -613,3 +613,60 @@ def test_unknown_towers_value_is_named(tmp_path, tok):
     save_model(create_model(tiny_cfg(tok), seed=0), tmp_path / "m", tokenizer=tok)
     with pytest.raises(ValueError, match="towers='vision'.*both, text, image"):
         load(tmp_path / "m", towers="vision")
+
+
+# --- larger images ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["vit", "resnet"])
+def test_image_size_at_the_trained_size_changes_nothing(tmp_path, tok, kind):
+    cfg = tiny_cfg(tok, kind)
+    save_model(create_model(cfg, seed=4), tmp_path / "m", tokenizer=tok)
+    plain, pre, _ = load(tmp_path / "m", channels_last=False)
+    same, pre_same, _ = load(tmp_path / "m", image_size=cfg.vision.image_size, channels_last=False)
+    assert pre_same.config == pre.config
+    for a, b in zip(outputs(plain, tok, cfg.vision.image_size), outputs(same, tok, cfg.vision.image_size)):
+        assert torch.equal(a, b)
+
+
+def test_vit_at_another_size_matches_transformers_interpolate_pos_encoding(tmp_path, tok):
+    transformers = pytest.importorskip("transformers")
+    save_model(create_model(tiny_cfg(tok), seed=5), tmp_path / "m", tokenizer=tok)  # trained at 32 px
+    hf = transformers.CLIPModel.from_pretrained(tmp_path / "m").eval()
+    for size in (48, 24, 64):
+        model, preprocess, _ = load(tmp_path / "m", image_size=size)
+        assert preprocess.config.image_size == size and model.config.vision.image_size == size
+        images = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(size))
+        with torch.no_grad():
+            ref = hf.get_image_features(pixel_values=images, interpolate_pos_encoding=True).pooler_output
+            torch.testing.assert_close(model.encode_image(images), ref, atol=1e-5, rtol=1e-5)
+
+
+def test_convert_stores_the_new_size_and_transformers_reads_it(tmp_path, tok):
+    from clipforge.cli import main
+
+    save_model(create_model(tiny_cfg(tok), seed=6), tmp_path / "m", tokenizer=tok)
+    assert main(["convert", str(tmp_path / "m"), "--out", str(tmp_path / "big"), "--image-size", "48"]) == 0
+    stored, preprocess, _ = load(tmp_path / "big")
+    resized, _, _ = load(tmp_path / "m", image_size=48)
+    assert preprocess.config.image_size == 48
+    images = torch.randn(2, 3, 48, 48)
+    with torch.no_grad():
+        assert torch.equal(stored.encode_image(images), resized.encode_image(images))
+    transformers = pytest.importorskip("transformers")
+    hf = transformers.CLIPModel.from_pretrained(tmp_path / "big").eval()  # 48 px without interpolation
+    with torch.no_grad():
+        ref = hf.get_image_features(pixel_values=images).pooler_output
+    torch.testing.assert_close(stored.encode_image(images), ref, atol=1e-5, rtol=1e-5)
+
+
+def test_resnet_runs_at_another_size_and_a_bad_size_is_named(tmp_path, tok):
+    from clipforge.model.resize import ResizeError
+
+    save_model(create_model(tiny_cfg(tok, "resnet"), seed=7), tmp_path / "m", tokenizer=tok)  # 64 px
+    model, preprocess, _ = load(tmp_path / "m", image_size=96)
+    assert model.visual.attnpool.positional_embedding.shape[0] == 3 * 3 + 1
+    with torch.no_grad():
+        assert torch.isfinite(model.encode_image(torch.randn(1, 3, 96, 96))).all()
+    with pytest.raises(ResizeError, match="image_size=80.*multiple of 32"):
+        load(tmp_path / "m", image_size=80)

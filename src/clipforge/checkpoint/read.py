@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import torch
@@ -18,6 +19,7 @@ from clipforge.checkpoint.common import (
 from clipforge.model import convert
 from clipforge.model.clip import CLIP
 from clipforge.model.convert import CheckpointError
+from clipforge.model.resize import with_image_size
 from clipforge.model.tower import Towers, check_towers
 from clipforge.tokenizer import AnyTokenizer
 from clipforge.transforms import Preprocess
@@ -32,15 +34,21 @@ def read_checkpoint(
     preset: str | None = None,
     activation: str | None = None,
     towers: Towers = "both",
+    image_size: int | None = None,
 ) -> Loaded:
     """Read any supported checkpoint into clipforge names and a config.
 
     `preset` names the architecture of a bare state dict (else it is inferred from shapes); `activation`
     overrides the activation where the file does not record it; `towers` ("text" or "image") keeps that tower's
-    tensors only (a safetensors file reads no others). Weights holding NaN or infinities are refused."""
+    tensors only (a safetensors file reads no others); `image_size` resizes the image tower's position
+    embeddings (and the preprocessing) for inputs of that size. Weights holding NaN or infinities are refused."""
     check_towers(towers)
     keep = None if towers == "both" else (lambda key: convert.tower_of(key) in (towers, "shared"))
-    return _read(Path(path).expanduser(), ReadOptions(preset=preset, activation=activation, keep=keep))
+    loaded = _read(Path(path).expanduser(), ReadOptions(preset=preset, activation=activation, keep=keep))
+    if image_size is not None:
+        cfg, sd = with_image_size(loaded.config, loaded.state_dict, image_size)
+        loaded = dataclasses.replace(loaded, config=cfg, state_dict=sd)
+    return loaded
 
 
 def _read(p: Path, options: ReadOptions) -> Loaded:
@@ -104,6 +112,7 @@ def load(
     compile: bool = False,
     channels_last: bool | None = None,
     towers: Towers = "both",
+    image_size: int | None = None,
 ) -> tuple[CLIP, Preprocess, AnyTokenizer | None]:
     """`model, preprocess, tokenizer = clipforge.load(path)`: any supported checkpoint, ready for inference.
 
@@ -113,18 +122,20 @@ def load(
     run by onnxruntime with the same encode_image / encode_text API.
 
     `towers="text"` (or "image") reads, builds and keeps that tower alone: a text-query service holds no image
-    weights. The missing tower's encode_* raises TowerNotLoadedError."""
+    weights. The missing tower's encode_* raises TowerNotLoadedError. `image_size` runs the image tower at another
+    input size than it was trained at (ViT and ResNet position embeddings interpolated bicubically); the
+    returned preprocessing makes images of that size."""
     check_towers(towers)
     p = resolve(path)
     from clipforge.onnx_export import is_onnx_dir, load_onnx
 
     if is_onnx_dir(p):
-        if precision != "fp32" or compile or channels_last:
+        if precision != "fp32" or compile or channels_last or image_size is not None:
             raise ValueError(
-                f"{p} is an ONNX export: precision, compile and channels_last apply to PyTorch models"
+                f"{p} is an ONNX export: precision, compile, channels_last and image_size apply to PyTorch models"
             )
         return load_onnx(p, vocab=vocab, towers=towers)
-    loaded = read_checkpoint(p, preset=preset, activation=activation, towers=towers)
+    loaded = read_checkpoint(p, preset=preset, activation=activation, towers=towers, image_size=image_size)
     model = build_model(loaded, towers).to(device)
     if precision != "fp32" or compile or channels_last is not False:
         from clipforge.fast import optimize

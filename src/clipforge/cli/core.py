@@ -40,9 +40,18 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="activation of a checkpoint that does not record it",
     )
     p.add_argument("--vocab", default=None, help="vocabulary to save with the model")
+    p.add_argument(
+        "--image-size",
+        type=int,
+        default=None,
+        help="store the model for inputs of this many pixels (position embeddings interpolated, "
+        "preprocessing following)",
+    )
     add_json_flag(p)
     p.set_defaults(
-        run=lambda a: convert(a.src, Path(a.out), a.format, a.preset, a.activation, a.vocab, a.json)
+        run=lambda a: convert(
+            a.src, Path(a.out), a.format, a.preset, a.activation, a.vocab, a.json, image_size=a.image_size
+        )
     )
 
     p = sub.add_parser("embed-text", help="embed texts into the model's space (normalised vectors)")
@@ -107,6 +116,7 @@ def convert(
     activation: str | None,
     vocab: str | None,
     as_json: bool,
+    image_size: int | None = None,
 ) -> int:
     import warnings
 
@@ -119,7 +129,7 @@ def convert(
         save_openai,
     )
 
-    loaded = read_checkpoint(resolve(src), preset=preset, activation=activation)
+    loaded = read_checkpoint(resolve(src), preset=preset, activation=activation, image_size=image_size)
     model = build_model(loaded)
     if fmt == "clipforge":
         with warnings.catch_warnings():
