@@ -877,3 +877,35 @@ def test_clip_retrieval_clip_client_unchanged(served, tmp_path):
         assert labels[cc.query(image=str(img))[0]["id"]] == "green cross"
         vec = ShapeEncoder().embed_texts(["yellow square"])[0].tolist()
         assert labels[cc.query(embedding_input=vec)[0]["id"]] == "yellow square"
+
+
+class ShortSightedShapeEncoder(ShapeEncoder):
+    """Reads only a text's first 20 characters, unless asked to read long texts another way."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.longs: list[str] = []
+
+    def embed_texts(self, texts: list[str], long: str = "truncate") -> np.ndarray:
+        self.longs.append(long)
+        return super().embed_texts([t[:20] if long == "truncate" else t for t in texts])
+
+
+def test_long_field_chooses_how_long_texts_are_read(tmp_path):
+    col, labels = build_collection(tmp_path)
+    enc = ShortSightedShapeEncoder()
+    text = "a plain picture showing a red circle"  # the colour and shape lie past the 20 characters
+    with TestClient(create_app(make_config(col, tmp_path), encoder=enc)) as client:
+        cut, whole = (
+            client.post("/api/embed", json={"texts": [text], **long}).json()["texts"][0]
+            for long in ({}, {"long": "chunk"})
+        )
+        assert cut != whole  # the same text, cached per strategy
+        np.testing.assert_allclose(whole, ShapeEncoder().embed_texts([text])[0], atol=1e-6)
+        hits = client.post("/api/search", json={"text": text, "long": "interpolate", "k": 2}).json()[
+            "results"
+        ]
+        assert [labels[h["id"]] for h in hits] == ["red circle", "red circle"]
+        assert set(enc.longs) == {"truncate", "chunk", "interpolate"}
+        r = client.post("/api/search", json={"text": text, "long": "summarise"})
+        assert r.status_code == 422 and "truncate" in r.text

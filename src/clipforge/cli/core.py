@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from clipforge.cli.common import add_json_flag, add_model_flags, emit, model_options
+from clipforge.cli.common import add_json_flag, add_long_flag, add_model_flags, emit, model_options
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -57,9 +57,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("embed-text", help="embed texts into the model's space (normalised vectors)")
     p.add_argument("texts", nargs="+", help="texts to embed")
     add_model_flags(p, fast=True)
+    add_long_flag(p)
     p.add_argument("--out", default=None, help="write the (N, D) float32 array to this .npy file")
     add_json_flag(p)
-    p.set_defaults(run=lambda a: embed(a.model, model_options(a), texts=a.texts, out=a.out, as_json=a.json))
+    p.set_defaults(
+        run=lambda a: embed(a.model, model_options(a), texts=a.texts, out=a.out, as_json=a.json, long=a.long)
+    )
 
     p = sub.add_parser("embed-image", help="embed images into the model's space (normalised vectors)")
     p.add_argument("images", nargs="+", help="image files")
@@ -152,11 +155,12 @@ def embed(
     images: list[str] | None = None,
     out: str | None = None,
     as_json: bool = False,
+    long: str = "truncate",
 ) -> int:
     from clipforge.encoder import Encoder
 
     # Only the tower that runs is read: embedding texts needs no image weights in memory, and vice versa.
-    enc = Encoder.load(model, towers="text" if texts is not None else "image", **options)
+    enc = Encoder.load(model, towers="text" if texts is not None else "image", long=long, **options)
     items = texts if texts is not None else images
     vectors = enc.embed_texts(texts) if texts is not None else enc.embed_images(images)
     if out:

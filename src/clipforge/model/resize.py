@@ -1,5 +1,6 @@
-"""Running a model at another input size than it was trained at, by stretching its position embeddings: bicubic
-on the patch grid (as transformers' `interpolate_pos_encoding`)."""
+"""Running a model at another input size or context length than it was trained at, by stretching its position
+embeddings: bicubic on the patch grid for images (as transformers' `interpolate_pos_encoding`), linear along the
+sequence past the first positions for texts (Long-CLIP, Zhang et al. 2024)."""
 
 from __future__ import annotations
 
@@ -8,14 +9,17 @@ import math
 import torch
 import torch.nn.functional as F
 
-from clipforge.model.config import CLIPConfig, EfficientNetConfig
+from clipforge.model.config import BertTextConfig, CLIPConfig, EfficientNetConfig
 
 # Image towers' grid position embeddings, (1 + g*g, W) with the pooling token (class token or mean) first.
 _GRID_EMBEDDINGS = {"vit": "visual.positional_embedding", "resnet": "visual.attnpool.positional_embedding"}
+TEXT_POSITIONS = "text.positional_embedding"
+# Long-CLIP keeps the first 20 positions as trained (short captions use them well) and stretches the rest.
+LONG_CLIP_KEEP = 20
 
 
 class ResizeError(ValueError):
-    """A model cannot run at the size asked for."""
+    """A model cannot run at the size or context length asked for."""
 
 
 def interpolate_grid(pos: torch.Tensor, grid: int) -> torch.Tensor:
@@ -53,3 +57,42 @@ def with_image_size(
         grid = image_size // new.vision.patch_size
         sd = {**sd, key: interpolate_grid(sd[key], grid)}
     return new, sd
+
+
+def stretch_positions(pos: torch.Tensor, length: int, keep: int = LONG_CLIP_KEEP) -> torch.Tensor:
+    """(T, W) text position embeddings -> (length, W): the first `keep` exactly, the other T - keep stretched
+    linearly over length - keep positions (extrapolated past the last, as Long-CLIP does for its last three)."""
+    T = pos.shape[0]
+    if length <= T:
+        return pos[:length]
+    if T < keep + 2:
+        raise ResizeError(f"a context of {T} positions is too short to stretch past its first {keep}")
+    tail = pos[keep:].float()  # (n, W)
+    n = tail.shape[0]
+    x = (
+        torch.arange(length - keep, dtype=torch.float64, device=pos.device) * n / (length - keep)
+    )  # source position of each slot
+    lo = x.floor().long().clamp(max=n - 2)
+    w = (x - lo).to(torch.float32).unsqueeze(1)  # > 1 past the last source position: extrapolation
+    stretched = tail[lo] * (1 - w) + tail[lo + 1] * w
+    return torch.cat([pos[:keep].float(), stretched]).to(pos.dtype)
+
+
+def long_context_length(context_length: int, keep: int = LONG_CLIP_KEEP) -> int:
+    """Long-CLIP's longer context for a trained one: 4x the stretched part (77 -> 248)."""
+    return keep + 4 * (context_length - keep)
+
+
+def with_context_length(
+    cfg: CLIPConfig, sd: dict[str, torch.Tensor], context_length: int
+) -> tuple[CLIPConfig, dict[str, torch.Tensor]]:
+    """`cfg` and its weights for texts of up to `context_length` tokens (the position embeddings stretched or
+    cut); a model to fine-tune at the new length, as Long-CLIP does."""
+    if context_length == cfg.text.context_length:
+        return cfg, sd
+    if isinstance(cfg.text, BertTextConfig) or TEXT_POSITIONS not in sd:
+        raise ResizeError(
+            f"context_length={context_length}: only the CLIP text transformer's positions can be stretched"
+        )
+    new = cfg.replace(text={"context_length": context_length})
+    return new, {**sd, TEXT_POSITIONS: stretch_positions(sd[TEXT_POSITIONS], context_length)}
