@@ -909,3 +909,28 @@ def test_long_field_chooses_how_long_texts_are_read(tmp_path):
         assert set(enc.longs) == {"truncate", "chunk", "interpolate"}
         r = client.post("/api/search", json={"text": text, "long": "summarise"})
         assert r.status_code == 422 and "truncate" in r.text
+
+
+def test_query_only_service_holds_the_text_tower_alone(tmp_path):
+    from conftest import save_tiny_model
+
+    from clipforge.encoder import Encoder
+    from clipforge.model.tower import AbsentTower
+
+    model = save_tiny_model(tmp_path / "m")
+    write_shapes(tmp_path / "shapes", 6, seed=1)
+    full = Encoder.load(model)
+    with Collection.create(tmp_path / "col", identity=full.identity, dim=full.dim) as c:
+        c.add([tmp_path / "shapes" / "images"], full)
+    app = create_app(make_config(tmp_path / "col", tmp_path, model=str(model), towers="text"))
+    with TestClient(app) as client:
+        enc = app.state.engine.encoder
+        assert isinstance(
+            enc.model.visual, AbsentTower
+        )  # the fingerprint matched before the image tower went
+        assert not any(k.startswith("visual.") for k in enc.model.state_dict())
+        r = client.post("/api/embed", json={"texts": ["a red circle"]})
+        np.testing.assert_allclose(r.json()["texts"], full.embed_texts(["a red circle"]), atol=1e-6)
+        assert len(client.get("/api/search", params={"q": "a red circle", "k": 3}).json()["results"]) == 3
+        r = client.post("/api/search", files={"image": ("a.png", shape_png("red", "circle"), "image/png")})
+        assert r.status_code == 400 and "text tower only" in error_of(r)

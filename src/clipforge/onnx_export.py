@@ -173,6 +173,14 @@ class OnnxCLIP:
 
     device = torch.device("cpu")
 
+    def keep_towers(self, towers: Towers) -> OnnxCLIP:
+        """Close the session of the tower `towers` leaves out (as CLIP.keep_towers)."""
+        if towers == "text":
+            self.image_session = None
+        elif towers == "image":
+            self.text_session = None
+        return self
+
     @property
     def dtype(self) -> torch.dtype:
         return torch.float32

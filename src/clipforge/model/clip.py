@@ -58,6 +58,18 @@ class CLIP(nn.Module):
             self.logit_bias = nn.Parameter(torch.tensor(float(config.logit_bias_init)))
         self.init_weights()
 
+    def keep_towers(self, towers: Towers) -> CLIP:
+        """Drop the tower `towers` leaves out (an AbsentTower takes its place), freeing its weights: for a
+        process that had to read both (to check a collection's fingerprint) but runs one."""
+        check_towers(towers)
+        if towers == "text":
+            self.visual = AbsentTower("image")
+        elif towers == "image":
+            self.text = AbsentTower("text")
+        if towers != "both":
+            self.towers = towers
+        return self
+
     def init_weights(self) -> None:
         self.visual.init_weights()
         self.text.init_weights()
