@@ -93,6 +93,18 @@ def test_interpolate_leaves_short_texts_alone_and_reads_long_ones(enc):
     assert not np.allclose(got[0], got[1], atol=1e-4)
 
 
+def test_interpolate_runs_a_long_context_model_with_its_own_positions(enc):
+    # A model fine-tuned at a longer context than CLIP's 77 (train --context-length) is not stretched again.
+    cfg = enc.model.config.replace(text={"context_length": 100})
+    tok = clipforge.Tokenizer(enc.tokenizer.vocab, enc.tokenizer.merges, context_length=100)
+    long_enc = Encoder(create_model(cfg, seed=1), enc.preprocess, tok)
+    text = long_caption("a red boat on the beach") + " " + long_caption("tree")  # past 32, within 100
+    assert 32 < len(tok.encode(text)) + 2 <= 100
+    np.testing.assert_array_equal(
+        long_enc.embed_texts([text], long="interpolate"), long_enc.embed_texts([text])
+    )
+
+
 def test_unknown_strategy_is_named(enc):
     with pytest.raises(LongTextError, match="long='summarise'.*truncate, chunk, interpolate"):
         enc.embed_texts(["a cat"], long="summarise")

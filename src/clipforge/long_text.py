@@ -5,9 +5,9 @@
   encode each window, average the normalised window embeddings and renormalise. Any model; a text that fits is
   one window, the same as truncate.
 - "interpolate": Long-CLIP's positions (Zhang et al. 2024): the first 20 as trained, the rest stretched linearly
-  to four times as many (77 -> 248 tokens), texts cut at that length. Runs on any CLIP text transformer and is
-  what a model fine-tuned at the longer context was trained with (`clipforge train --init CKPT --context-length
-  248` stores one, which then reads 248 tokens under every strategy).
+  to four times as many (77 -> 248 tokens), texts cut at that length. Runs on any CLIP text transformer of a
+  context up to 77; a model fine-tuned at a longer context (`clipforge train --init CKPT --context-length 248`
+  stores one) already holds such positions and runs them as trained, reading up to its own context.
 """
 
 from __future__ import annotations
@@ -25,6 +25,9 @@ from clipforge.tokenizer import AnyTokenizer, to_context
 LongText = Literal["truncate", "chunk", "interpolate"]
 LONG_STRATEGIES: tuple[str, ...] = get_args(LongText)
 CHUNK_OVERLAP = 16  # tokens two neighbouring windows share, so that no phrase is seen only cut in two
+# The context CLIP models are trained at. A longer one was fine-tuned for long texts (train --context-length):
+# interpolate runs such a model with its own positions rather than stretching them again.
+CLIP_CONTEXT = 77
 
 
 class LongTextError(ValueError):
@@ -60,7 +63,7 @@ def encode_texts(
         rows, counts = _windows_of(tokenizer, texts)
         return _pool_windows(_encode_rows(model, tokenizer, rows, batch_size, device), counts)
     n_ctx, encode = None, lambda tokens: model.encode_text(tokens, normalize=True)
-    if long == "interpolate":
+    if long == "interpolate" and _text_tower(model).context_length <= CLIP_CONTEXT:
         n_ctx, encode = _interpolated(model)
     out = [
         encode(tokenizer(list(texts[i : i + batch_size]), context_length=n_ctx).to(device))
