@@ -50,7 +50,7 @@ def with_image_size(
         raise ResizeError(f"image_size={image_size}: the image tower needs a positive multiple of {step}")
     try:
         new = cfg.replace(vision={"image_size": image_size})
-    except ValueError as e:  # not a multiple of the patch size or stride
+    except ValueError as e:  # the tower config's own checks
         raise ResizeError(f"image_size={image_size}: {e}") from None
     key = None if isinstance(v, EfficientNetConfig) else _GRID_EMBEDDINGS[v.kind]
     if key in sd:
@@ -69,9 +69,9 @@ def stretch_positions(pos: torch.Tensor, length: int, keep: int = LONG_CLIP_KEEP
         raise ResizeError(f"a context of {T} positions is too short to stretch past its first {keep}")
     tail = pos[keep:].float()  # (n, W)
     n = tail.shape[0]
-    x = (
-        torch.arange(length - keep, dtype=torch.float64, device=pos.device) * n / (length - keep)
-    )  # source position of each slot
+    slots = length - keep
+    # The source position (in tail rows) each stretched slot reads from.
+    x = torch.arange(slots, dtype=torch.float64, device=pos.device) * n / slots
     lo = x.floor().long().clamp(max=n - 2)
     w = (x - lo).to(torch.float32).unsqueeze(1)  # > 1 past the last source position: extrapolation
     stretched = tail[lo] * (1 - w) + tail[lo + 1] * w
