@@ -22,6 +22,7 @@ from clipforge.checkpoint import (
     read_checkpoint,
     read_state_dict,
     save_model,
+    save_openai,
 )
 from clipforge.model import convert, create_model, get_config
 
@@ -71,7 +72,9 @@ def test_save_load_round_trip_is_exact(tmp_path, tok, kind):
     cfg = cfg.replace(preprocess={"resize_mode": "squash", "mean": (0.5, 0.5, 0.5), "std": (0.5, 0.5, 0.5)})
     model = create_model(cfg, seed=0).eval()
     save_model(model, tmp_path / "m", tokenizer=tok)
-    loaded, preprocess, tok2 = load(tmp_path / "m", channels_last=False)  # exact: the channels-last fast path reorders sums
+    loaded, preprocess, tok2 = load(
+        tmp_path / "m", channels_last=False
+    )  # exact: the channels-last fast path reorders sums
     assert loaded.config == cfg
     assert preprocess.config == cfg.preprocess  # preprocessing travels with the weights
     for a, b in zip(outputs(model, tok, cfg.vision.image_size), outputs(loaded, tok2, cfg.vision.image_size)):
@@ -538,3 +541,132 @@ def test_hugging_face_refuses_a_resnet_clipforge_directory(tmp_path, tok):
     expected = export_state_dict(model, "openai")
     assert "token_embedding.weight" in openai and "visual.attnpool.c_proj.weight" in openai
     assert openai.keys() == expected.keys() and all(torch.equal(openai[k], v) for k, v in expected.items())
+
+
+# --- one tower at a time ---------------------------------------------------------------------------------------
+
+
+def _save_layouts(tmp_path, tok, kind):
+    """The model and where it was saved in each layout that holds it."""
+    model = create_model(tiny_cfg(tok, kind), seed=3).eval()
+    paths = {"clipforge directory": save_model(model, tmp_path / "m", tokenizer=tok)}
+    paths["openai .pt"] = save_openai(model, tmp_path / "openai.pt")
+    paths["openai .safetensors"] = save_openai(model, tmp_path / "openai.safetensors")
+    return model, paths
+
+
+@pytest.mark.parametrize("kind", ["vit", "resnet"])
+def test_one_tower_loads_only_its_tensors_and_encodes_exactly(tmp_path, tok, kind):
+    model, paths = _save_layouts(tmp_path, tok, kind)
+    size = model.config.vision.image_size
+    full_image, full_text = outputs(model, tok, size)
+    for where, path in paths.items():
+        text_only, _, _ = load(
+            path, vocab=None if "directory" in where else tmp_path / "m", towers="text", activation="gelu"
+        )
+        image_only, _, _ = load(
+            path, vocab=tmp_path / "m", towers="image", activation="gelu", channels_last=False
+        )
+        assert not any(k.startswith("visual.") for k in text_only.state_dict()), where
+        assert not any(k.startswith("text.") for k in image_only.state_dict()), where
+        assert text_only.logit_scale == model.logit_scale  # the shared tensors come with either tower
+        with torch.no_grad():
+            assert torch.equal(text_only.encode_text(tok(["a red cat on a table", "boat"])), full_text), where
+            images = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(0))
+            assert torch.equal(image_only.encode_image(images), full_image), where
+        with pytest.raises(clipforge.TowerNotLoadedError, match="without its image tower"):
+            text_only.encode_image(images)
+        with pytest.raises(clipforge.TowerNotLoadedError, match="without its text tower"):
+            image_only.encode_text(tok(["boat"]))
+
+
+def test_one_tower_reads_only_its_tensors_from_safetensors(tmp_path, tok, monkeypatch):
+    from safetensors import safe_open
+
+    save_model(create_model(tiny_cfg(tok), seed=0), tmp_path / "m", tokenizer=tok)
+    read = []
+
+    class Recording:
+        def __init__(self, *args, **kwargs):
+            self.file = safe_open(*args, **kwargs)
+
+        def __enter__(self):
+            self.f = self.file.__enter__()
+            return self
+
+        def __exit__(self, *exc):
+            return self.file.__exit__(*exc)
+
+        def keys(self):
+            return self.f.keys()
+
+        def get_tensor(self, name):
+            read.append(name)
+            return self.f.get_tensor(name)
+
+    monkeypatch.setattr("clipforge.checkpoint.common.safe_open", Recording)
+    load(tmp_path / "m", towers="text")
+    assert read and not [k for k in read if k.startswith(("vision_model.", "visual_projection"))]
+
+
+def test_unknown_towers_value_is_named(tmp_path, tok):
+    save_model(create_model(tiny_cfg(tok), seed=0), tmp_path / "m", tokenizer=tok)
+    with pytest.raises(ValueError, match="towers='vision'.*both, text, image"):
+        load(tmp_path / "m", towers="vision")
+
+
+# --- larger images ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["vit", "resnet"])
+def test_image_size_at_the_trained_size_changes_nothing(tmp_path, tok, kind):
+    cfg = tiny_cfg(tok, kind)
+    save_model(create_model(cfg, seed=4), tmp_path / "m", tokenizer=tok)
+    plain, pre, _ = load(tmp_path / "m", channels_last=False)
+    same, pre_same, _ = load(tmp_path / "m", image_size=cfg.vision.image_size, channels_last=False)
+    assert pre_same.config == pre.config
+    for a, b in zip(outputs(plain, tok, cfg.vision.image_size), outputs(same, tok, cfg.vision.image_size)):
+        assert torch.equal(a, b)
+
+
+def test_vit_at_another_size_matches_transformers_interpolate_pos_encoding(tmp_path, tok):
+    transformers = pytest.importorskip("transformers")
+    save_model(create_model(tiny_cfg(tok), seed=5), tmp_path / "m", tokenizer=tok)  # trained at 32 px
+    hf = transformers.CLIPModel.from_pretrained(tmp_path / "m").eval()
+    for size in (48, 24, 64):
+        model, preprocess, _ = load(tmp_path / "m", image_size=size)
+        assert preprocess.config.image_size == size and model.config.vision.image_size == size
+        images = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(size))
+        with torch.no_grad():
+            ref = hf.get_image_features(pixel_values=images, interpolate_pos_encoding=True).pooler_output
+            torch.testing.assert_close(model.encode_image(images), ref, atol=1e-5, rtol=1e-5)
+
+
+def test_convert_stores_the_new_size_and_transformers_reads_it(tmp_path, tok):
+    from clipforge.cli import main
+
+    save_model(create_model(tiny_cfg(tok), seed=6), tmp_path / "m", tokenizer=tok)
+    assert main(["convert", str(tmp_path / "m"), "--out", str(tmp_path / "big"), "--image-size", "48"]) == 0
+    stored, preprocess, _ = load(tmp_path / "big")
+    resized, _, _ = load(tmp_path / "m", image_size=48)
+    assert preprocess.config.image_size == 48
+    images = torch.randn(2, 3, 48, 48)
+    with torch.no_grad():
+        assert torch.equal(stored.encode_image(images), resized.encode_image(images))
+    transformers = pytest.importorskip("transformers")
+    hf = transformers.CLIPModel.from_pretrained(tmp_path / "big").eval()  # 48 px without interpolation
+    with torch.no_grad():
+        ref = hf.get_image_features(pixel_values=images).pooler_output
+    torch.testing.assert_close(stored.encode_image(images), ref, atol=1e-5, rtol=1e-5)
+
+
+def test_resnet_runs_at_another_size_and_a_bad_size_is_named(tmp_path, tok):
+    from clipforge.model.resize import ResizeError
+
+    save_model(create_model(tiny_cfg(tok, "resnet"), seed=7), tmp_path / "m", tokenizer=tok)  # 64 px
+    model, preprocess, _ = load(tmp_path / "m", image_size=96)
+    assert model.visual.attnpool.positional_embedding.shape[0] == 3 * 3 + 1
+    with torch.no_grad():
+        assert torch.isfinite(model.encode_image(torch.randn(1, 3, 96, 96))).all()
+    with pytest.raises(ResizeError, match="image_size=80.*multiple of 32"):
+        load(tmp_path / "m", image_size=80)

@@ -98,3 +98,14 @@ def test_export_leaves_the_callers_model_alone(exported, tmp_path):
     half = clipforge.create_model(model.config, seed=0).to(torch.bfloat16)
     export_onnx(half, tmp_path / "x", tok)
     assert half.text.trim is True and next(half.parameters()).dtype == torch.bfloat16
+
+
+def test_onnx_export_loads_one_tower(exported):
+    model, tok, out = exported
+    text_only, _, _ = clipforge.load(out, towers="text")
+    assert text_only.image_session is None
+    with torch.no_grad():
+        ref = model.encode_text(tok(["a red circle"]))
+    torch.testing.assert_close(text_only.encode_text(tok(["a red circle"])), ref, atol=1e-4, rtol=1e-4)
+    with pytest.raises(clipforge.TowerNotLoadedError, match="without its image tower"):
+        text_only.encode_image(torch.zeros(1, 3, 32, 32))

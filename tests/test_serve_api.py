@@ -909,3 +909,60 @@ def test_clip_retrieval_clip_client_unchanged(served, tmp_path):
         assert labels[cc.query(image=str(img))[0]["id"]] == "green cross"
         vec = ShapeEncoder().embed_texts(["yellow square"])[0].tolist()
         assert labels[cc.query(embedding_input=vec)[0]["id"]] == "yellow square"
+
+
+class ShortSightedShapeEncoder(ShapeEncoder):
+    """Reads only a text's first 20 characters, unless asked to read long texts another way."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.longs: list[str] = []
+
+    def embed_texts(self, texts: list[str], long: str = "truncate") -> np.ndarray:
+        self.longs.append(long)
+        return super().embed_texts([t[:20] if long == "truncate" else t for t in texts])
+
+
+def test_long_field_chooses_how_long_texts_are_read(tmp_path):
+    col, labels = build_collection(tmp_path)
+    enc = ShortSightedShapeEncoder()
+    text = "a plain picture showing a red circle"  # the colour and shape lie past the 20 characters
+    with TestClient(create_app(make_config(col, tmp_path), encoder=enc)) as client:
+        cut, whole = (
+            client.post("/api/embed", json={"texts": [text], **long}).json()["texts"][0]
+            for long in ({}, {"long": "chunk"})
+        )
+        assert cut != whole  # the same text, cached per strategy
+        np.testing.assert_allclose(whole, ShapeEncoder().embed_texts([text])[0], atol=1e-6)
+        hits = client.post("/api/search", json={"text": text, "long": "interpolate", "k": 2}).json()[
+            "results"
+        ]
+        assert [labels[h["id"]] for h in hits] == ["red circle", "red circle"]
+        assert set(enc.longs) == {"truncate", "chunk", "interpolate"}
+        r = client.post("/api/search", json={"text": text, "long": "summarise"})
+        assert r.status_code == 422 and "truncate" in r.text
+
+
+def test_query_only_service_holds_the_text_tower_alone(tmp_path):
+    from conftest import save_tiny_model
+
+    from clipforge.encoder import Encoder
+    from clipforge.model.tower import AbsentTower
+
+    model = save_tiny_model(tmp_path / "m")
+    write_shapes(tmp_path / "shapes", 6, seed=1)
+    full = Encoder.load(model)
+    with Collection.create(tmp_path / "col", identity=full.identity, dim=full.dim) as c:
+        c.add([tmp_path / "shapes" / "images"], full)
+    app = create_app(make_config(tmp_path / "col", tmp_path, model=str(model), towers="text"))
+    with TestClient(app) as client:
+        enc = app.state.engine.encoder
+        assert isinstance(
+            enc.model.visual, AbsentTower
+        )  # the fingerprint matched before the image tower went
+        assert not any(k.startswith("visual.") for k in enc.model.state_dict())
+        r = client.post("/api/embed", json={"texts": ["a red circle"]})
+        np.testing.assert_allclose(r.json()["texts"], full.embed_texts(["a red circle"]), atol=1e-6)
+        assert len(client.get("/api/search", params={"q": "a red circle", "k": 3}).json()["results"]) == 3
+        r = client.post("/api/search", files={"image": ("a.png", shape_png("red", "circle"), "image/png")})
+        assert r.status_code == 400 and "text tower only" in error_of(r)

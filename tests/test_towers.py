@@ -679,3 +679,24 @@ def test_train_from_pretrained_towers_keeps_their_trunks_and_draws_projections_f
         changed = [k for k in pretrained if k not in fresh and not torch.equal(sd[k], pretrained[k])]
         assert [k for k in changed if not k.endswith("num_batches_tracked")] == []
     assert not torch.allclose(finals[0].visual.proj, finals[1].visual.proj)
+
+
+def test_pretrained_kinds_at_other_sizes_and_past_their_context(tmp_path):
+    import numpy as np
+
+    from clipforge.encoder import Encoder
+    from clipforge.long_text import LongTextError
+
+    tok = WordPieceTokenizer.from_pretrained(write_wordpiece(tmp_path / "tok"), context_length=16)
+    model = create_model(small_config(text=replace(SMALL_TEXT, vocab_size=tok.vocab_size)), seed=0)
+    clipforge.save_model(model, tmp_path / "m", tokenizer=tok)
+    bigger, preprocess, _ = clipforge.load(tmp_path / "m", image_size=96)  # EfficientNet pools globally
+    assert preprocess.config.image_size == 96
+    with torch.no_grad():
+        assert torch.isfinite(bigger.encode_image(torch.randn(1, 3, 96, 96))).all()
+    enc = Encoder.load(tmp_path / "m", towers="text")
+    short, long = ["a red apple"], [" ".join(["a photo of a red apple on a table"] * 4)]
+    assert np.array_equal(enc.embed_texts(short, long="chunk"), enc.embed_texts(short))
+    assert not np.allclose(enc.embed_texts(long, long="chunk"), enc.embed_texts(long), atol=1e-4)
+    with pytest.raises(LongTextError, match="use long='chunk'"):
+        enc.embed_texts(long, long="interpolate")

@@ -607,3 +607,30 @@ def test_vocabulary_captions_are_read_like_the_loader_reads_them(tmp_path):
     write_shards(manifest, tmp_path / "shards", shard_size=5)
     assert sorted(read_captions([tmp_path / "shards"])) == sorted(expected)
     assert read_captions([manifest], limit=4) == expected[:4]
+
+
+def test_finetune_at_a_longer_context_stretches_the_positions(tmp_path):
+    # Long-CLIP's recipe: --init a model, --context-length longer than its own; the run starts from the
+    # stretched position embeddings and its final model reads texts of the new length.
+    tok = clipforge.train_tokenizer(CAPTIONS, 600, 24)
+    cfg = CLIPConfig.from_dict(MICRO).replace(
+        text={
+            "context_length": 24,
+            "vocab_size": tok.vocab_size,
+            "sot_token_id": tok.sot_token_id,
+            "eot_token_id": tok.eot_token_id,
+        }
+    )
+    clipforge.save_model(create_model(cfg, seed=2), tmp_path / "base", tokenizer=tok)
+    run = train(
+        tiny_cfg(
+            tmp_path / "run", init=str(tmp_path / "base"), context_length=44, steps=2, checkpoint_every=2
+        ),
+        loader_factory=memory_factory(SAMPLES),
+    )
+    model, _, tok2 = clipforge.load(run / "final")
+    assert model.config.text.context_length == 44 and tok2.context_length == 44
+    long_text = " ".join(CAPTIONS[:8])
+    assert int((tok2([long_text])[0] != 0).sum()) > 24  # tokens past the old context reach the model
+    with torch.no_grad():
+        assert torch.isfinite(model.encode_text(tok2([long_text]))).all()

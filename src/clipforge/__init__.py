@@ -6,10 +6,10 @@ Heavy optional dependencies (FAISS, FastAPI, webdataset, ...) are imported where
 clipforge needs only torch and the core requirements.
 """
 
-__version__ = "0.1.0"
-
+from clipforge._version import __version__
 from clipforge.checkpoint import CheckpointError, load, save_model
 from clipforge.model import CLIP, CLIPConfig, create_model, get_config, list_models
+from clipforge.model.tower import TowerNotLoadedError
 from clipforge.tokenizer import Tokenizer, get_tokenizer, train_tokenizer
 from clipforge.transforms import ImageError, Preprocess, load_image
 from clipforge.zeroshot import ZeroShotClassifier
@@ -21,6 +21,7 @@ __all__ = [
     "ImageError",
     "Preprocess",
     "Tokenizer",
+    "TowerNotLoadedError",
     "ZeroShotClassifier",
     "__version__",
     "create_model",

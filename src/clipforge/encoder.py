@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 import numpy as np
 import torch
 
+from clipforge.long_text import LongText, check_long, encode_texts
 from clipforge.model.clip import CLIP
 from clipforge.tokenizer import AnyTokenizer
 from clipforge.transforms import Preprocess
@@ -75,21 +76,26 @@ class Encoder:
         *,
         name: str = "",
         batch_size: int = 32,
+        long: LongText = "truncate",
     ):
+        check_long(long)
         self.model = model.eval()
         self.preprocess = preprocess
         self.tokenizer = tokenizer
         self.name = name or model.config.name or "model"
         self.batch_size = batch_size
+        self.long = long  # how embed_texts reads texts past the context (clipforge.long_text)
         self.device = _device(model)
 
     @classmethod
-    def load(cls, path: str | Path, *, batch_size: int = 32, **load_options: Any) -> Encoder:
-        """`load_options` are clipforge.load's: vocab, device, precision, compile, channels_last, ..."""
+    def load(
+        cls, path: str | Path, *, batch_size: int = 32, long: LongText = "truncate", **load_options: Any
+    ) -> Encoder:
+        """`load_options` are clipforge.load's: vocab, device, precision, compile, channels_last, towers, ..."""
         from clipforge.checkpoint import load
 
         model, preprocess, tokenizer = load(path, **load_options)
-        return cls(model, preprocess, tokenizer, name=str(path), batch_size=batch_size)
+        return cls(model, preprocess, tokenizer, name=str(path), batch_size=batch_size, long=long)
 
     @property
     def dim(self) -> int:
@@ -119,16 +125,16 @@ class Encoder:
         return self.embed_pixels(self.preprocess.batch(list(images)))
 
     @torch.inference_mode()
-    def embed_texts(self, texts: Sequence[str]) -> np.ndarray:
+    def embed_texts(self, texts: Sequence[str], long: LongText | None = None) -> np.ndarray:
+        """Texts -> (N, D). `long` ("truncate", "chunk", "interpolate"; default: the encoder's `long`) says how
+        a text past the context length is read: see clipforge.long_text."""
         if self.tokenizer is None:
             raise ValueError(f"{self.name} has no tokenizer: load it with vocab=PATH to embed text")
         if isinstance(texts, str):
             raise TypeError("embed_texts takes a list of strings, not one string")
-        out = []
-        for i in range(0, len(texts), max(self.batch_size, 256)):
-            tokens = self.tokenizer(list(texts[i : i + max(self.batch_size, 256)])).to(self.device)
-            out.append(self.model.encode_text(tokens, normalize=True))
-        return torch.cat(out).float().cpu().numpy() if out else np.zeros((0, self.dim), np.float32)
+        batch = max(self.batch_size, 256)
+        vecs = encode_texts(self.model, self.tokenizer, texts, long or self.long, batch, self.device)
+        return vecs.float().cpu().numpy() if len(texts) else np.zeros((0, self.dim), np.float32)
 
 
 EncoderSource = EncoderLike | tuple | list | str | os.PathLike

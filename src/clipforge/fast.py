@@ -104,7 +104,7 @@ class AutocastCLIP(CLIP):
     def __init__(self, model: CLIP, device_type: str, dtype: torch.dtype = torch.bfloat16):
         nn.Module.__init__(self)  # not CLIP.__init__: the towers exist already and are shared
         self.config = model.config
-        self.visual, self.text = model.visual, model.text
+        self.visual, self.text, self.towers = model.visual, model.text, model.towers
         self.logit_scale, self.logit_bias = model.logit_scale, model.logit_bias
         self.device_type, self.autocast_dtype = device_type, dtype
         self.train(model.training)

@@ -26,6 +26,7 @@ from clipforge.model.clip import CLIP, MAX_LOGIT_SCALE
 from clipforge.model.config import CLIPConfig
 from clipforge.model.convert import CheckpointError
 from clipforge.model.text import eot_positions
+from clipforge.model.tower import Towers, not_loaded
 from clipforge.tokenizer import Tokenizer
 from clipforge.transforms import Preprocess, to_hf_preprocessor_config
 
@@ -143,7 +144,7 @@ def is_onnx_dir(path: str | Path) -> bool:
 class OnnxCLIP:
     """encode_image / encode_text over onnxruntime sessions; torch tensors in and out, like `CLIP`."""
 
-    def __init__(self, directory: str | Path, threads: int | None = None):
+    def __init__(self, directory: str | Path, threads: int | None = None, towers: Towers = "both"):
         try:
             import onnxruntime as ort
         except ImportError as e:
@@ -162,12 +163,23 @@ class OnnxCLIP:
         opts.log_severity_level = 3
         if threads is not None:
             opts.intra_op_num_threads = threads
+        self.towers = towers
         self.image_session, self.text_session = (
             ort.InferenceSession(str(d / meta[k]), opts, providers=["CPUExecutionProvider"])
+            if towers in ("both", k)
+            else None
             for k in ("image", "text")
         )
 
     device = torch.device("cpu")
+
+    def keep_towers(self, towers: Towers) -> OnnxCLIP:
+        """Close the session of the tower `towers` leaves out (as CLIP.keep_towers)."""
+        if towers == "text":
+            self.image_session = None
+        elif towers == "image":
+            self.text_session = None
+        return self
 
     @property
     def dtype(self) -> torch.dtype:
@@ -184,12 +196,16 @@ class OnnxCLIP:
         return self
 
     def encode_image(self, images: torch.Tensor, normalize: bool = False) -> torch.Tensor:
+        if self.image_session is None:
+            raise not_loaded("image")
         x = images.detach().to("cpu", torch.float32).contiguous().numpy()
         (f,) = self.image_session.run(None, {"images": x})
         f = torch.from_numpy(f)
         return F.normalize(f, dim=-1) if normalize else f
 
     def encode_text(self, tokens: torch.Tensor, normalize: bool = False) -> torch.Tensor:
+        if self.text_session is None:
+            raise not_loaded("text")
         t = self.config.text
         if tokens.shape[1] > t.context_length:
             raise ValueError(
@@ -214,11 +230,11 @@ class OnnxCLIP:
 
 
 def load_onnx(
-    directory: str | Path, vocab: str | Path | None = None
+    directory: str | Path, vocab: str | Path | None = None, towers: Towers = "both"
 ) -> tuple[OnnxCLIP, Preprocess, Tokenizer | None]:
-    from clipforge.checkpoint import _read_tokenizer, choose_tokenizer
+    from clipforge.checkpoint.common import choose_tokenizer, read_tokenizer
 
-    model = OnnxCLIP(directory)
-    found = _read_tokenizer(Path(directory), model.config.text.context_length)
+    model = OnnxCLIP(directory, towers=towers)
+    found = read_tokenizer(Path(directory), model.config.text.context_length)
     tokenizer = choose_tokenizer(found, vocab, model.config, f"ONNX export {directory}")
     return model, Preprocess(model.config.preprocess), tokenizer

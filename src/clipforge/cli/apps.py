@@ -9,13 +9,13 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from clipforge.cli.common import add_json_flag, add_model_flags, emit
+from clipforge.cli.common import add_json_flag, add_long_flag, add_model_flags, emit
 
 
-def _encoder(model: str, vocab: str | None, device: str) -> Any:
+def _encoder(model: str, vocab: str | None, device: str, long: str = "truncate") -> Any:
     from clipforge.encoder import Encoder
 
-    return Encoder.load(model, vocab=vocab, device=device)
+    return Encoder.load(model, vocab=vocab, device=device, long=long)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -124,8 +124,9 @@ def _register_score_rank_explain(sub: argparse._SubParsersAction) -> None:
         "--captions", required=True, help="text file: one caption a line, in the order of the images"
     )
     add_model_flags(p)
+    add_long_flag(p)
     add_json_flag(p)
-    p.set_defaults(run=lambda a: score(a.model, a.vocab, a.device, a.images, a.captions, a.json))
+    p.set_defaults(run=lambda a: score(a.model, a.vocab, a.device, a.images, a.captions, a.json, a.long))
 
     p = sub.add_parser("rank", help="rank images against --text, or texts against --image")
     p.add_argument("candidates", nargs="+", help="image files (with --text) or texts (with --image)")
@@ -133,8 +134,11 @@ def _register_score_rank_explain(sub: argparse._SubParsersAction) -> None:
     q.add_argument("--text", default=None, help="the prompt to rank images against")
     q.add_argument("--image", default=None, help="the image to rank texts against")
     add_model_flags(p)
+    add_long_flag(p)
     add_json_flag(p)
-    p.set_defaults(run=lambda a: rank(a.model, a.vocab, a.device, a.text, a.image, a.candidates, a.json))
+    p.set_defaults(
+        run=lambda a: rank(a.model, a.vocab, a.device, a.text, a.image, a.candidates, a.json, a.long)
+    )
 
     p = sub.add_parser("explain", help="heat map of the image regions that match a text")
     p.add_argument("image", help="image file")
@@ -268,7 +272,13 @@ def moderate_calibrate(
 
 
 def score(
-    model: str, vocab: str | None, device: str, images: list[str], captions_file: str, as_json: bool
+    model: str,
+    vocab: str | None,
+    device: str,
+    images: list[str],
+    captions_file: str,
+    as_json: bool,
+    long: str = "truncate",
 ) -> int:
     from clipforge.apps.score import SCALES, pair_similarity
 
@@ -280,7 +290,7 @@ def score(
         raise ValueError(
             f"{p}: {len(captions)} captions for {len(images)} images (one caption a line, in order)"
         )
-    cos = pair_similarity(_encoder(model, vocab, device), images, captions)
+    cos = pair_similarity(_encoder(model, vocab, device, long), images, captions)
     rows = [
         {
             "image": im,
@@ -305,10 +315,11 @@ def rank(
     image: str | None,
     candidates: list[str],
     as_json: bool,
+    long: str = "truncate",
 ) -> int:
     from clipforge.apps.rank import rank_images, rank_texts
 
-    enc = _encoder(model, vocab, device)
+    enc = _encoder(model, vocab, device, long)
     ranked = rank_images(enc, text, candidates) if text is not None else rank_texts(enc, image, candidates)
     key = "image" if text is not None else "text"
     emit(ranked, as_json, "\n".join(f"{r['rank']}. {r[key]} ({r['probability']:.3f})" for r in ranked))

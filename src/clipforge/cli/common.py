@@ -38,6 +38,19 @@ def model_options(args: argparse.Namespace) -> dict[str, Any]:
     return options
 
 
+def add_long_flag(p: argparse.ArgumentParser) -> None:
+    """--long: how texts past the model's context length are read (clipforge.long_text)."""
+    from clipforge.long_text import LONG_STRATEGIES
+
+    p.add_argument(
+        "--long",
+        choices=LONG_STRATEGIES,
+        default="truncate",
+        help="texts past the context length: truncate (default), chunk (average of overlapping windows) or "
+        "interpolate (Long-CLIP's stretched positions)",
+    )
+
+
 def add_fast_flags(p: argparse.ArgumentParser) -> None:
     """Inference fast-path flags, mapping onto clipforge.load(precision=, compile=, channels_last=)."""
     p.add_argument(

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from clipforge.cli.common import add_json_flag, add_model_flags, emit, model_options
+from clipforge.cli.common import add_json_flag, add_long_flag, add_model_flags, emit, model_options
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -40,17 +40,29 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="activation of a checkpoint that does not record it",
     )
     p.add_argument("--vocab", default=None, help="vocabulary to save with the model")
+    p.add_argument(
+        "--image-size",
+        type=int,
+        default=None,
+        help="store the model for inputs of this many pixels (position embeddings interpolated, "
+        "preprocessing following)",
+    )
     add_json_flag(p)
     p.set_defaults(
-        run=lambda a: convert(a.src, Path(a.out), a.format, a.preset, a.activation, a.vocab, a.json)
+        run=lambda a: convert(
+            a.src, Path(a.out), a.format, a.preset, a.activation, a.vocab, a.json, image_size=a.image_size
+        )
     )
 
     p = sub.add_parser("embed-text", help="embed texts into the model's space (normalised vectors)")
     p.add_argument("texts", nargs="+", help="texts to embed")
     add_model_flags(p, fast=True)
+    add_long_flag(p)
     p.add_argument("--out", default=None, help="write the (N, D) float32 array to this .npy file")
     add_json_flag(p)
-    p.set_defaults(run=lambda a: embed(a.model, model_options(a), texts=a.texts, out=a.out, as_json=a.json))
+    p.set_defaults(
+        run=lambda a: embed(a.model, model_options(a), texts=a.texts, out=a.out, as_json=a.json, long=a.long)
+    )
 
     p = sub.add_parser("embed-image", help="embed images into the model's space (normalised vectors)")
     p.add_argument("images", nargs="+", help="image files")
@@ -107,6 +119,7 @@ def convert(
     activation: str | None,
     vocab: str | None,
     as_json: bool,
+    image_size: int | None = None,
 ) -> int:
     import warnings
 
@@ -119,7 +132,7 @@ def convert(
         save_openai,
     )
 
-    loaded = read_checkpoint(resolve(src), preset=preset, activation=activation)
+    loaded = read_checkpoint(resolve(src), preset=preset, activation=activation, image_size=image_size)
     model = build_model(loaded)
     if fmt == "clipforge":
         with warnings.catch_warnings():
@@ -142,10 +155,12 @@ def embed(
     images: list[str] | None = None,
     out: str | None = None,
     as_json: bool = False,
+    long: str = "truncate",
 ) -> int:
     from clipforge.encoder import Encoder
 
-    enc = Encoder.load(model, **options)
+    # Only the tower that runs is read: embedding texts needs no image weights in memory, and vice versa.
+    enc = Encoder.load(model, towers="text" if texts is not None else "image", long=long, **options)
     items = texts if texts is not None else images
     vectors = enc.embed_texts(texts) if texts is not None else enc.embed_images(images)
     if out:

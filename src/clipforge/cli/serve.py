@@ -26,6 +26,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--model", "-m", default=None, help="checkpoint (default: the one the collection records)")
     p.add_argument("--vocab", default=None, help="vocabulary file, for checkpoints that carry none")
     p.add_argument("--device", default="cpu")
+    p.add_argument(
+        "--towers",
+        choices=["both", "text"],
+        default="both",
+        help="text: a query-only service that keeps the text tower alone in memory (text, 'like' and vector "
+        "queries; image uploads answer 400)",
+    )
     p.add_argument("--policy", default=None, help="moderation policy file (YAML or JSON) for /api/moderate")
     p.add_argument(
         "--cors", action="append", default=[], metavar="ORIGIN", help="allow this origin (repeatable)"
@@ -50,6 +57,7 @@ def register(sub: argparse._SubParsersAction) -> None:
             model=a.model,
             vocab=a.vocab,
             device=a.device,
+            towers=a.towers,
             policy=Path(a.policy) if a.policy else None,
             cors=tuple(a.cors),
             allow_hosts=tuple(a.allow_host),
@@ -68,6 +76,7 @@ def serve(
     model: str | None = None,
     vocab: str | None = None,
     device: str = "cpu",
+    towers: str = "both",
     policy: Path | None = None,
     cors: tuple[str, ...] = (),
     allow_hosts: tuple[str, ...] = (),
@@ -96,6 +105,7 @@ def serve(
         model=model,
         vocab=vocab,
         device=device,
+        towers=towers,
         policy=policy.absolute() if policy else None,
         cors_origins=cors,
         allowed_hosts=(host, *allow_hosts),

@@ -14,6 +14,7 @@ from clipforge.model.config import BertTextConfig, CLIPConfig, EfficientNetConfi
 from clipforge.model.efficientnet import EfficientNetLite
 from clipforge.model.resnet import ModifiedResNet
 from clipforge.model.text import TextTransformer
+from clipforge.model.tower import AbsentTower, Towers, check_towers
 from clipforge.model.vit import VisionTransformer
 
 MAX_LOGIT_SCALE = 100.0  # the paper clips the temperature so logits are scaled by at most 100
@@ -26,26 +27,48 @@ class CLIPOutput(NamedTuple):
     logit_bias: torch.Tensor | None  # scalar, only for models trained with the sigmoid loss
 
 
+def _image_tower(config: CLIPConfig) -> nn.Module:
+    v = config.vision
+    if isinstance(v, EfficientNetConfig):
+        return EfficientNetLite(v, config.embed_dim)
+    if v.kind == "vit":
+        return VisionTransformer(v, config.embed_dim, config.activation)
+    return ModifiedResNet(v, config.embed_dim)
+
+
+def _text_tower(config: CLIPConfig) -> nn.Module:
+    if isinstance(config.text, BertTextConfig):
+        return BertTextTower(config.text, config.embed_dim)
+    return TextTransformer(config.text, config.embed_dim, config.activation)
+
+
 class CLIP(nn.Module):
-    def __init__(self, config: CLIPConfig):
+    def __init__(self, config: CLIPConfig, towers: Towers = "both"):
+        """`towers` = "text" or "image" builds only that tower; the other is an `AbsentTower`, which holds no
+        tensors and raises TowerNotLoadedError when called."""
         super().__init__()
+        check_towers(towers)
         self.config = config
-        v, t = config.vision, config.text
-        if isinstance(v, EfficientNetConfig):
-            self.visual: nn.Module = EfficientNetLite(v, config.embed_dim)
-        elif v.kind == "vit":
-            self.visual = VisionTransformer(v, config.embed_dim, config.activation)
-        else:
-            self.visual = ModifiedResNet(v, config.embed_dim)
-        if isinstance(t, BertTextConfig):
-            self.text: nn.Module = BertTextTower(t, config.embed_dim)
-        else:
-            self.text = TextTransformer(t, config.embed_dim, config.activation)
+        self.towers = towers
+        self.visual = _image_tower(config) if towers != "text" else AbsentTower("image")
+        self.text = _text_tower(config) if towers != "image" else AbsentTower("text")
         self.logit_scale = nn.Parameter(torch.tensor(float(config.logit_scale_init)))
         self.logit_bias = None
         if config.logit_bias_init is not None:
             self.logit_bias = nn.Parameter(torch.tensor(float(config.logit_bias_init)))
         self.init_weights()
+
+    def keep_towers(self, towers: Towers) -> CLIP:
+        """Drop the tower `towers` leaves out (an AbsentTower takes its place), freeing its weights: for a
+        process that had to read both (to check a collection's fingerprint) but runs one."""
+        check_towers(towers)
+        if towers == "text":
+            self.visual = AbsentTower("image")
+        elif towers == "image":
+            self.text = AbsentTower("text")
+        if towers != "both":
+            self.towers = towers
+        return self
 
     def init_weights(self) -> None:
         self.visual.init_weights()

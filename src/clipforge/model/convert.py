@@ -22,7 +22,14 @@ from clipforge.model.convert_pretrained import (
     from_bert,
     from_efficientnet_pytorch,
 )
-from clipforge.model.state_dict import CheckpointError, StateDict, check_state_dict, detect_layout, unwrap
+from clipforge.model.state_dict import (
+    CheckpointError,
+    StateDict,
+    check_state_dict,
+    detect_layout,
+    tower_of,
+    unwrap,
+)
 
 __all__ = [
     "BERT_DROPPED",
@@ -41,5 +48,6 @@ __all__ = [
     "infer_config",
     "to_hf",
     "to_openai",
+    "tower_of",
     "unwrap",
 ]

@@ -7,10 +7,9 @@ import re
 import warnings
 
 from clipforge.model.config import CLIPConfig, PreprocessConfig, TextConfig, VisionConfig
-from clipforge.model.state_dict import CheckpointError, StateDict
+from clipforge.model.state_dict import OPENAI_TEXT, CheckpointError, StateDict
 
 # OpenAI's top-level names of text-tower parts.
-_OPENAI_TEXT = ("token_embedding.", "positional_embedding", "transformer.", "ln_final.", "text_projection")
 # Entries that some OpenAI / OpenCLIP files carry but that are not weights.
 _NOT_WEIGHTS = ("input_resolution", "context_length", "vocab_size")
 
@@ -24,7 +23,7 @@ def from_openai(sd: StateDict) -> StateDict:
             out["text.text_projection"] = v.t()
         elif k.startswith("text."):  # OpenCLIP's CustomTextCLIP already nests the text tower
             out[k] = v
-        elif k.startswith(_OPENAI_TEXT):
+        elif k.startswith(OPENAI_TEXT):
             out["text." + k] = v
         else:
             out[k] = v

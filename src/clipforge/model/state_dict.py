@@ -10,6 +10,11 @@ import torch
 
 StateDict = dict[str, torch.Tensor]
 
+# OpenAI's top-level names of text-tower parts.
+OPENAI_TEXT = ("token_embedding.", "positional_embedding", "transformer.", "ln_final.", "text_projection")
+_IMAGE_PREFIXES = ("visual.", "vision_model.", "visual_projection.")
+_TEXT_PREFIXES = ("text.", "text_model.", "text_projection", *OPENAI_TEXT)
+
 
 class CheckpointError(ValueError):
     """A checkpoint that does not fit the model: lists every missing, unexpected and mis-shaped tensor."""
@@ -27,6 +32,16 @@ def detect_layout(sd: StateDict) -> str:
         "not a CLIP state dict: found none of the OpenAI/OpenCLIP ('visual.', 'token_embedding.weight'), "
         f"Hugging Face ('text_model.', 'vision_model.') or clipforge ('text.') names; first keys: {list(sd)[:5]}"
     )
+
+
+def tower_of(key: str) -> str:
+    """'image', 'text' or 'shared' (logit_scale, logit_bias) for a tensor name in any layout detect_layout
+    knows: their tower prefixes do not collide, so one rule reads them all."""
+    if key.startswith(_IMAGE_PREFIXES):
+        return "image"
+    if key.startswith(_TEXT_PREFIXES):
+        return "text"
+    return "shared"
 
 
 def unwrap(sd: dict[str, Any]) -> StateDict:

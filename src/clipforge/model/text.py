@@ -53,20 +53,22 @@ class TextTransformer(nn.Module):
         return self.trim and not torch.jit.is_tracing() and not torch.compiler.is_compiling()
 
     def trunk(
-        self, tokens: torch.Tensor, unlocked: int = 0
+        self, tokens: torch.Tensor, unlocked: int = 0, positions: torch.Tensor | None = None
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """(B, T) ids -> (B, width) pooled features (unlocked = 0), else ((B, T', width) hidden states at the
-        input of the last `unlocked` blocks, (B,) pooling positions); T' <= T, T' = T when `trim` is off."""
+        input of the last `unlocked` blocks, (B,) pooling positions); T' <= T, T' = T when `trim` is off.
+        `positions` (T_max, width) replaces the position embeddings (a stretched copy reads longer texts)."""
         check_unlocked(unlocked, self.num_blocks, "text")
-        if tokens.shape[1] > self.context_length:
+        positions = self.positional_embedding if positions is None else positions
+        if tokens.shape[1] > positions.shape[0]:
             raise ValueError(
-                f"text has {tokens.shape[1]} tokens; this model's context length is {self.context_length}"
+                f"text has {tokens.shape[1]} tokens; this model's context length is {positions.shape[0]}"
             )
         pos = self.eot_positions(tokens)
         if self._trimmed():
             tokens = tokens[:, : int(pos.max()) + 1]
         T = tokens.shape[1]
-        x = self.token_embedding(tokens) + self.positional_embedding[:T]
+        x = self.token_embedding(tokens) + positions[:T]
         x = self.transformer(x, causal=True, stop=self.num_blocks - unlocked)
         return self._pool(x, pos) if unlocked == 0 else (x, pos)
 
@@ -81,5 +83,7 @@ class TextTransformer(nn.Module):
             feats = self._pool(self.transformer(x, causal=True, start=self.num_blocks - unlocked), pos)
         return feats @ self.text_projection
 
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:  # (B, T) -> (B, embed_dim)
-        return self.head(self.trunk(tokens))
+    def forward(
+        self, tokens: torch.Tensor, positions: torch.Tensor | None = None
+    ) -> torch.Tensor:  # (B, T) -> (B, embed_dim)
+        return self.head(self.trunk(tokens, positions=positions))

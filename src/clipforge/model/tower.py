@@ -16,11 +16,50 @@ for every batch when the tower's `trim` attribute (if it has one) is False; the 
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import Literal, Protocol, get_args
 
 import torch
+from torch import nn
 
 TrunkOutput = torch.Tensor | tuple[torch.Tensor, ...]
+
+Towers = Literal["both", "text", "image"]
+"""Which towers a model holds: a query service needs the text tower alone, an image indexer the image tower."""
+TOWERS: tuple[str, ...] = get_args(Towers)
+
+
+class TowerNotLoadedError(RuntimeError):
+    """A tower was called on a model loaded without it (`clipforge.load(path, towers=...)`)."""
+
+
+def check_towers(towers: str) -> None:
+    if towers not in TOWERS:
+        raise ValueError(f"towers={towers!r}: expected one of {', '.join(TOWERS)}")
+
+
+def not_loaded(tower: str) -> TowerNotLoadedError:
+    """The error for calling `tower` ("image" or "text") on a model loaded without it."""
+    other = "text" if tower == "image" else "image"
+    return TowerNotLoadedError(
+        f"this model was loaded with towers={other!r}, without its {tower} tower: load it with "
+        f"towers='both' (or towers={tower!r}) to encode {tower}s"
+    )
+
+
+class AbsentTower(nn.Module):
+    """Stands where a tower was not loaded: holds no tensors, and calling it says which tower is missing."""
+
+    def __init__(self, name: str):
+        super().__init__()
+        self.name = name
+
+    def init_weights(self) -> None:  # nothing to initialise
+        pass
+
+    def forward(self, *args: object, **kwargs: object) -> torch.Tensor:
+        raise not_loaded(self.name)
+
+    trunk = head = forward_tokens = forward
 
 
 class Tower(Protocol):

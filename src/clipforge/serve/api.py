@@ -126,6 +126,7 @@ async def run_search(eng: Engine, req: SearchRequest, files: list[bytes]) -> Sea
         path_prefix=req.path_prefix,
         added_after=req.added_after,
         added_before=req.added_before,
+        long=req.long,
     )
     page = [hit_out(h) for h in hits[req.offset :]]
     return SearchResponse(results=page, offset=req.offset, k=req.k, took_ms=1000 * (time.perf_counter() - t0))
@@ -229,7 +230,7 @@ async def embed(request: Request) -> EmbedResponse:
     blobs = files + [b64decode(s, f"images[{i}]") for i, s in enumerate(req.images)]
     texts = _text_list(req.texts, "texts") if req.texts else []
     imgs = [(await decode_image(b, f"image {i}", eng.config.max_pixels))[0] for i, b in enumerate(blobs)]
-    tv = await eng.embed_texts(texts) if texts else np.zeros((0, eng.dim), np.float32)
+    tv = await eng.embed_texts(texts, req.long) if texts else np.zeros((0, eng.dim), np.float32)
     iv = await eng.embed_images(imgs)
     return EmbedResponse(
         model=str(eng.identity.get("model", "?")), dim=eng.dim, texts=tv.tolist(), images=iv.tolist()

@@ -19,6 +19,7 @@ from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException
 
 from clipforge.index.types import EncoderLike
+from clipforge.model.tower import TowerNotLoadedError
 
 from . import api, compat
 from .config import ServeConfig
@@ -38,6 +39,10 @@ def load_encoder(config: ServeConfig, identity: dict) -> EncoderLike:
     name = config.model or identity.get("model") or "default"
     enc = Encoder.load(resolve(name), vocab=config.vocab, device=config.device)
     enc.name = str(identity.get("model") or name) if config.model is None else enc.name
+    if config.towers != "both":
+        # A collection knows its model by a digest of all the weights: taken before the image tower goes.
+        _ = enc.identity  # a cached property: computed now, kept after
+        enc.model.keep_towers(config.towers)
     return enc
 
 
@@ -78,6 +83,10 @@ def _install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(NotFound)
     async def not_found(_: Request, exc: NotFound) -> JSONResponse:
         return _error(404, str(exc.args[0] if exc.args else exc))
+
+    @app.exception_handler(TowerNotLoadedError)
+    async def tower_not_loaded(_: Request, exc: TowerNotLoadedError) -> JSONResponse:
+        return _error(400, f"this service holds the text tower only (serve --towers text): {exc}")
 
     @app.exception_handler(ValueError)
     async def bad_value(_: Request, exc: ValueError) -> JSONResponse:

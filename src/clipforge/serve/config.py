@@ -16,6 +16,8 @@ class ServeConfig:
     model: str | None = None  # checkpoint to load; None: the one the collection records
     vocab: str | None = None
     device: str = "cpu"
+    # "text": a query-only service holding the text tower alone; requests that need images answer 400.
+    towers: str = "both"
     policy: Path | None = None  # moderation policy file; None: /api/moderate answers 404
     token: str | None = None  # writes need "Authorization: Bearer <token>"; None disables them
     cors_origins: tuple[str, ...] = ()  # empty: no CORS headers at all
@@ -47,6 +49,8 @@ class ServeConfig:
         for name, value in checks.items():
             if int(value) <= 0:
                 raise ValueError(f"{name} must be positive, got {value}")
+        if self.towers not in ("both", "text"):
+            raise ValueError(f"towers must be 'both' or 'text', got {self.towers!r}")
         if self.request_timeout_s <= 0:
             raise ValueError(f"request_timeout_s must be positive, got {self.request_timeout_s}")
         self.host_names()  # a malformed --allow-host fails at start, with its name

@@ -78,15 +78,27 @@ class Engine:
         self.thumb_dir = config.thumb_dir or default_thumb_dir(config.collection)
         self.text_batcher = MicroBatcher(self._embed_texts, config.batch_size, config.batch_wait_ms)
         self.image_batcher = MicroBatcher(self._embed_images, config.batch_size, config.batch_wait_ms)
-        self._text_cache: OrderedDict[str, np.ndarray] = OrderedDict()
+        self._text_cache: OrderedDict[tuple[str, str], np.ndarray] = OrderedDict()  # (long, text) ->
         self.policy = None  # an apps.moderation.Moderator: its prompts are embedded once, here
         if config.policy is not None:
             from clipforge.apps.moderation import Moderator
 
             self.policy = Moderator(encoder, config.policy)
 
-    def _embed_texts(self, texts: list[str]) -> list[np.ndarray]:
-        return list(np.asarray(self.encoder.embed_texts(texts), np.float32))
+    def _embed_texts(self, keys: list[tuple[str, str]]) -> list[np.ndarray]:
+        """(long, text) pairs -> vectors, one encoder call per strategy in the batch."""
+        out: dict[int, np.ndarray] = {}
+        for long in dict.fromkeys(k[0] for k in keys):
+            at = [i for i, k in enumerate(keys) if k[0] == long]
+            texts = [keys[i][1] for i in at]
+            # Only the library's Encoder reads past the context; other encoders are called as the protocol says.
+            vecs = (
+                self.encoder.embed_texts(texts, long=long)
+                if long != "truncate"
+                else self.encoder.embed_texts(texts)
+            )
+            out.update(zip(at, np.asarray(vecs, np.float32)))
+        return [out[i] for i in range(len(keys))]
 
     def _embed_images(self, images: list[Any]) -> list[np.ndarray]:
         return list(np.asarray(self.encoder.embed_images(images), np.float32))
@@ -114,13 +126,15 @@ class Engine:
         self.collection.refresh()
         self._stats = {"items": len(self.collection), "index": self.collection.kind}
 
-    async def embed_texts(self, texts: list[str]) -> np.ndarray:
-        """(N, D) unit vectors; cached texts skip the model, the rest join whatever batch is forming."""
+    async def embed_texts(self, texts: list[str], long: str = "truncate") -> np.ndarray:
+        """(N, D) unit vectors; cached texts skip the model, the rest join whatever batch is forming. `long`:
+        how a text past the context length is read (clipforge.long_text)."""
+        keys = [(long, t) for t in texts]
         # Take the cached vectors before awaiting: other requests may evict entries meanwhile.
-        found = {t: self._text_cache[t] for t in texts if t in self._text_cache}
-        todo = [t for t in dict.fromkeys(texts) if t not in found]
-        found.update(zip(todo, await asyncio.gather(*(self.text_batcher.acall(t) for t in todo))))
-        out = np.stack([found[t] for t in texts]) if texts else np.zeros((0, self.dim), np.float32)
+        found = {k: self._text_cache[k] for k in keys if k in self._text_cache}
+        todo = [k for k in dict.fromkeys(keys) if k not in found]
+        found.update(zip(todo, await asyncio.gather(*(self.text_batcher.acall(k) for k in todo))))
+        out = np.stack([found[k] for k in keys]) if texts else np.zeros((0, self.dim), np.float32)
         for t in found:
             self._text_cache[t] = found[t]
             self._text_cache.move_to_end(t)
@@ -171,10 +185,11 @@ class Engine:
         added_after: float | None = None,
         added_before: float | None = None,
         modality: str | None = None,
+        long: str = "truncate",
     ) -> list[Hit]:
         """Top-k hits for any mix of texts, decoded images and raw vectors (see `index.search`)."""
         all_texts = (texts or []) + (negatives or [])
-        text_vecs = dict(zip(all_texts, await self.embed_texts(all_texts))) if all_texts else {}
+        text_vecs = dict(zip(all_texts, await self.embed_texts(all_texts, long))) if all_texts else {}
         image_vecs = list(await self.embed_images(images))
         stand_in = _Precomputed(self.identity, self.dim, text_vecs, image_vecs)
         q = query_vector(

@@ -7,6 +7,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
+from clipforge.long_text import LongText
+
 HARD_MAX_K = 10_000  # the schema's bound; the configured max_k (default 1000) is checked per request
 # The one bound on every text a request carries (queries, captions, labels, templates, paths, names): a CLIP
 # text tower reads 77 tokens, so 2,000 characters is generous, while a megabyte of text costs seconds of
@@ -17,6 +19,10 @@ HARD_MAX_ITEMS = 10_000
 
 Text = Annotated[str, StringConstraints(max_length=MAX_TEXT_CHARS)]
 Texts = Annotated[list[Text], Field(max_length=HARD_MAX_ITEMS)]
+
+
+# How a text past the model's context length is read (clipforge.long_text).
+Long = Field("truncate", description="texts past the context: truncate, chunk or interpolate")
 
 
 class _Strict(BaseModel):
@@ -30,6 +36,7 @@ class SearchRequest(_Strict):
     vector: list[float] | None = Field(None, description="a raw query vector of the collection's dimension")
     weights: list[float] = Field([1.0, 1.0], min_length=2, max_length=2, description="[text, image] weights")
     negative: Text | Texts | None = Field(None, description="text to steer away from")
+    long: LongText = Long
     negative_weight: float = Field(0.5, ge=0.0, le=10.0)
     k: int = Field(20, ge=1, le=HARD_MAX_K, description="results per page")
     offset: int = Field(0, ge=0, le=HARD_MAX_K, description="skip this many results (paging)")
@@ -92,6 +99,7 @@ class ModerateResponse(BaseModel):
 
 class EmbedRequest(_Strict):
     texts: Texts = Field([], description="texts to embed")
+    long: LongText = Long
     images: list[str] = Field([], description="images to embed, base64")
 
 

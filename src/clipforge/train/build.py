@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from collections.abc import Callable, Sequence
@@ -14,6 +15,7 @@ from clipforge import paths
 from clipforge.checkpoint import build_model, read_checkpoint, resolve
 from clipforge.model import CLIP, CLIPConfig, create_model, get_config
 from clipforge.model.pretrained import TOWER_DIRS
+from clipforge.model.resize import with_context_length
 from clipforge.tokenizer import AnyTokenizer, Tokenizer, get_tokenizer
 from clipforge.train.config import TrainConfig
 from clipforge.train.vocab import build_tokenizer, read_captions
@@ -38,6 +40,8 @@ def _from_scratch_config(cfg: TrainConfig) -> CLIPConfig:
     mcfg = model_config(cfg.model)
     if cfg.image_size is not None:
         mcfg = mcfg.replace(vision={"image_size": cfg.image_size})
+    if cfg.context_length is not None:
+        mcfg = mcfg.replace(text={"context_length": cfg.context_length})
     if cfg.loss == "sigmoid":
         mcfg = mcfg.replace(logit_scale_init=SIGLIP_SCALE_INIT, logit_bias_init=SIGLIP_BIAS_INIT)
     return mcfg
@@ -113,6 +117,9 @@ def initial_model(
         )
         return create_model(mcfg, seed=cfg.seed), tok, set()
     loaded = read_checkpoint(resolve(cfg.init))
+    if cfg.context_length is not None:  # Long-CLIP: fine-tune stretched positions at the longer context
+        config, sd = with_context_length(loaded.config, loaded.state_dict, cfg.context_length)
+        loaded = dataclasses.replace(loaded, config=config, state_dict=sd)
     model = build_model(loaded).train()  # fp32 master weights whatever the file's dtype
     if loaded.tokenizer is None and cfg.vocab is None:
         raise ValueError(
@@ -123,6 +130,7 @@ def initial_model(
         tok = Tokenizer.from_pretrained(cfg.vocab, context_length=ctx)
     else:
         tok = loaded.tokenizer
+        tok.context_length = ctx  # the checkpoint's own, unless --context-length changed it
         if is_main:
             tok.save(run / "tokenizer")
     if tok.vocab_size != loaded.config.text.vocab_size:

@@ -41,6 +41,11 @@ class TrainConfig:
         "tiny", "architecture for a run from scratch: a preset name or a JSON file of a model config"
     )
     image_size: int | None = _opt(None, "override the preset's image size (a multiple of its patch size)")
+    context_length: int | None = _opt(
+        None,
+        "text context length; with --init the checkpoint's position embeddings are stretched to it "
+        "(Long-CLIP: 248 from 77); none: the preset's or checkpoint's",
+    )
     vocab_size: int | None = _opt(None, "vocabulary size to train on the captions; none: the preset's")
     vocab: str | None = _opt(None, "use this tokenizer (directory or OpenAI .txt.gz) instead of training one")
     init: str | None = _opt(None, "fine-tune: start from this checkpoint (anything clipforge.load reads)")
