@@ -700,3 +700,40 @@ def test_pretrained_kinds_at_other_sizes_and_past_their_context(tmp_path):
     assert not np.allclose(enc.embed_texts(long, long="chunk"), enc.embed_texts(long), atol=1e-4)
     with pytest.raises(LongTextError, match="use long='chunk'"):
         enc.embed_texts(long, long="interpolate")
+
+
+def test_lock_text_head_keeps_the_text_towers_own_space(tmp_path):
+    # --lock-text-head: the text projection starts as the identity and never moves, so a text's embedding is
+    # the pretrained tower's sentence embedding (normalised); only the image side learns to land there.
+    from clipforge.data.synthetic import write_shapes
+    from clipforge.train import TrainConfig, train
+
+    towers = tmp_path / "towers"
+    write_bert_dir(towers / TOWER_DIRS["bert"])
+    (towers / TOWER_DIRS["efficientnet"]).mkdir(parents=True)
+    torch.save(random_effnet_state_dict(), towers / TOWER_DIRS["efficientnet"] / EFFICIENTNET_FILE)
+    text_cfg, _ = read_bert_dir(towers / TOWER_DIRS["bert"], context_length=16)
+    shapes = write_shapes(tmp_path / "shapes", 16, size=32)
+
+    def config(embed_dim: int, name: str) -> TrainConfig:
+        (tmp_path / f"{name}.json").write_text(
+            json.dumps(small_config(text=text_cfg).replace(embed_dim=embed_dim).to_dict())
+        )
+        return TrainConfig(
+            data=(str(shapes),), out=str(tmp_path / name), model=str(tmp_path / f"{name}.json"),
+            towers=str(towers), lock_image=True, lock_text=True, lock_text_head=True,
+            feature_cache=str(tmp_path / "cache"), steps=3, batch_size=8, workers=0, device="cpu", progress=False,
+        )  # fmt: skip
+
+    train(config(text_cfg.width, "run"))
+    model, _, tok = clipforge.load(tmp_path / "run" / "final")
+    assert torch.equal(model.text.text_projection, torch.eye(text_cfg.width))
+    start = create_model(model.config, seed=0, pretrained=towers)
+    assert not torch.allclose(model.visual.proj, start.visual.proj)  # the image side trained
+    tokens = padded_batch(tok)
+    with torch.no_grad():
+        torch.testing.assert_close(model.text(tokens), model.text.trunk(tokens))
+    with pytest.raises(ValueError, match="embed_dim must be its width"):
+        train(config(text_cfg.width // 2, "narrow"))
+    with pytest.raises(ValueError, match="lock_text_head needs lock_text"):
+        TrainConfig(data=("x",), lock_text_head=True)

@@ -37,7 +37,7 @@ from PIL import Image
 from clipforge import paths
 from clipforge.encoder import EncoderLike, EncoderSource, as_encoder, need_encoder
 
-TEMPLATE_SETS = ("simple", "ensemble")
+TEMPLATE_SETS = ("simple", "ensemble", "corpus", "waffle")
 # Few-shot head defaults. The pull towards the text weights is a sum over all D x C weights against a mean
 # cross-entropy, so it dominates quickly: with anchor 1.0 (lr 1e-3) the head of the tests' shapes model could
 # not learn a single class whose prompt was wrong (0 of 20 held-out images) from 4 shots per class; with these

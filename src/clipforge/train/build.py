@@ -86,6 +86,15 @@ def _pretrained_towers_model(
     mcfg = _from_scratch_config(cfg)
     folder = towers_folder(cfg.towers)
     model = create_model(mcfg, seed=cfg.seed, pretrained=folder).train()
+    if cfg.lock_text_head:
+        proj = model.text.text_projection
+        if proj.shape[0] != proj.shape[1]:
+            raise ValueError(
+                f"lock_text_head keeps the text tower's own space: embed_dim must be its width {proj.shape[0]}, "
+                f"not {proj.shape[1]}"
+            )
+        with torch.no_grad():
+            proj.copy_(torch.eye(proj.shape[0]))
     tok = get_tokenizer(folder / TOWER_DIRS[mcfg.text.kind], context_length=mcfg.text.context_length)
     if is_main and not (run / "tokenizer").exists():
         tok.save(run / "tokenizer")

@@ -127,6 +127,8 @@ def lock_towers(model: CLIP, cfg: TrainConfig, tokenizer: Callable[[Sequence[str
     for lock, tower, example, unlocked in towers:
         if lock:
             head = head_parameters(tower, example.to(next(tower.parameters()).device), unlocked)
+            if tower is model.text and cfg.lock_text_head:
+                head = []  # the whole tower frozen: image embeddings learn to land in the text tower's space
             norms = cfg.lock_image_norm_trainable and tower is model.visual
             optim.lock_tower(tower, norm_trainable=norms, keep=head)
 

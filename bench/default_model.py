@@ -1,0 +1,166 @@
+"""The default model's figures, as the mean and spread of several seeds, for a training recipe (a config under
+configs/): held-out zero-shot accuracy for each built-in prompt set, text -> image and image -> text recall, and
+the demo's six searches over the whole corpus (is the queried concept among the top 5?).
+
+    python bench/default_model.py --config configs/default.json --seeds 0 1 2
+    python bench/default_model.py --config configs/scratch.json --seeds 0 1 2
+
+Each seed is one `clipforge train --config ... --seed S` into OUT/<config>-s<S> (a finished run is reused), then
+evaluated on the corpus's held-out split, whose concepts no training image shows. Results go to
+OUT/<config>.json and a Markdown table on stdout. Run it alone: two torch jobs on 2 cores slow each other down.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import re
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from clipforge import paths
+from clipforge.encoder import Encoder
+from clipforge.eval.manifest import read_labelled_manifest
+from clipforge.eval.retrieval import retrieval_eval
+from clipforge.zeroshot import TEMPLATE_SETS, ZeroShotClassifier
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+from demo import QUERIES  # noqa: E402  (the demo's searches and what counts as finding each)
+
+
+def train(config: str, seed: int, run: Path) -> float:
+    """Train one seed (unless its final model exists); returns the wall seconds it took."""
+    if (run / "final" / "clipforge.json").exists():
+        return float(json.loads((run / "bench-train.json").read_text())["seconds"])
+    corpus = paths.corpus_dir()
+    cmd = [
+        sys.executable,
+        "-m",
+        "clipforge",
+        "train",
+        "--config",
+        config,
+        "--seed",
+        str(seed),
+        "--out",
+        str(run),
+    ]
+    cmd += [
+        "--data",
+        str(corpus / "train.jsonl"),
+        "--eval-data",
+        str(corpus / "heldout.jsonl"),
+        "--no-progress",
+    ]
+    t0 = time.perf_counter()
+    subprocess.run(cmd, check=True)
+    seconds = time.perf_counter() - t0
+    (run / "bench-train.json").write_text(json.dumps({"seconds": seconds}))
+    return seconds
+
+
+def zeroshot(enc: Encoder, manifest: Path) -> dict[str, dict[str, float]]:
+    """Top-1 / top-5 for every built-in template set, from one pass over the images."""
+    rows = read_labelled_manifest(manifest, required=("image", "label"))
+    names = sorted({str(r["label"]) for r in rows})
+    index = {c: i for i, c in enumerate(names)}
+    targets = np.array([index[str(r["label"])] for r in rows])
+    feats = enc.embed_images([r["image"] for r in rows])
+    out = {}
+    for templates in TEMPLATE_SETS:
+        top5 = np.argsort(-ZeroShotClassifier(enc, names, templates, cache=False).logits(feats), axis=1)[
+            :, :5
+        ]
+        out[templates] = {
+            "top1": float(np.mean(top5[:, 0] == targets)),
+            "top5": float(np.mean((top5 == targets[:, None]).any(axis=1))),
+        }
+    return out
+
+
+def demo_searches(enc: Encoder, run: Path, cached) -> dict[str, bool]:
+    """The demo's searches over the whole corpus (train and held-out images): queried concept in the top 5?"""
+    import pyarrow.parquet as pq
+
+    from clipforge.index.embed import embed_to_folder
+
+    corpus, out = paths.corpus_dir(), run / "bench-corpus-embeddings"
+    embed_to_folder(
+        [corpus / "train.jsonl", corpus / "heldout.jsonl"], enc, out, dtype="float32", cached=cached
+    )
+    vecs = np.concatenate([np.load(p) for p in sorted((out / "img_emb").glob("*.npy"))])
+    meta = [r for p in sorted((out / "metadata").glob("*.parquet")) for r in pq.read_table(p).to_pylist()]
+    found = {}
+    for query, words in QUERIES.items():
+        top = np.argsort(-(vecs @ enc.embed_texts([query])[0]))[:5]
+        pattern = re.compile(r"\b(" + "|".join(map(re.escape, words)) + r")\b")
+        found[query] = any(pattern.search(str(meta[i].get("concept") or "")) for i in top)
+    return found
+
+
+def evaluate(run: Path) -> dict:
+    from clipforge.train.locked import CachedImageRows
+
+    enc = Encoder.load(str(run / "final"))
+    corpus = paths.corpus_dir()
+    config = json.loads((run / "config.json").read_text())
+    cached = None
+    if config.get("lock_image") and config.get("feature_cache"):
+        root = paths.features_dir() if config["feature_cache"] == "auto" else Path(config["feature_cache"])
+        cached = CachedImageRows(root, enc.model)
+    return {
+        "zeroshot": zeroshot(enc, corpus / "heldout_zeroshot.jsonl"),
+        "retrieval": retrieval_eval(enc, corpus / "heldout_retrieval.jsonl"),
+        "searches": demo_searches(enc, run, cached),
+    }
+
+
+def spread(values: list[float]) -> str:
+    mean = statistics.mean(values)
+    sd = statistics.stdev(values) if len(values) > 1 else 0.0
+    return f"{100 * mean:.1f} ± {100 * sd:.1f} ({100 * min(values):.1f}-{100 * max(values):.1f})"
+
+
+def table(name: str, results: list[dict]) -> str:
+    rows = [f"| {name}: {len(results)} seeds | mean ± sd (min-max) |", "|---|---|"]
+    for t in TEMPLATE_SETS:
+        for k in ("top1", "top5"):
+            rows.append(
+                f"| zero-shot {k}, '{t}' templates, % | {spread([r['zeroshot'][t][k] for r in results])} |"
+            )
+    for k in ("text_to_image_R@1", "text_to_image_R@10", "image_to_text_R@1", "image_to_text_R@10"):
+        rows.append(f"| {k}, % | {spread([r['retrieval'][k] for r in results])} |")
+    found = [sum(r["searches"].values()) for r in results]
+    rows.append(f"| demo searches with the concept in the top 5 (of 6) | {', '.join(map(str, found))} |")
+    minutes = [r["train_seconds"] / 60 for r in results]
+    rows.append(f"| training wall time, min (median) | {statistics.median(minutes):.1f} |")
+    return "\n".join(rows)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", default="configs/default.json")
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--out", type=Path, default=Path("runs/bench-default-model"))
+    a = ap.parse_args()
+    name = Path(a.config).stem
+    results = []
+    for seed in a.seeds:
+        run = a.out / f"{name}-s{seed}"
+        seconds = train(a.config, seed, run)
+        r = {"seed": seed, "train_seconds": seconds, **evaluate(run)}
+        results.append(r)
+        print(json.dumps(r), flush=True)
+    meta = {"config": a.config, "machine": f"{platform.machine()}, {platform.node()}", "results": results}
+    (a.out / f"{name}.json").write_text(json.dumps(meta, indent=1))
+    print(table(name, results))
+
+
+if __name__ == "__main__":
+    main()
