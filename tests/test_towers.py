@@ -645,17 +645,21 @@ def test_real_efficientnet_matches_reference():
     }
 
 
+def write_towers(towers: Path) -> tuple[Path, BertTextConfig]:
+    """A towers folder as `clipforge data fetch-towers` fills it, with a small random BERT and EfficientNet."""
+    write_bert_dir(towers / TOWER_DIRS["bert"])
+    (towers / TOWER_DIRS["efficientnet"]).mkdir(parents=True)
+    torch.save(random_effnet_state_dict(), towers / TOWER_DIRS["efficientnet"] / EFFICIENTNET_FILE)
+    return towers, read_bert_dir(towers / TOWER_DIRS["bert"], context_length=16)[0]
+
+
 def test_train_from_pretrained_towers_keeps_their_trunks_and_draws_projections_from_the_seed(tmp_path):
     # `clipforge train --towers DIR`: the preset's towers start from the folder's weights, the projections are
     # new and drawn from --seed, and the run's tokenizer is the text tower's own WordPiece vocabulary.
     from clipforge.data.synthetic import write_shapes
     from clipforge.train import TrainConfig, train
 
-    towers = tmp_path / "towers"
-    write_bert_dir(towers / TOWER_DIRS["bert"])
-    (towers / TOWER_DIRS["efficientnet"]).mkdir(parents=True)
-    torch.save(random_effnet_state_dict(), towers / TOWER_DIRS["efficientnet"] / EFFICIENTNET_FILE)
-    text_cfg, _ = read_bert_dir(towers / TOWER_DIRS["bert"], context_length=16)
+    towers, text_cfg = write_towers(tmp_path / "towers")
     cfg = small_config(text=text_cfg)
     (tmp_path / "model.json").write_text(json.dumps(cfg.to_dict()))
     shapes = write_shapes(tmp_path / "shapes", 16, size=32)
@@ -708,11 +712,7 @@ def test_lock_text_head_keeps_the_text_towers_own_space(tmp_path):
     from clipforge.data.synthetic import write_shapes
     from clipforge.train import TrainConfig, train
 
-    towers = tmp_path / "towers"
-    write_bert_dir(towers / TOWER_DIRS["bert"])
-    (towers / TOWER_DIRS["efficientnet"]).mkdir(parents=True)
-    torch.save(random_effnet_state_dict(), towers / TOWER_DIRS["efficientnet"] / EFFICIENTNET_FILE)
-    text_cfg, _ = read_bert_dir(towers / TOWER_DIRS["bert"], context_length=16)
+    towers, text_cfg = write_towers(tmp_path / "towers")
     shapes = write_shapes(tmp_path / "shapes", 16, size=32)
 
     def config(embed_dim: int, name: str) -> TrainConfig:
