@@ -13,6 +13,7 @@ OUT/<config>.json and a Markdown table on stdout. Run it alone: two torch jobs o
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import platform
 import re
@@ -28,7 +29,7 @@ from clipforge import paths
 from clipforge.encoder import Encoder
 from clipforge.eval.manifest import read_labelled_manifest
 from clipforge.eval.retrieval import retrieval_eval
-from clipforge.zeroshot import TEMPLATE_SETS, ZeroShotClassifier
+from clipforge.zeroshot import TEMPLATE_SETS, embed_classes, load_templates
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
 from demo import QUERIES  # noqa: E402  (the demo's searches and what counts as finding each)
@@ -37,7 +38,8 @@ from demo import QUERIES  # noqa: E402  (the demo's searches and what counts as 
 def train(config: str, seed: int, run: Path) -> float:
     """Train one seed (unless its final model exists); returns the wall seconds it took."""
     if (run / "final" / "clipforge.json").exists():
-        return float(json.loads((run / "bench-train.json").read_text())["seconds"])
+        timed = run / "bench-train.json"
+        return float(json.loads(timed.read_text())["seconds"]) if timed.exists() else float("nan")
     corpus = paths.corpus_dir()
     cmd = [
         sys.executable,
@@ -65,7 +67,24 @@ def train(config: str, seed: int, run: Path) -> float:
     return seconds
 
 
-def zeroshot(enc: Encoder, manifest: Path) -> dict[str, dict[str, float]]:
+def class_weights(enc: Encoder, names: list[str], templates: str, cache: Path) -> np.ndarray:
+    """(D, C) text classifier, kept on disk under a hash of the text tower, tokenizer, names and templates:
+    recipes whose text tower does not train (the default's) share one classifier across seeds."""
+    h = hashlib.sha256(json.dumps([names, load_templates(templates)]).encode())
+    for k, v in sorted(enc.model.text.state_dict().items()):
+        h.update(k.encode())
+        h.update(v.detach().float().contiguous().numpy().tobytes())
+    h.update(json.dumps(enc.tokenizer(["a probe, 123"]).tolist()).encode())
+    path = cache / f"classes-{h.hexdigest()[:20]}.npy"
+    if path.is_file():
+        return np.load(path)
+    w = embed_classes(enc, names, load_templates(templates))
+    cache.mkdir(parents=True, exist_ok=True)
+    np.save(path, w)
+    return w
+
+
+def zeroshot(enc: Encoder, manifest: Path, cache: Path) -> dict[str, dict[str, float]]:
     """Top-1 / top-5 for every built-in template set, from one pass over the images."""
     rows = read_labelled_manifest(manifest, required=("image", "label"))
     names = sorted({str(r["label"]) for r in rows})
@@ -74,9 +93,7 @@ def zeroshot(enc: Encoder, manifest: Path) -> dict[str, dict[str, float]]:
     feats = enc.embed_images([r["image"] for r in rows])
     out = {}
     for templates in TEMPLATE_SETS:
-        top5 = np.argsort(-ZeroShotClassifier(enc, names, templates, cache=False).logits(feats), axis=1)[
-            :, :5
-        ]
+        top5 = np.argsort(-(feats @ class_weights(enc, names, templates, cache)), axis=1)[:, :5]
         out[templates] = {
             "top1": float(np.mean(top5[:, 0] == targets)),
             "top5": float(np.mean((top5 == targets[:, None]).any(axis=1))),
@@ -115,7 +132,7 @@ def evaluate(run: Path) -> dict:
         root = paths.features_dir() if config["feature_cache"] == "auto" else Path(config["feature_cache"])
         cached = CachedImageRows(root, enc.model)
     return {
-        "zeroshot": zeroshot(enc, corpus / "heldout_zeroshot.jsonl"),
+        "zeroshot": zeroshot(enc, corpus / "heldout_zeroshot.jsonl", run.parent / "classifiers"),
         "retrieval": retrieval_eval(enc, corpus / "heldout_retrieval.jsonl"),
         "searches": demo_searches(enc, run, cached),
     }
@@ -138,9 +155,9 @@ def table(name: str, results: list[dict]) -> str:
         rows.append(f"| {k}, % | {spread([r['retrieval'][k] for r in results])} |")
     found = [sum(r["searches"].values()) for r in results]
     rows.append(f"| demo searches with the concept in the top 5 (of 6) | {', '.join(map(str, found))} |")
-    minutes = [r["train_seconds"] / 60 for r in results]
+    minutes = [r["train_seconds"] / 60 for r in results if r["train_seconds"] == r["train_seconds"]]
     rows.append(
-        f"| training wall time incl. its held-out evaluation, min (median) | {statistics.median(minutes):.1f} |"
+        f"| training wall time incl. its held-out evaluation, min (median) | {statistics.median(minutes) if minutes else float('nan'):.1f} |"
     )
     return "\n".join(rows)
 
