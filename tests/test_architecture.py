@@ -32,7 +32,6 @@ KNOWN_CYCLES: list[frozenset[str]] = [
             "clipforge.zeroshot",
         }
     ),
-    frozenset({"clipforge.index.adding", "clipforge.index.search", "clipforge.index.store"}),
     # Brought in with the pretrained tower kinds (merged in parallel with this test): the registry builds
     # pretrained presets through model.pretrained, which builds the towers through the registry; the WordPiece
     # tokenizer and tokenizer.get_tokenizer import each other. Both go with the stage redesign.
@@ -123,3 +122,11 @@ def test_the_graph_sees_deferred_relative_and_package_imports(tmp_path):
     graph = import_graph(tmp_path, "demo")
     assert set(graph.successors("demo.lone")) == {"demo.top", "demo"}
     assert import_cycles(graph) == {frozenset({"demo.sub.helper", "demo.top"})}
+
+
+def test_the_collection_core_imports_nothing_above_it():
+    # store.py is the core that ingest, query, ranking and the Collection facade build on (issue 11).
+    above = {"ingest", "query", "rank", "quality", "collection", "bulk", "embed", "sources", "changes"}
+    reach = nx.descendants(import_graph(), "clipforge.index.store")
+    assert not {m for m in reach if m.rpartition(".")[2] in above and m.startswith("clipforge.index.")}
+    assert not {m for m in reach if not m.startswith("clipforge.index.")} - {"clipforge.atomic"}

@@ -2,7 +2,7 @@
 
 A child process adds folders of images batch by batch, printing "committed <folder>" after each `add` returns
 and "removed <folder>" after each `remove`. It is killed either at a deliberate point (the
-CLIPFORGE_TEST_CRASH_AT hook calls os._exit there) or by SIGKILL after a random delay. Afterwards the
+crashpoints.py wrappers call os._exit there) or by SIGKILL after a random delay. Afterwards the
 collection must open, its index and database must agree, every reported folder must be fully present (or
 fully gone, if reported removed; all or nothing if killed while removing), and no batch may be half-written.
 """
@@ -24,6 +24,7 @@ from PIL import Image
 from clipforge.index import Collection
 
 SRC = Path(__file__).resolve().parents[1] / "src"
+TESTS = Path(__file__).resolve().parent
 FOLDERS, PER_FOLDER, BATCH = 12, 8, 4
 
 CHILD = r"""
@@ -32,6 +33,9 @@ import numpy as np
 from PIL import Image
 import clipforge.index.store as store
 from clipforge.index import Collection
+if sys.argv[4]:
+    import crashpoints
+    crashpoints.install(sys.argv[4])
 
 class Enc:  # mean colour -> fixed projection; enough for storage tests
     identity = {"model": "crash-fake", "fingerprint": "sha256:crash", "dim": 16}
@@ -73,12 +77,9 @@ def image_root(tmp_path_factory) -> Path:
 
 
 def run_child(root: Path, coll: Path, crash_at: str | None, kill_after: float | None) -> list[str]:
-    env = dict(os.environ, PYTHONPATH=str(SRC))
-    env.pop("CLIPFORGE_TEST_CRASH_AT", None)
-    if crash_at:
-        env["CLIPFORGE_TEST_CRASH_AT"] = crash_at
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(SRC), str(TESTS)]))
     proc = subprocess.Popen(
-        [sys.executable, "-c", CHILD, str(root), str(coll), str(FOLDERS)],
+        [sys.executable, "-c", CHILD, str(root), str(coll), str(FOLDERS), crash_at or ""],
         env=env,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
