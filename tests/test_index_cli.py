@@ -194,3 +194,42 @@ def test_python_api_adds_manifests_like_the_cli(enc, tmp_path):
         assert c.add([manifest], enc, workers=0).unchanged == rep.added
         hits = c.search(text="red", k=2, mode="keyword")
         assert [Path(h.path).name for h in hits] == ["r.png"] and hits[0].caption == "red"
+
+
+def test_sync_keywords_captions_only_and_date_sort(capsys, model, images, tmp_path):
+    col = tmp_path / "col"
+    run(capsys, "index", "create", col, "--model", model, "--json")
+    run(capsys, "index", "add", col, images, "--workers", "0", "--json")
+    (images / "1.png").unlink()
+    shutil.copy(images / "2.png", images / "sub" / "new_beachDay.png")
+    out = run(capsys, "index", "sync", col, images, "--workers", "0", "--json")
+    assert (out["added"], out["removed"], out["unchanged"], out["rows"]) == (1, 1, 6, 7)
+    hit = run(capsys, "search", col, "beach day", "--mode", "keyword", "--json")["hits"][0]
+    assert hit["path"] == str(images / "sub" / "new_beachDay.png") and hit["relevance"] > 0.5
+
+    caps = tmp_path / "caps.txt"
+    caps.write_text("a red circle\na blue square\n")
+    run(capsys, "index", "add", col, "--texts", caps, "--json")
+    only = run(capsys, "search", col, "--image", images / "0.png", "--modality", "text", "--k", "9", "--json")
+    assert sorted(h["caption"] for h in only["hits"]) == ["a blue square", "a red circle"]
+
+    with Collection.open(col) as c:  # two photos with EXIF dates, as `index add` stores them
+        for name, taken in (("2.png", "2019-05-01T09:00:00"), ("3.png", "2024-02-01T18:00:00")):
+            (row,) = c.lookup(str(images / name))
+            c.remove(row[0])
+            v = np.ones((1, c.dim), np.float32)
+            c.add_vectors(v, [{"path": str(images / name), "metadata": {"taken_at": taken}}])
+    args = [
+        "--before",
+        "2025-01-01",
+        "--sort",
+        "date",
+        "--min-relevance",
+        "0",
+        "--modality",
+        "image",
+        "--json",
+    ]
+    dated = run(capsys, "search", col, "a shape", *args)["hits"]
+    assert [Path(h["path"]).name for h in dated] == ["3.png", "2.png"]
+    assert "neither a date" in fail(capsys, "search", col, "x", "--after", "soon")

@@ -877,3 +877,20 @@ def test_clip_retrieval_clip_client_unchanged(served, tmp_path):
         assert labels[cc.query(image=str(img))[0]["id"]] == "green cross"
         vec = ShapeEncoder().embed_texts(["yellow square"])[0].tolist()
         assert labels[cc.query(embedding_input=vec)[0]["id"]] == "yellow square"
+
+
+def test_search_modes_relevance_and_captions_only(served):
+    client, labels, _ = served
+    # Keyword mode matches caption words exactly (no model involved); every hit carries its relevance.
+    kw = client.post("/api/search", json={"text": "notes green", "mode": "keyword", "k": 5}).json()["results"]
+    assert kw[0]["caption"] == "notes about a green square" and kw[0]["relevance"] > 0.5
+    # Image-to-text on captions only: the two captions and nothing else, whatever k.
+    png = shape_png("purple", "cross")
+    caps = client.post("/api/search", json={"image": b64(png), "modality": "text", "k": 10}).json()["results"]
+    assert len(caps) == 2 and all(h["caption"] and h["image_url"] is None for h in caps)
+    # A cut-off of 1.0 leaves only hits with no estimate or a perfect one; named errors for bad options.
+    strict = client.get("/api/search", params={"q": "green", "k": 10, "min_relevance": 1.0}).json()["results"]
+    assert all(h["relevance"] is None or h["relevance"] >= 1.0 for h in strict)
+    bad = client.post("/api/search", json={"text": "x", "after": "someday"})
+    assert bad.status_code == 400 and "neither a date" in bad.text
+    assert client.post("/api/search", json={"like": 1, "mode": "keyword"}).status_code == 400

@@ -15,7 +15,10 @@ share of the query's word weight the row holds, each word weighted by its invers
 "the" counts for little and a rare file-name token for much).
 
 Hybrid fuses the vector and keyword rankings by reciprocal-rank fusion (each list contributes
-1 / (RRF_K + rank), RRF_K = 60 as in Cormack et al. 2009); a hit's relevance is the higher of its two.
+1 / (RRF_K + rank), RRF_K = 60 as in Cormack et al. 2009); a hit's relevance is the higher of its two. The
+keyword list fused holds only rows with at least KEYWORD_MATCH of the query's word weight: without that, rows
+sharing only a common word ("img" of every camera file name, "the") would ride their vector rank past the
+row that holds the rare word the user typed, and the exact match would not come first.
 Whatever the mode, a hit's `score` stays its cosine with the query vector when there is one (BM25 otherwise),
 and hits come in rank order.
 """
@@ -41,6 +44,7 @@ BACKGROUND = 2048  # sampled items the query's score distribution is estimated f
 MIN_BACKGROUND = 32  # fewer items than this say nothing about a distribution: no estimate, no cut-off
 RRF_K = 60
 FUSION_POOL = 100  # candidates each list contributes to hybrid fusion (at least k)
+KEYWORD_MATCH = 0.5  # hybrid fuses keyword rows holding at least this share of the query's word weight
 
 
 @dataclass(frozen=True)
@@ -123,6 +127,26 @@ def choose_mode(store: Store, ranking: Ranking, q: np.ndarray | None, words: lis
     return mode
 
 
+def _candidates(
+    store: Store, q: np.ndarray | None, words: list[str], k: int, mode: str, allowed: np.ndarray | None
+) -> tuple[np.ndarray, dict[int, tuple[float, float]]]:
+    """The top-k ids of the mode, and for keyword candidates id -> (BM25, keyword relevance)."""
+    pool = k if mode == "vector" else max(k, FUSION_POOL)
+    lists, matched = [], {}
+    if mode != "keyword":
+        _, vids = store.search_vectors(q[None], pool, allowed)
+        lists.append(vids[0][vids[0] >= 0])
+    if mode != "vector":
+        ks, kids = store.search_keywords(words, pool, allowed)
+        rel = keyword_relevance(store, words, kids)
+        matched = {int(i): (float(s), float(r)) for i, s, r in zip(kids, ks, rel)}
+        if mode == "hybrid":  # fuse only rows holding most of the query's word weight (not just "the")
+            kids = kids[rel >= KEYWORD_MATCH]
+        lists.append(kids)
+    ids = lists[0] if len(lists) == 1 else _rrf(lists)
+    return ids[:k], matched
+
+
 def rank(
     store: Store,
     q: np.ndarray | None,
@@ -135,29 +159,21 @@ def rank(
     """Top-k hits of the query vector `q` (D,) and/or query `words`, among `allowed` (None: all rows),
     ranked, cut off and sorted as `ranking` says. `background`: (B, D) stored vectors (background_sample)."""
     mode = choose_mode(store, ranking, q, words)
-    pool = k if mode == "vector" else max(k, FUSION_POOL)
-    lists, bm25 = [], {}
-    if mode != "keyword":
-        _, vids = store.search_vectors(q[None], pool, allowed)
-        lists.append(vids[0][vids[0] >= 0])
-    if mode != "vector":
-        ks, kids = store.search_keywords(words, pool, allowed)
-        lists.append(kids)
-        bm25 = dict(zip(kids.tolist(), ks.tolist()))
-    ids = (lists[0] if len(lists) == 1 else _rrf(lists))[:k]
+    ids, matched = _candidates(store, q, words, k, mode, allowed)
     if not len(ids):
         return []
-    n_items = len(store) if allowed is None else len(allowed)
+    rel = np.full(len(ids), np.nan, np.float32)
     if q is not None:
         scores = store.vectors(ids) @ q  # (n,) cosines, whatever list an id came from
-        rel = vector_relevance(scores, background @ q, n_items) if mode != "keyword" else np.zeros(len(ids))
+        if mode != "keyword":
+            n_items = len(store) if allowed is None else len(allowed)
+            rel = vector_relevance(scores, background @ q, n_items)
     else:
-        scores = np.array([bm25[int(i)] for i in ids], np.float32)
-        rel = np.zeros(len(ids), np.float32)
-    if mode != "vector":
-        kw = keyword_relevance(store, words, ids)
-        kw[kw == 0] = np.nan  # matching no word is no evidence either way: leave the vector estimate
-        rel = np.fmax(rel, kw)
+        scores = np.array([matched[int(i)][0] for i in ids], np.float32)
+    # A row matching the words is as relevant as the larger of its two estimates; matching none is no
+    # evidence either way.
+    kw = np.array([matched.get(int(i), (0.0, np.nan))[1] for i in ids], np.float32)
+    rel = np.fmax(rel, np.where(kw > 0, kw, np.nan))
     by_id = dict(zip(ids.tolist(), rel.tolist()))
     hits = store.hits(scores, ids)
     for h in hits:
