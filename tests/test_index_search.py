@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import sqlite3
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,6 +15,7 @@ from clipforge.index import Collection, QueryError
 from clipforge.index.keywords import tokens
 
 DIM = 64
+BENCH = Path(__file__).resolve().parents[1] / "bench"
 
 
 def unit(x: np.ndarray) -> np.ndarray:
@@ -212,3 +214,40 @@ def test_sync_adds_replaces_and_removes_in_one_pass(tmp_path):
         assert c.sync(folder, enc).summary().startswith("added 0, updated 0, unchanged 3")
         with pytest.raises(FileNotFoundError, match="needs a folder"):
             c.sync(tmp_path / "nope", enc)
+
+
+# ---- bench/search_quality.py on a tiny synthetic collection ---------------------------------------------
+
+
+def test_search_quality_bench_on_a_tiny_collection(tmp_path):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("search_quality", BENCH / "search_quality.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    enc = FakeEncoder()
+    lines = []
+    for i, (name, rgb) in enumerate(list(COLOURS.items()) * 5):
+        solid(tmp_path / "img" / f"{name}_{i}.png", rgb, noise=30, seed=i)
+        if i < 6:
+            lines.append(f'{{"image": "img/{name}_{i}.png", "caption": "{name}"}}\n')
+    (tmp_path / "heldout.jsonl").write_text("".join(lines))
+    pairs = bench.read_pairs(tmp_path / "heldout.jsonl")
+    assert pairs[0] == (str(tmp_path / "img" / "red_0.png"), "red")
+    with Collection.create(tmp_path / "c", identity=enc.identity, dim=enc.dim) as c:
+        c.add([tmp_path / "img"], enc)
+        got = bench.retrieval(c, pairs, enc, k=10)
+        # 5 images per colour: the colour's name finds its own image in the top 10 by vector and by file name
+        assert got["vector"]["R@10"] == 1.0 and got["keyword"]["R@10"] == 1.0
+        assert all(0 < m["nDCG@10"] <= m["R@10"] <= 1 for m in got.values())
+        cut = bench.cut_off(c, pairs, enc, k=10, nonsense=5, seed=0)
+        assert cut["precision"] is None or 0 <= cut["precision"] <= 1
+        assert 0 <= cut["recall"] <= 1 and 0 <= cut["nonsense_empty"] <= 1
+        cost = bench.fts_cost(c, rounds=1, limit=30, images=tmp_path / "img", encoder=enc)
+        assert set(cost) == {
+            "commit with FTS5 (rows/s)",
+            "commit without (rows/s)",
+            "add with FTS5 (images/s)",
+            "add without (images/s)",
+        } and all(v > 0 for v in cost.values())
+        assert c.has_keywords()  # the bench's switch is undone

@@ -16,7 +16,8 @@ share of the query's word weight the row holds, each word weighted by its invers
 
 Hybrid fuses the vector and keyword rankings by reciprocal-rank fusion (each list contributes
 1 / (RRF_K + rank), RRF_K = 60 as in Cormack et al. 2009); a hit's relevance is the higher of its two. The
-keyword list fused holds only rows with at least KEYWORD_MATCH of the query's word weight: without that, rows
+keyword list fused holds only rows with at least KEYWORD_MATCH of the best keyword row's share of the query's
+word weight (relative, as a query may hold words no row has): without that, rows
 sharing only a common word ("img" of every camera file name, "the") would ride their vector rank past the
 row that holds the rare word the user typed, and the exact match would not come first.
 Whatever the mode, a hit's `score` stays its cosine with the query vector when there is one (BM25 otherwise),
@@ -44,7 +45,7 @@ BACKGROUND = 2048  # sampled items the query's score distribution is estimated f
 MIN_BACKGROUND = 32  # fewer items than this say nothing about a distribution: no estimate, no cut-off
 RRF_K = 60
 FUSION_POOL = 100  # candidates each list contributes to hybrid fusion (at least k)
-KEYWORD_MATCH = 0.5  # hybrid fuses keyword rows holding at least this share of the query's word weight
+KEYWORD_MATCH = 0.5  # hybrid fuses keyword rows holding at least this share of the best row's word weight
 
 
 @dataclass(frozen=True)
@@ -140,8 +141,8 @@ def _candidates(
         ks, kids = store.search_keywords(words, pool, allowed)
         rel = keyword_relevance(store, words, kids)
         matched = {int(i): (float(s), float(r)) for i, s, r in zip(kids, ks, rel)}
-        if mode == "hybrid":  # fuse only rows holding most of the query's word weight (not just "the")
-            kids = kids[rel >= KEYWORD_MATCH]
+        if mode == "hybrid" and len(kids):  # fuse only the rows matching best (not all sharing "the")
+            kids = kids[rel >= KEYWORD_MATCH * rel.max()]
         lists.append(kids)
     ids = lists[0] if len(lists) == 1 else _rrf(lists)
     return ids[:k], matched
