@@ -9,8 +9,10 @@ fully gone, if reported removed; all or nothing if killed while removing), and n
 
 from __future__ import annotations
 
+import hashlib
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -52,6 +54,9 @@ store.SNAPSHOT_EVERY = 2  # snapshot often, so kills land inside snapshot writes
 root, coll_path, n = sys.argv[1], sys.argv[2], int(sys.argv[3])
 c = Collection.open(coll_path)
 print("opened", flush=True)
+if sys.argv[5:] == ["sync"]:
+    c.sync(root, Enc(), batch_size=BATCH_SIZE)
+    print("synced", flush=True)
 for i in range(n):
     c.add([f"{root}/f{i:02d}"], Enc(), batch_size=BATCH_SIZE)
     print(f"committed {i}", flush=True)
@@ -76,10 +81,12 @@ def image_root(tmp_path_factory) -> Path:
     return root
 
 
-def run_child(root: Path, coll: Path, crash_at: str | None, kill_after: float | None) -> list[str]:
+def run_child(
+    root: Path, coll: Path, crash_at: str | None, kill_after: float | None, n: int = FOLDERS, *extra: str
+) -> list[str]:
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(SRC), str(TESTS)]))
     proc = subprocess.Popen(
-        [sys.executable, "-c", CHILD, str(root), str(coll), str(FOLDERS), crash_at or ""],
+        [sys.executable, "-c", CHILD, str(root), str(coll), str(n), crash_at or "", *extra],
         env=env,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
@@ -142,3 +149,30 @@ def test_killed_add_leaves_a_consistent_collection(tmp_path, image_root):
     assert lines[-1] == "closed"
     check(coll, image_root, lines, state)
     assert len(state) == FOLDERS
+
+
+def write_folder(folder: Path, n: int, seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    for j in range(n):
+        Image.fromarray(rng.integers(0, 256, (6, 6, 3), dtype=np.uint8)).save(folder / f"{j}.png")
+
+
+def test_a_killed_sync_leaves_a_consistent_collection_and_a_rerun_finishes_it(tmp_path):
+    root, coll = tmp_path / "lib", tmp_path / "coll"
+    for f in range(3):
+        write_folder(root / f"f{f:02d}", PER_FOLDER, seed=f)
+    Collection.create(coll, identity={"fingerprint": "sha256:crash", "dim": 16}, dim=16).close()
+    assert run_child(root, coll, None, None, 3)[-1] == "closed"
+    shutil.rmtree(root / "f00")  # gone
+    write_folder(root / "f01", PER_FOLDER // 2, seed=10)  # half of f01 changed
+    write_folder(root / "f03", PER_FOLDER, seed=11)  # new
+    # after the removals' transaction; inside the adds; during a snapshot
+    for point in ("after_commit:1", "before_commit:2", "during_snapshot:1"):
+        run_child(root, coll, point, None, 0, "sync")
+        check(coll, root, [], {})  # opens, index and rows agree, no key twice, whole batches
+    assert run_child(root, coll, None, None, 0, "sync")[-2:] == ["synced", "closed"]
+    on_disk = {str(p): hashlib.sha256(p.read_bytes()).hexdigest() for p in root.rglob("*.png")}
+    with Collection.open(coll, readonly=True) as c:
+        stored = dict(c.conn.execute("SELECT key, sha256 FROM items"))
+    assert stored == on_disk

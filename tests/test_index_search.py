@@ -107,6 +107,8 @@ def test_an_exact_file_name_token_comes_first(photos):
         assert hits[0].path == str(folder / "IMG_2041-beachDay.png"), query
         assert hits[0].relevance >= 0.5
     assert c.search(text="2035", k=3, mode="keyword")[0].path == str(folder / "IMG_2035.png")
+    # "img" is in most rows: hybrid leaves it to the vectors, keyword mode (asked for) still lists them all
+    assert len(c.search(text="img", k=20, mode="keyword")) == 11
 
 
 def test_a_caption_phrase_comes_first(photos):

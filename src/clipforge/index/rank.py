@@ -45,6 +45,7 @@ BACKGROUND = 2048  # sampled items the query's score distribution is estimated f
 MIN_BACKGROUND = 32  # fewer items than this say nothing about a distribution: no estimate, no cut-off
 RRF_K = 60
 FUSION_POOL = 100  # candidates each list contributes to hybrid fusion (at least k)
+COMMON_SHARE = 0.5  # words in more than this share of the rows are not searched for (they still weigh in)
 KEYWORD_MATCH = 0.5  # hybrid fuses keyword rows holding at least this share of the best row's word weight
 
 
@@ -89,10 +90,16 @@ def vector_relevance(scores: np.ndarray, background: np.ndarray, n_items: int) -
     return (1.0 / (1.0 + np.exp(-(z - chance - MARGIN) / SCALE))).astype(np.float32)
 
 
-def keyword_relevance(store: Store, words: list[str], ids: np.ndarray) -> np.ndarray:
-    """IDF-weighted share (n,) of the query's words each row holds."""
+def word_weights(store: Store, words: list[str]) -> tuple[dict[str, float], list[str]]:
+    """Each query word's BM25 inverse document frequency in the collection, and the words worth searching
+    for: a word in most rows (over COMMON_SHARE) ranks nothing and would have FTS5 score most rows."""
     counts, n_rows = store.word_counts(words)
     idf = {w: math.log((n_rows - c + 0.5) / (c + 0.5) + 1.0) for w, c in counts.items()}
+    return idf, [w for w, c in counts.items() if c <= COMMON_SHARE * n_rows]
+
+
+def keyword_relevance(store: Store, idf: dict[str, float], ids: np.ndarray) -> np.ndarray:
+    """IDF-weighted share (n,) of the query's words (`idf`: word_weights) each row holds."""
     total = sum(idf.values())
     texts = store.keyword_texts(ids)
     out = np.zeros(len(ids), np.float32)
@@ -138,8 +145,10 @@ def _candidates(
         _, vids = store.search_vectors(q[None], pool, allowed)
         lists.append(vids[0][vids[0] >= 0])
     if mode != "vector":
-        ks, kids = store.search_keywords(words, pool, allowed)
-        rel = keyword_relevance(store, words, kids)
+        idf, searched = word_weights(store, words)
+        # asked for keywords alone, the user gets even a common word's rows
+        ks, kids = store.search_keywords(searched or (words if mode == "keyword" else []), pool, allowed)
+        rel = keyword_relevance(store, idf, kids)
         matched = {int(i): (float(s), float(r)) for i, s, r in zip(kids, ks, rel)}
         if mode == "hybrid" and len(kids):  # fuse only the rows matching best (not all sharing "the")
             kids = kids[rel >= KEYWORD_MATCH * rel.max()]
