@@ -884,10 +884,11 @@ def test_search_modes_relevance_and_captions_only(served):
     # Keyword mode matches caption words exactly (no model involved); every hit carries its relevance.
     kw = client.post("/api/search", json={"text": "notes green", "mode": "keyword", "k": 5}).json()["results"]
     assert kw[0]["caption"] == "notes about a green square" and kw[0]["relevance"] > 0.5
-    # Image-to-text on captions only: the two captions and nothing else, whatever k.
+    # Image-to-text on captions only: captions and nothing else, whatever k (other tests may add captions).
     png = shape_png("purple", "cross")
     caps = client.post("/api/search", json={"image": b64(png), "modality": "text", "k": 10}).json()["results"]
-    assert len(caps) == 2 and all(h["caption"] and h["image_url"] is None for h in caps)
+    assert {"a purple cross, in words", "notes about a green square"} <= {h["caption"] for h in caps}
+    assert all(h["caption"] and h["image_url"] is None for h in caps) and len(caps) < 10
     # A cut-off of 1.0 leaves only hits with no estimate or a perfect one; named errors for bad options.
     strict = client.get("/api/search", params={"q": "green", "k": 10, "min_relevance": 1.0}).json()["results"]
     assert all(h["relevance"] is None or h["relevance"] >= 1.0 for h in strict)
