@@ -131,3 +131,12 @@ def test_the_collection_core_imports_nothing_above_it():
     assert not {m for m in reach if m.rpartition(".")[2] in above and m.startswith("clipforge.index.")}
     stages = ("clipforge.cli", "clipforge.serve", "clipforge.apps", "clipforge.train", "clipforge.eval")
     assert not {m for m in reach if m.startswith(stages)}
+
+
+def test_sql_lives_only_in_the_index_database_module():
+    # Helpers once ran their own SELECTs against a collection; every query now goes through index/db.py.
+    index = SRC / PACKAGE / "index"
+    offenders = [
+        p.name for p in sorted(index.glob("*.py")) if p.name != "db.py" and ".execute(" in p.read_text()
+    ]
+    assert offenders == []

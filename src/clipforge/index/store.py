@@ -384,9 +384,7 @@ class Store:
         ids: set[int] = set()
         for it in items:
             if isinstance(it, (int, np.integer)) and not isinstance(it, bool):
-                ids.update(
-                    int(r[0]) for r in self.conn.execute("SELECT id FROM items WHERE id=?", (int(it),))
-                )
+                ids.update(db.rows_by_id(self.conn, [int(it)]))
             elif isinstance(it, (str, Path)):
                 # the key as given (a non-path key, or a row stored before paths were normalised) and the
                 # normalised path, which is how add stores files
