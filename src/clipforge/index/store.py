@@ -23,7 +23,6 @@ All SQL is in db.py.
 from __future__ import annotations
 
 import contextlib
-import importlib
 import json
 import logging
 import shutil
@@ -36,9 +35,7 @@ from typing import Any
 
 import numpy as np
 
-from clipforge.atomic import TMP_SUFFIX, write_atomic
-
-from . import ann, db, files, recall
+from . import ann, db, files, folder, recall
 from .arrays import as_matrix, unit
 from .types import CollectionError, EncoderLike, Hit, QueryError, WriteError, check_identity, check_k
 
@@ -47,28 +44,8 @@ SNAPSHOT_EVERY = 16  # batches between snapshots; open() replays the rest from t
 SNAPSHOT_SECONDS = 60.0
 EXACT_FILTER_LIMIT = 20_000  # a filter this selective is answered exactly from the database vectors
 RECORD_KEYS = ("path", "key", "caption", "sha256", "size", "mtime", "metadata", "added")
-SCRATCH = "scratch"
 FILTERS = ("path_prefix", "added_after", "added_before", "modality", "after", "before", "camera")
 log = logging.getLogger(__name__)
-
-
-def _version() -> str:
-    try:
-        return str(getattr(importlib.import_module("clipforge"), "__version__", "0.1.0"))
-    except ImportError:
-        return "0.1.0"
-
-
-@contextlib.contextmanager
-def _writing(path: Path, what: str) -> Iterator[None]:
-    """A failed write under `path` (full disk, read-only folder or file, no permission) -> WriteError."""
-    try:
-        yield
-    except WriteError:
-        raise
-    except (OSError, sqlite3.OperationalError) as e:
-        reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
-        raise WriteError(f"cannot write collection {path} ({what}): {reason}") from e
 
 
 def hit_from_row(row: tuple, score: float) -> Hit:
@@ -86,7 +63,7 @@ class Store:
         self.dim: int = int(config["dim"])
         self.kind: str = config["index"]
         self.readonly = readonly
-        self._lock = None if readonly else self._take_lock()
+        self._lock = None if readonly else folder.take_lock(path)
         try:
             self.conn = db.connect(path / "items.sqlite", readonly)
         except (OSError, sqlite3.OperationalError) as e:
@@ -96,7 +73,7 @@ class Store:
                 raise CollectionError(f"cannot read collection {path} (items.sqlite): {e}") from e
             raise WriteError(f"cannot write collection {path} (opening items.sqlite): {e}") from e
         if not readonly:
-            self._remove_leftovers()
+            folder.remove_leftovers(path)
         self._gen = -1  # generation the in-memory index reflects
         self._saved_gen = -1  # generation of the newest snapshot on disk
         self._unsaved_batches = 0
@@ -121,55 +98,18 @@ class Store:
             "dim": int(dim),
             "metric": "inner_product",
             "index": index,
-            "clipforge_version": _version(),
+            "clipforge_version": folder.version(),
         }
-        with _writing(path, "creating it"):
+        with folder.writing(path, "creating it"):
             path.mkdir(parents=True, exist_ok=True)
             db.connect(path / "items.sqlite", readonly=False).close()
-            # last: its presence marks a complete folder
-            write_atomic(
-                path / "collection.json",
-                lambda f: f.write(json.dumps(config, indent=2, sort_keys=True).encode()),
-                error=WriteError,
-            )
+            folder.write_config(path, config)  # last: its presence marks a complete folder
         return cls(path, config, readonly=False)
 
     @classmethod
     def open(cls, path: str | Path, *, readonly: bool = False) -> Store:
         path = Path(path)
-        try:
-            config = json.loads((path / "collection.json").read_text())
-        except FileNotFoundError:
-            raise CollectionError(f"no collection at {path}: collection.json is missing") from None
-        except json.JSONDecodeError as e:
-            raise CollectionError(f"{path / 'collection.json'} is not valid JSON: {e}") from None
-        missing = {"model", "dim", "index"} - set(config)
-        if missing or not (path / "items.sqlite").exists():
-            raise CollectionError(
-                f"{path} is not a complete collection (missing {sorted(missing) or 'items.sqlite'})"
-            )
-        return cls(path, config, readonly)
-
-    def _take_lock(self):
-        try:
-            lock = open(self.path / "writer.lock", "a+")
-        except OSError as e:
-            raise WriteError(
-                f"cannot open collection {self.path} for writing: {e.strerror or e}; "
-                "open it readonly=True to search it"
-            ) from e
-        try:
-            import fcntl
-
-            fcntl.flock(lock.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except ImportError:
-            pass  # no advisory locks on this platform: one writer at a time is then the user's job
-        except OSError:
-            lock.close()
-            raise CollectionError(
-                f"{self.path} is open for writing in another process; open it readonly=True"
-            ) from None
-        return lock
+        return cls(path, folder.read_config(path), readonly)
 
     def close(self) -> None:
         if self.conn is None:
@@ -183,26 +123,18 @@ class Store:
             if self._lock is not None:
                 self._lock.close()
 
-    def _remove_leftovers(self) -> None:
-        """Temp files of writes a killed writer never finished, and its scratch folder. We hold the writer
-        lock, so nobody else is writing them."""
-        for p in self.path.glob("*" + TMP_SUFFIX):
-            with contextlib.suppress(OSError):
-                p.unlink()
-        shutil.rmtree(self.path / SCRATCH, ignore_errors=True)
-
     @contextlib.contextmanager
     def scratch(self) -> Iterator[Path]:
         """A new empty folder inside the collection for an add's intermediate files; removed on exit, or at
         the next open for writing if this process dies first (so a killed add leaves nothing anywhere)."""
         self.check_writable()
-        folder = self.path / SCRATCH / uuid.uuid4().hex
-        with _writing(self.path, "scratch folder"):
-            folder.mkdir(parents=True)
+        tmp = self.path / folder.SCRATCH / uuid.uuid4().hex
+        with folder.writing(self.path, "scratch folder"):
+            tmp.mkdir(parents=True)
         try:
-            yield folder
+            yield tmp
         finally:
-            shutil.rmtree(folder, ignore_errors=True)
+            shutil.rmtree(tmp, ignore_errors=True)
 
     @contextlib.contextmanager
     def counting_commits(self) -> Iterator[None]:
@@ -225,16 +157,8 @@ class Store:
         return self._ann.ntotal
 
     # ---- index <-> database -------------------------------------------------------------------------
-    def _snapshots(self) -> list[tuple[int, str, Path]]:
-        out = []
-        for p in self.path.glob("index.*.faiss"):
-            parts = p.name.split(".")
-            if len(parts) == 4 and parts[2].isdigit():
-                out.append((int(parts[2]), parts[1], p))
-        return sorted(out, reverse=True)
-
     def _load_index(self) -> ann.VectorIndex:
-        for gen, kind, p in self._snapshots():
+        for gen, kind, p in folder.snapshots(self.path):
             try:
                 index = ann.VectorIndex.load(p, kind, self.dim)
             except (OSError, RuntimeError, ValueError):
@@ -292,9 +216,9 @@ class Store:
         target = self.path / f"index.{self._ann.kind}.{self._gen}.faiss"
         self._unsaved_batches, self._last_save = 0, time.monotonic()  # a failed write waits its turn too
         try:
-            with _writing(self.path, "index snapshot"):
+            with folder.writing(self.path, "index snapshot"):
                 self._ann.save(target)
-                for _, _, p in self._snapshots():
+                for _, _, p in folder.snapshots(self.path):
                     if p != target:
                         p.unlink(missing_ok=True)
         except WriteError as e:
@@ -321,7 +245,7 @@ class Store:
         mirror it in the index. Returns the new rows' ids. Callers validate records (see add_vectors)."""
         self.check_writable()
         drop = [int(i) for i in drop]
-        with _writing(self.path, "commit"):
+        with folder.writing(self.path, "commit"):
             gen, ids = db.write_batch(self.conn, vectors, records, drop)
         self._ann.remove(np.asarray(drop, np.int64))
         self._ann.add(vectors, np.asarray(ids, np.int64))
@@ -343,9 +267,9 @@ class Store:
         """The id of the stored bare caption with this text hash (files.text_sha), if any."""
         return db.caption_id(self.conn, sha256)
 
-    def keys_under(self, folder: str) -> dict[str, list[int]]:
-        """key -> ids of the rows stored under `folder` (normalised)."""
-        return db.keys_under(self.conn, files.normalise(folder))
+    def keys_under(self, root: str | Path) -> dict[str, list[int]]:
+        """key -> ids of the rows stored under the folder `root` (normalised)."""
+        return db.keys_under(self.conn, files.normalise(root))
 
     def check_encoder(self, encoder: EncoderLike) -> None:
         """Raise ModelMismatchError unless `encoder` is the model this collection was built with."""
