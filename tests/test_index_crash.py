@@ -114,6 +114,8 @@ def check(coll_path: Path, root: Path, lines: list[str], state: dict[int, str]) 
         assert info["vectors"] == info["rows"]
         in_db = np.sort(np.fromiter((r[0] for r in c.conn.execute("SELECT id FROM items")), np.int64))
         assert np.array_equal(np.sort(c._ann.live_ids()), in_db)
+        fts = np.sort(np.fromiter((r[0] for r in c.conn.execute("SELECT rowid FROM items_fts")), np.int64))
+        assert np.array_equal(fts, in_db) and c.has_keywords()  # keyword rows commit with their items
         keys = [r[0] for r in c.conn.execute("SELECT key FROM items")]
         assert len(keys) == len(set(keys))  # a file is never stored twice
         per_folder: dict[str, int] = {}
