@@ -1,4 +1,4 @@
-"""Search sub-commands: `index create|add|remove|info|build-ivfpq`, `search`, `dedup`, `embed`.
+"""Search sub-commands: `index create|add|sync|remove|info|build-ivfpq`, `search`, `dedup`, `embed`.
 
 Commands that need the model load the one the collection records, unless --model names another path to the
 same weights; a different model is refused (ModelMismatchError, a one-line error)."""
@@ -31,7 +31,9 @@ def _pipeline_flags(p: argparse.ArgumentParser) -> None:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("index", help="persistent search collections: create, add, remove, info, build-ivfpq")
+    p = sub.add_parser(
+        "index", help="persistent search collections: create, add, sync, remove, info, build-ivfpq"
+    )
     acts = p.add_subparsers(dest="index_action", metavar="ACTION")
     _register_index(acts)
     _register_search(sub)
