@@ -19,14 +19,6 @@ SRC = Path(__file__).resolve().parents[1] / "src"
 DOC = Path(__file__).resolve().parents[1] / "docs" / "architecture.md"
 PACKAGE = "clipforge"
 
-# TEMPORARY: cycles other branches are removing while this test lands; the list is to be emptied once they
-# merge. A cycle found must lie inside one entry (so a cycle that shrinks as its branch merges still
-# passes), any other cycle fails the test, and an entry that no longer contains any cycle fails it too, so
-# the list cannot go stale.
-KNOWN_CYCLES: list[frozenset[str]] = [
-    frozenset({"clipforge.index.adding", "clipforge.index.search", "clipforge.index.store"}),
-]
-
 
 def module_files(src: Path = SRC, package: str = PACKAGE) -> dict[str, Path]:
     """Dotted module name -> file, for every .py file of the package (a package is its __init__)."""
@@ -89,12 +81,11 @@ def _names(cycles: list[frozenset[str]]) -> str:
     return "; ".join(" <-> ".join(sorted(c)) for c in sorted(cycles, key=sorted))
 
 
-def test_no_new_import_cycles():
+def test_no_import_cycles():
+    # The last known cycles (index store/adding/search, checkpoint/package root, model registry/pretrained,
+    # tokenizer/wordpiece) went with the stage redesign; none may come back.
     cycles = import_cycles(import_graph())
-    new = [c for c in cycles if not any(c <= known for known in KNOWN_CYCLES)]
-    assert not new, "import cycles (deferred imports count): " + _names(new)
-    gone = [known for known in KNOWN_CYCLES if not any(c <= known for c in cycles)]
-    assert not gone, "no cycle left inside these; remove them from KNOWN_CYCLES: " + _names(gone)
+    assert not cycles, "import cycles (deferred imports count): " + _names(list(cycles))
 
 
 def test_the_graph_sees_deferred_relative_and_package_imports(tmp_path):
@@ -117,7 +108,8 @@ def test_the_graph_sees_deferred_relative_and_package_imports(tmp_path):
 
 def _doc_module(name: str, package: str = PACKAGE) -> str:
     """`model/` or `paths.py` as the docs write them -> the dotted module (or package) they name; `*` stays."""
-    return name if name == "*" else f"{package}.{name.removesuffix('/').removesuffix('.py')}"
+    dotted = name.removesuffix("/").removesuffix(".py").replace("/", ".")
+    return name if name == "*" else f"{package}.{dotted}"
 
 
 def import_rules(doc: Path = DOC) -> dict[str, list[str]]:
@@ -165,12 +157,14 @@ def test_rule_breaches_finds_a_forbidden_import_inside_a_folder(tmp_path):
     doc = tmp_path / "architecture.md"
     doc.write_text(
         "## Import rules (checked)\n\n| Folder or module | Never imports |\n|---|---|\n"
-        "| `model/` | `serve/`, `cli/` |\n| `paths.py` | `*` |\n\n## Next\n| `serve/` | `model/` |\n"
+        "| `model/` | `serve/`, `cli/` |\n| `paths.py` | `*` |\n| `index/store.py` | `index/ingest.py` |\n"
+        "\n## Next\n| `serve/` | `model/` |\n"
     )
     rules = import_rules(doc)
     assert rules == {
         "clipforge.model": ["clipforge.serve", "clipforge.cli"],
         "clipforge.paths": ["*"],
+        "clipforge.index.store": ["clipforge.index.ingest"],
     }
     graph = nx.DiGraph(
         [
@@ -179,9 +173,29 @@ def test_rule_breaches_finds_a_forbidden_import_inside_a_folder(tmp_path):
             ("clipforge.serve.app", "clipforge.model.clip"),  # no rule for serve/ (the row after the table)
             ("clipforge.paths", "clipforge"),  # `*`: the package root counts too
             ("clipforge.modelling", "clipforge.serve"),  # a name that only starts like model/
+            ("clipforge.index.store", "clipforge.index.ingest"),  # a module inside a folder: its own rule
         ]
     )
     assert rule_breaches(graph, rules) == [
+        "clipforge.index.store imports clipforge.index.ingest (clipforge.index.store never imports it)",
         "clipforge.model.clip imports clipforge.serve.app (clipforge.model never imports it)",
         "clipforge.paths imports clipforge (clipforge.paths never imports it)",
     ]
+
+
+def test_the_collection_core_imports_nothing_above_it():
+    # store.py is the core that ingest, query, ranking and the Collection facade build on (issue 11).
+    above = {"ingest", "query", "rank", "quality", "collection", "bulk", "embed", "sources", "changes"}
+    reach = nx.descendants(import_graph(), "clipforge.index.store")
+    assert not {m for m in reach if m.rpartition(".")[2] in above and m.startswith("clipforge.index.")}
+    stages = ("clipforge.cli", "clipforge.serve", "clipforge.apps", "clipforge.train", "clipforge.eval")
+    assert not {m for m in reach if m.startswith(stages)}
+
+
+def test_sql_lives_only_in_the_index_database_module():
+    # Helpers once ran their own SELECTs against a collection; every query now goes through index/db.py.
+    index = SRC / PACKAGE / "index"
+    offenders = [
+        p.name for p in sorted(index.glob("*.py")) if p.name != "db.py" and ".execute(" in p.read_text()
+    ]
+    assert offenders == []

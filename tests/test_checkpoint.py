@@ -84,6 +84,26 @@ def test_save_load_round_trip_is_exact(tmp_path, tok, kind):
     assert (tmp_path / "m" / "config.json").exists() == (kind == "vit")
 
 
+def test_a_failed_save_names_the_file_and_leaves_the_old_checkpoint_whole(tmp_path, tok, monkeypatch):
+    import errno
+
+    import clipforge.checkpoint.save as save_mod
+    from clipforge.atomic import AtomicWriteError
+
+    model = create_model(tiny_cfg(tok), seed=0).eval()
+    save_model(model, tmp_path / "m", tokenizer=tok)
+    before = {p.name: p.read_bytes() for p in (tmp_path / "m").iterdir()}
+
+    def full_disk(sd, name, metadata=None):
+        open(name, "wb").write(b"half a tensor")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(save_mod, "save_file", full_disk)
+    with pytest.raises(AtomicWriteError, match=r"cannot write .*model\.safetensors: No space left"):
+        save_model(create_model(tiny_cfg(tok), seed=1), tmp_path / "m", tokenizer=tok)
+    assert {p.name: p.read_bytes() for p in (tmp_path / "m").iterdir()} == before  # no temp file left
+
+
 def test_clipforge_directory_loads_in_hugging_face(tmp_path, tok):
     transformers = require("transformers")
     cfg = tiny_cfg(tok, activation="quick_gelu")

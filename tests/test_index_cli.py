@@ -67,7 +67,8 @@ def test_round_trip(capsys, model, enc, images, tmp_path):
         info["vectors"] == info["rows"] == 7 and info["model"]["fingerprint"] == enc.identity["fingerprint"]
     )
 
-    res = run(capsys, "search", col, "a red circle -square", "--k", "3", "--json")
+    # --min-relevance 0: the plain top k (a tiny random model's scores say nothing about relevance)
+    res = run(capsys, "search", col, "a red circle -square", "--k", "3", "--min-relevance", "0", "--json")
     assert res["query"] == {"text": "a red circle", "negative": ["square"], "image": None}
     with Collection.open(col, readonly=True) as c:
         ref = c.search(text="a red circle", negative=["square"], k=3, encoder=enc)
@@ -77,13 +78,29 @@ def test_round_trip(capsys, model, enc, images, tmp_path):
     paths = sorted(stored)
     np.testing.assert_allclose(np.stack([stored[p] for p in paths]), enc.embed_images(paths), atol=2e-5)
 
-    img = run(capsys, "search", col, "--image", images / "sub" / "4.png", "--k", "2", "--json")
+    img = run(
+        capsys,
+        "search",
+        col,
+        "--image",
+        images / "sub" / "4.png",
+        "--k",
+        "2",
+        "--min-relevance",
+        "0",
+        "--json",
+    )
     assert img["hits"][0]["path"] == str(images / "sub" / "4.png") and img["hits"][0]["score"] > 0.9999
-    sub = run(capsys, "search", col, "a shape", "--path-prefix", images / "sub", "--json")
+    sub = run(
+        capsys, "search", col, "a shape", "--path-prefix", images / "sub", "--min-relevance", "0", "--json"
+    )
     assert {Path(h["path"]).parent.name for h in sub["hits"]} == {"sub"} and len(sub["hits"]) == 3
     later = run(capsys, "search", col, "a shape", "--after", time.time() + 60, "--json")
     assert later["hits"] == []
-    assert len(run(capsys, "search", col, "a shape", "--before", "2999-01-01", "--json")["hits"]) == 7
+    everything = run(
+        capsys, "search", col, "a shape", "--before", "2999-01-01", "--min-relevance", "0", "--json"
+    )
+    assert len(everything["hits"]) == 7
 
     groups = run(capsys, "dedup", col, "--threshold", "0.9999", "--json")["groups"]
     assert [sorted(Path(m["path"]).name for m in g) for g in groups] == [["0.png", "copy_of_0.png"]]
@@ -172,7 +189,9 @@ def test_captions_and_image_to_text(capsys, model, images, tmp_path):
     col = tmp_path / "caps"
     run(capsys, "index", "create", col, "--model", model, "--json")
     assert run(capsys, "index", "add", col, "--texts", caps, "--json")["captions"] == 6
-    res = run(capsys, "search", col, "--image", images / "0.png", "--k", "3", "--json")
+    res = run(
+        capsys, "search", col, "--image", images / "0.png", "--k", "3", "--min-relevance", "0", "--json"
+    )
     assert len(res["hits"]) == 3 and all(h["caption"] and h["path"] is None for h in res["hits"])
 
 
@@ -185,3 +204,60 @@ def test_approximate_index_reports_recall(capsys, model, tmp_path):
         c.add_vectors(x, [{"key": f"k{i}"} for i in range(300)])
     info = run(capsys, "index", "info", col, "--json")
     assert {"vectors", "rows", "model", "recall@10"} <= set(info) and info["recall@10"] >= 0.95
+
+
+def test_python_api_adds_manifests_like_the_cli(enc, tmp_path):
+    # Collection.add routes every input kind through index.ingest, as the CLI and the service do (before:
+    # a manifest given to the Python API was tried as an image file, and failed).
+    from PIL import Image
+
+    (tmp_path / "img").mkdir()
+    for name, rgb in (("r", (255, 0, 0)), ("b", (0, 0, 255))):
+        Image.new("RGB", (16, 16), rgb).save(tmp_path / "img" / f"{name}.png")
+    manifest = tmp_path / "m.jsonl"
+    manifest.write_text('{"image": "img/r.png", "caption": "red"}\n{"image": "img/b.png"}\n')
+    with Collection.create(tmp_path / "c", identity=enc.identity, dim=enc.dim) as c:
+        rep = c.add([manifest], enc, workers=0)
+        assert sorted(Path(p).name for p in rep.added) == ["b.png", "r.png"] and not rep.failed
+        assert c.add([manifest], enc, workers=0).unchanged == rep.added
+        hits = c.search(text="red", k=2, mode="keyword")
+        assert [Path(h.path).name for h in hits] == ["r.png"] and hits[0].caption == "red"
+
+
+def test_sync_keywords_captions_only_and_date_sort(capsys, model, images, tmp_path):
+    col = tmp_path / "col"
+    run(capsys, "index", "create", col, "--model", model, "--json")
+    run(capsys, "index", "add", col, images, "--workers", "0", "--json")
+    (images / "1.png").unlink()
+    shutil.copy(images / "2.png", images / "sub" / "new_beachDay.png")
+    out = run(capsys, "index", "sync", col, images, "--workers", "0", "--json")
+    assert (out["added"], out["removed"], out["unchanged"], out["rows"]) == (1, 1, 6, 7)
+    hit = run(capsys, "search", col, "beach day", "--mode", "keyword", "--json")["hits"][0]
+    assert hit["path"] == str(images / "sub" / "new_beachDay.png") and hit["relevance"] > 0.5
+
+    caps = tmp_path / "caps.txt"
+    caps.write_text("a red circle\na blue square\n")
+    run(capsys, "index", "add", col, "--texts", caps, "--json")
+    only = run(capsys, "search", col, "--image", images / "0.png", "--modality", "text", "--k", "9", "--json")
+    assert sorted(h["caption"] for h in only["hits"]) == ["a blue square", "a red circle"]
+
+    with Collection.open(col) as c:  # two photos with EXIF dates, as `index add` stores them
+        for name, taken in (("2.png", "2019-05-01T09:00:00"), ("3.png", "2024-02-01T18:00:00")):
+            (row,) = c.lookup(str(images / name))
+            c.remove(row[0])
+            v = np.ones((1, c.dim), np.float32)
+            c.add_vectors(v, [{"path": str(images / name), "metadata": {"taken_at": taken}}])
+    args = [
+        "--before",
+        "2025-01-01",
+        "--sort",
+        "date",
+        "--min-relevance",
+        "0",
+        "--modality",
+        "image",
+        "--json",
+    ]
+    dated = run(capsys, "search", col, "a shape", *args)["hits"]
+    assert [Path(h["path"]).name for h in dated] == ["3.png", "2.png"]
+    assert "neither a date" in fail(capsys, "search", col, "x", "--after", "soon")

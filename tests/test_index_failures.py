@@ -371,9 +371,12 @@ def test_an_add_killed_mid_way_leaves_nothing_outside_the_collection(capsys, mod
     tmpdir = tmp_path / "tmpdir"
     tmpdir.mkdir()
     env = dict(os.environ, PYTHONPATH=str(SRC), OMP_NUM_THREADS="1", TMPDIR=str(tmpdir))
-    env["CLIPFORGE_TEST_CRASH_AT"] = "before_commit"  # dies (os._exit: no cleanup runs) after embedding
-    proc = subprocess.run(
-        [*KILLED_ADD, str(col), str(manifest), "--workers", "0"], env=env, capture_output=True, timeout=300
+    crashing = [sys.executable, str(Path(__file__).parent / "crashpoints.py"), "before_commit"]
+    proc = subprocess.run(  # dies (os._exit: no cleanup runs) after embedding, before the first commit
+        [*crashing, *KILLED_ADD[1:], str(col), str(manifest), "--workers", "0"],
+        env=env,
+        capture_output=True,
+        timeout=300,
     )
     assert proc.returncode == 77, proc.stderr[-2000:]
     assert list(tmpdir.iterdir()) == []  # before: a clipforge-add-* folder of embeddings, leaked for good

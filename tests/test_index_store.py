@@ -348,5 +348,31 @@ def test_dedup_finds_planted_duplicates(coll):
 
 
 def test_database_is_wal(coll):
-    assert coll.conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
-    assert isinstance(coll.conn, sqlite3.Connection)
+    # Ask the file, through a connection of our own: WAL is persisted in the database file, so readers in
+    # other processes (the server's) read while a writer commits. (Asking the collection's own connection,
+    # which set the mode, was true by construction.)
+    other = sqlite3.connect(coll.path / "items.sqlite")
+    try:
+        assert other.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    finally:
+        other.close()
+
+
+def test_recall_is_measured_on_queries_that_are_not_stored(tmp_path, monkeypatch):
+    # A stored vector finds itself, which flatters HNSW; info() must query with fresh vectors.
+    dim = 32
+    x = clustered(400, dim, 10, seed=1)
+    c = Collection.create(tmp_path / "h", identity={"fingerprint": "s", "dim": dim}, dim=dim, index="hnsw")
+    c.add_vectors(x, [{"key": str(i)} for i in range(len(x))])
+    seen = []
+    search = c._ann.search
+
+    def spy(q, k, allowed, fetch):
+        seen.append(np.array(q))
+        return search(q, k, allowed, fetch)
+
+    monkeypatch.setattr(c._ann, "search", spy)
+    assert 0.0 < c.info()["recall@10"] <= 1.0
+    q = np.concatenate(seen)
+    assert len(q) >= 100 and (q @ x.T).max(axis=1).max() < 0.999  # no query is a stored vector
+    c.close()

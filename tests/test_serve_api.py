@@ -784,6 +784,17 @@ def test_writes_need_the_token(writable):
         error_of(r)
 
 
+def test_index_add_opens_only_files_on_the_server(writable, tmp_path):
+    # The one reader streams URLs and runs `pipe:` commands as shards; a request's paths must never reach it.
+    client, _ = writable
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+    ran = tmp_path / "ran"
+    for path in (f"pipe:touch {ran}", "http://127.0.0.1:9/shard-{000..001}.tar"):
+        r = client.post("/api/index/add", json={"paths": [path]}, headers=auth)
+        assert r.status_code == 400 and "files on this server" in error_of(r), r.text
+    assert not ran.exists()
+
+
 def test_writes_are_disabled_without_a_token(tmp_path):
     col, _ = build_collection(tmp_path, n=24, captions=False)
     with TestClient(create_app(make_config(col, tmp_path), encoder=ShapeEncoder())) as client:
@@ -934,9 +945,9 @@ def test_long_field_chooses_how_long_texts_are_read(tmp_path):
         )
         assert cut != whole  # the same text, cached per strategy
         np.testing.assert_allclose(whole, ShapeEncoder().embed_texts([text])[0], atol=1e-6)
-        hits = client.post("/api/search", json={"text": text, "long": "interpolate", "k": 2}).json()[
-            "results"
-        ]
+        hits = client.post(
+            "/api/search", json={"text": text, "long": "interpolate", "k": 2, "mode": "vector"}
+        ).json()["results"]
         assert [labels[h["id"]] for h in hits] == ["red circle", "red circle"]
         assert set(enc.longs) == {"truncate", "chunk", "interpolate"}
         r = client.post("/api/search", json={"text": text, "long": "summarise"})
@@ -966,3 +977,21 @@ def test_query_only_service_holds_the_text_tower_alone(tmp_path):
         assert len(client.get("/api/search", params={"q": "a red circle", "k": 3}).json()["results"]) == 3
         r = client.post("/api/search", files={"image": ("a.png", shape_png("red", "circle"), "image/png")})
         assert r.status_code == 400 and "text tower only" in error_of(r)
+
+
+def test_search_modes_relevance_and_captions_only(served):
+    client, labels, _ = served
+    # Keyword mode matches caption words exactly (no model involved); every hit carries its relevance.
+    kw = client.post("/api/search", json={"text": "notes green", "mode": "keyword", "k": 5}).json()["results"]
+    assert kw[0]["caption"] == "notes about a green square" and kw[0]["relevance"] > 0.5
+    # Image-to-text on captions only: captions and nothing else, whatever k (other tests may add captions).
+    png = shape_png("purple", "cross")
+    caps = client.post("/api/search", json={"image": b64(png), "modality": "text", "k": 10}).json()["results"]
+    assert {"a purple cross, in words", "notes about a green square"} <= {h["caption"] for h in caps}
+    assert all(h["caption"] and h["image_url"] is None for h in caps) and len(caps) < 10
+    # A cut-off of 1.0 leaves only hits with no estimate or a perfect one; named errors for bad options.
+    strict = client.get("/api/search", params={"q": "green", "k": 10, "min_relevance": 1.0}).json()["results"]
+    assert all(h["relevance"] is None or h["relevance"] >= 1.0 for h in strict)
+    bad = client.post("/api/search", json={"text": "x", "after": "someday"})
+    assert bad.status_code == 400 and "neither a date" in bad.text
+    assert client.post("/api/search", json={"like": 1, "mode": "keyword"}).status_code == 400

@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from clipforge import paths
+from clipforge.atomic import write_atomic
 from clipforge.encoder import EncoderLike, EncoderSource, as_encoder, need_encoder
 
 TEMPLATE_SETS = ("simple", "ensemble", "corpus", "waffle")
@@ -43,12 +44,6 @@ TEMPLATE_SETS = ("simple", "ensemble", "corpus", "waffle")
 # not learn a single class whose prompt was wrong (0 of 20 held-out images) from 4 shots per class; with these
 # it learned 16 of 20 and kept the other classes' accuracy (tests/test_zeroshot.py).
 HEAD_STEPS, HEAD_LR, HEAD_ANCHOR = 200, 1e-2, 0.1
-
-
-def logit_scale_of(encoder: EncoderLike) -> float:
-    """`encoder.logit_scale`. Kept for clipforge.serve.engine, which still calls it; new code reads the
-    attribute."""
-    return float(encoder.logit_scale)
 
 
 # ------------------------------------------------------------------------------------------ templates
@@ -156,10 +151,8 @@ def build_classifier(
     w = embed_classes(encoder, names, templates)
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".{os.getpid()}.tmp")
-        with open(tmp, "wb") as f:
-            np.save(f, w)
-        os.replace(tmp, path)  # atomic: a concurrent reader sees the old file or the whole new one
+        # atomic: a concurrent reader sees the old file or the whole new one; a lost cache is recomputed
+        write_atomic(path, lambda f: np.save(f, w), durable=False)
     return w
 
 

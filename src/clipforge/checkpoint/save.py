@@ -4,8 +4,6 @@ OpenAI-layout state dicts."""
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -14,6 +12,7 @@ import torch
 from safetensors.torch import save_file
 
 from clipforge._version import __version__
+from clipforge.atomic import atomic_path
 from clipforge.checkpoint.common import FORMAT_FILE, FORMAT_VERSION, OPENAI_WEIGHTS_FILE, WEIGHTS_FILE
 from clipforge.model import convert
 from clipforge.model.clip import CLIP
@@ -24,14 +23,10 @@ from clipforge.transforms import to_hf_preprocessor_config
 
 
 def _atomic_write(path: Path, write: Callable[[str], Any]) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """`write(name)` to a temp file that replaces `path` only once whole (safetensors and torch.save want a
+    file name, not an open file)."""
+    with atomic_path(path) as tmp:
+        write(str(tmp))
 
 
 def _write_json(path: Path, obj: Any) -> None:

@@ -1,4 +1,4 @@
-"""Search sub-commands: `index create|add|remove|info|build-ivfpq`, `search`, `dedup`, `embed`.
+"""Search sub-commands: `index create|add|sync|remove|info|build-ivfpq`, `search`, `dedup`, `embed`.
 
 Commands that need the model load the one the collection records, unless --model names another path to the
 same weights; a different model is refused (ModelMismatchError, a one-line error)."""
@@ -6,7 +6,6 @@ same weights; a different model is refused (ModelMismatchError, a one-line error
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import sys
 from pathlib import Path
 
@@ -32,7 +31,9 @@ def _pipeline_flags(p: argparse.ArgumentParser) -> None:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("index", help="persistent search collections: create, add, remove, info, build-ivfpq")
+    p = sub.add_parser(
+        "index", help="persistent search collections: create, add, sync, remove, info, build-ivfpq"
+    )
     acts = p.add_subparsers(dest="index_action", metavar="ACTION")
     _register_index(acts)
     _register_search(sub)
@@ -62,10 +63,27 @@ def _register_index(acts: argparse._SubParsersAction) -> None:
             a.model,
             a.vocab,
             a.device,
-            a.batch_size,
-            a.workers,
-            a.exact_decode,
-            not a.quiet and sys.stderr.isatty(),
+            _pipeline(a),
+            a.json,
+        )
+    )
+
+    y = acts.add_parser(
+        "sync", help="make a folder's rows match it: add new and changed files, remove gone ones"
+    )
+    y.add_argument("collection")
+    y.add_argument("folder")
+    _model_flags(y)
+    _pipeline_flags(y)
+    add_json_flag(y)
+    y.set_defaults(
+        run=lambda a: sync(
+            Path(a.collection),
+            Path(a.folder),
+            a.model,
+            a.vocab,
+            a.device,
+            _pipeline(a),
             a.json,
         )
     )
@@ -100,9 +118,39 @@ def _register_search(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--negative-weight", type=float, default=0.5)
     s.add_argument("--path-prefix", default=None, help="only items whose path starts with this")
     s.add_argument(
-        "--after", default=None, help="only items added after this date (ISO 8601 or epoch seconds)"
+        "--after",
+        default=None,
+        help="only items dated after this (ISO 8601 or epoch seconds); an item's date is when it was taken "
+        "(metadata taken_at), else when it was added",
     )
-    s.add_argument("--before", default=None, help="only items added before this date")
+    s.add_argument("--before", default=None, help="only items dated before this")
+    s.add_argument("--camera", default=None, help='only items whose camera ("Make Model") contains this')
+    s.add_argument(
+        "--mode",
+        choices=["vector", "keyword", "hybrid"],
+        default=None,
+        help="vector (CLIP), keyword (file names, captions, metadata; BM25) or hybrid (default when the query "
+        "has words and the collection a keyword index)",
+    )
+    s.add_argument(
+        "--min-relevance",
+        type=float,
+        default=None,
+        help="drop hits whose relevance estimate (0-1) is below this, so fewer than k may come back "
+        "(default 0.5; 0 keeps the plain top k)",
+    )
+    s.add_argument(
+        "--sort",
+        choices=["relevance", "date"],
+        default="relevance",
+        help="order of the hits kept (date: newest first)",
+    )
+    s.add_argument(
+        "--modality",
+        choices=["image", "text"],
+        default=None,
+        help="only items with an image, or only captions (image-to-text search)",
+    )
     _model_flags(s)
     add_json_flag(s)
     s.set_defaults(run=lambda a: search(Path(a.collection), a, a.json))
@@ -172,6 +220,12 @@ def create(path: Path, model: str, vocab: str | None, device: str, index: str, a
     return 0
 
 
+def _pipeline(a: argparse.Namespace):
+    from clipforge.index.ingest import Pipeline
+
+    return Pipeline(a.batch_size, a.workers, a.exact_decode, not a.quiet and sys.stderr.isatty())
+
+
 def add(
     path: Path,
     inputs: list[str],
@@ -179,86 +233,57 @@ def add(
     model: str | None,
     vocab: str | None,
     device: str,
-    batch_size: int,
-    workers: int | None,
-    exact_decode: bool,
-    progress: bool,
+    pipeline,
     as_json: bool,
 ) -> int:
-    from clipforge.index import AddReport, Collection
-    from clipforge.index.bulk import add_embedding_folder, add_sources
+    from clipforge.index import Collection
+    from clipforge.index.ingest import add_inputs, needs_encoder
 
     if not inputs and not texts:
         raise ValueError("index add needs PATH arguments or --texts FILE")
-    report, caption_ids = AddReport(), []
+    caption_ids = []
     # counting_commits: a failed write (a full disk) says how many items of this command are stored
     with Collection.open(path) as coll, coll.counting_commits():
-        kinds = {p: _add_route(p) for p in inputs}
-        folders = [p for p in inputs if kinds[p] == "embeddings"]
-        bulk = [p for p in inputs if kinds[p] in ("manifest", "shards")]
-        files = [p for p in inputs if kinds[p] not in ("embeddings", "manifest", "shards")]
-        for f in folders:
-            _merge(report, add_embedding_folder(coll, f))
-        if files or bulk or texts:
+        enc = None
+        if texts or needs_encoder(inputs):
             enc = collection_encoder(coll, model, vocab, device)
-            if files:
-                _merge(
-                    report,
-                    coll.add(
-                        files,
-                        enc,
-                        batch_size=batch_size,
-                        progress=progress,
-                        workers=workers,
-                        exact_decode=exact_decode,
-                    ),
-                )
-            if bulk:
-                _merge(
-                    report,
-                    add_sources(
-                        coll,
-                        bulk,
-                        enc,
-                        batch_size=batch_size,
-                        workers=workers,
-                        exact_decode=exact_decode,
-                        progress=progress,
-                    ),
-                )
-            if texts:
-                lines = [t.strip() for t in Path(texts).read_text(encoding="utf-8").splitlines() if t.strip()]
-                caption_ids = coll.add_texts(lines, enc)
+        report = add_inputs(coll, inputs, enc, pipeline)
+        if texts:
+            lines = [t.strip() for t in Path(texts).read_text(encoding="utf-8").splitlines() if t.strip()]
+            caption_ids = coll.add_texts(lines, enc)
         info = {"vectors": len(coll), "rows": coll.info()["rows"]}
+    _emit_report(report, info, as_json, "captions", len(caption_ids) if texts else None)
+    return 0
+
+
+def _emit_report(report, info: dict, as_json: bool, extra: str, count: int | None) -> None:
+    """An add's or sync's counts (and `extra`: `count`, when not None) as JSON or a summary line."""
     result = {
         "added": len(report.added),
         "updated": len(report.updated),
         "unchanged": len(report.unchanged),
         "skipped": len(report.skipped),
-        "captions": len(caption_ids),
+        extra: count or 0,
         "failed": [{"path": p, "reason": r} for p, r in report.failed],
         **info,
     }
-    lines = [report.summary() + (f", captions {len(caption_ids)}" if texts else "")]
+    lines = [report.summary() + ("" if count is None else f", {extra} {count}")]
     lines += [f"  failed: {p}: {r}" for p, r in report.failed]
     emit(result, as_json, "\n".join(lines))
+
+
+def sync(
+    path: Path, folder: Path, model: str | None, vocab: str | None, device: str, pipeline, as_json: bool
+) -> int:
+    from clipforge.index import Collection
+    from clipforge.index.ingest import sync as sync_folder
+
+    with Collection.open(path) as coll, coll.counting_commits():
+        enc = collection_encoder(coll, model, vocab, device)
+        report = sync_folder(coll, folder, enc, pipeline)
+        info = {"vectors": len(coll), "rows": coll.info()["rows"]}
+    _emit_report(report, info, as_json, "removed", len(report.removed))
     return 0
-
-
-def _add_route(path: str) -> str:
-    """The one reader's `source_kind` of an input; what it cannot name (a missing path, a file of another
-    type) goes to Collection.add as a file, which tries it and reports why it failed."""
-    from clipforge.data.sources import SourceError, source_kind
-
-    try:
-        return source_kind(path)
-    except SourceError:
-        return "files"
-
-
-def _merge(into, part) -> None:
-    for name in ("added", "updated", "unchanged", "skipped", "failed", "ids"):
-        getattr(into, name).extend(getattr(part, name))
 
 
 def remove(path: Path, items: list[str], as_json: bool) -> int:
@@ -308,19 +333,6 @@ def parse_query(query: str | None) -> tuple[str | None, list[str]]:
     return (" ".join(words) or None), negs
 
 
-def parse_time(value: str | None, flag: str) -> float | None:
-    if value is None:
-        return None
-    try:
-        return float(value)
-    except ValueError:
-        pass
-    try:
-        return dt.datetime.fromisoformat(value).timestamp()
-    except ValueError:
-        raise ValueError(f"{flag} {value!r} is neither a date (ISO 8601) nor epoch seconds") from None
-
-
 def _path_prefix(value: str | None) -> str | None:
     """--path-prefix as the collection stores paths (absolute, normalised), keeping a trailing slash."""
     from clipforge.index.files import normalise
@@ -332,33 +344,52 @@ def _path_prefix(value: str | None) -> str | None:
 
 def search(path: Path, a: argparse.Namespace, as_json: bool) -> int:
     from clipforge.index import Collection
+    from clipforge.index.rank import DEFAULT_MIN_RELEVANCE, date_bound
 
+    date_bound(a.after, "--after"), date_bound(a.before, "--before")  # named errors before the model loads
     text, negs = parse_query(a.query)
     negs += a.negative
     if text is None and not a.image:
         raise ValueError("search needs a text query (with at least one positive word) or --image PATH")
+    keyword_only = a.mode == "keyword"
     with Collection.open(path, readonly=True) as coll:
-        enc = collection_encoder(coll, a.model, a.vocab, a.device)
+        enc = None if keyword_only else collection_encoder(coll, a.model, a.vocab, a.device)
         hits = coll.search(
             text=text,
-            image=a.image,
+            image=None if keyword_only else a.image,
             weights=(a.text_weight, a.image_weight),
             negative=negs or None,
             negative_weight=a.negative_weight,
             k=a.k,
-            path_prefix=_path_prefix(a.path_prefix),
-            added_after=parse_time(a.after, "--after"),
-            added_before=parse_time(a.before, "--before"),
             encoder=enc,
+            mode=a.mode,
+            min_relevance=DEFAULT_MIN_RELEVANCE if a.min_relevance is None else a.min_relevance,
+            sort=a.sort,
+            path_prefix=_path_prefix(a.path_prefix),
+            after=a.after,
+            before=a.before,
+            camera=a.camera,
+            modality=a.modality,
         )
     rows = [
-        {"id": h.id, "score": round(h.score, 6), "path": h.path, "caption": h.caption, "metadata": h.metadata}
+        {
+            "id": h.id,
+            "score": round(h.score, 6),
+            "relevance": h.relevance,
+            "path": h.path,
+            "caption": h.caption,
+            "metadata": h.metadata,
+        }
         for h in hits
     ]
     query = {"text": text, "negative": negs, "image": a.image}
-    lines = [f"{r['score']:.4f}  {r['path'] or r['caption']}" for r in rows]
-    emit({"query": query, "hits": rows}, as_json, "\n".join(lines) or "no results")
+    lines = [f"{r['score']:.4f}  {_relevance(r['relevance'])}  {r['path'] or r['caption']}" for r in rows]
+    emit({"query": query, "hits": rows}, as_json, "\n".join(lines) or "no relevant results")
     return 0
+
+
+def _relevance(value: float | None) -> str:
+    return "   -" if value is None else f"{value:.2f}"  # None: too few items to estimate it
 
 
 def dedup(path: Path, threshold: float, as_json: bool) -> int:

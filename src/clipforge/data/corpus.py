@@ -17,7 +17,6 @@ from __future__ import annotations
 import hashlib
 import json
 import multiprocessing
-import os
 import re
 import shutil
 import subprocess
@@ -27,6 +26,7 @@ from collections import Counter, defaultdict
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from clipforge.atomic import atomic_path
 from clipforge.data import captions as cap
 from clipforge.data.render import render_task
 from clipforge.paths import corpus_dir
@@ -341,11 +341,9 @@ def split_by_concept(
 
 
 def _write_jsonl(path: Path, rows: list[dict]) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
+    with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
         for row in rows:
             f.write(json.dumps(row, ensure_ascii=False) + "\n")
-    os.replace(tmp, path)
 
 
 def _row(it: CorpusItem) -> dict:

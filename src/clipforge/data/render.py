@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import io
-import os
 import re
 from pathlib import Path
 
 from PIL import Image
+
+from clipforge.atomic import atomic_path
 
 RENDER_WIDTH = 512  # render SVGs at this long side, never at their natural (sometimes huge) size
 MAX_PNG_PIXELS = 40_000_000
@@ -112,7 +113,7 @@ def render_task(task: tuple[str, str, str, str, int]) -> tuple[str, str]:
         img = normalize_image(img, size)
     except (ValueError, OSError, Image.DecompressionBombError) as e:
         return ident, f"{type(e).__name__}: {str(e)[:120]}"
-    tmp = out + ".tmp"
-    img.save(tmp, format="PNG", optimize=False)
-    os.replace(tmp, out)  # never leave a half-written PNG behind an interrupted run
+    # never leave a half-written PNG behind an interrupted run; a lost one is simply rendered again
+    with atomic_path(out, durable=False) as tmp:
+        img.save(tmp, format="PNG", optimize=False)
     return ident, ""

@@ -1,6 +1,6 @@
 """Visual search: a persistent, crash-safe collection of CLIP vectors (FAISS) with metadata (SQLite)."""
 
-from .store import Collection
+from .collection import Collection
 from .types import AddReport, CollectionError, EncoderLike, Hit, ModelMismatchError, QueryError, WriteError
 
 __all__ = [

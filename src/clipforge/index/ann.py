@@ -18,8 +18,9 @@ from pathlib import Path
 
 import numpy as np
 
-from .atomic import write_atomic
-from .types import check_k
+from clipforge.atomic import write_atomic
+
+from .types import WriteError, check_k
 
 KINDS = ("flat", "hnsw", "ivfpq", "auto")
 EXACT_LIMIT = 200_000  # "auto" stays exact below this many vectors: a flat scan is still a few ms per query
@@ -103,10 +104,10 @@ class VectorIndex:
             raise ValueError(f"index file {path} has dimension {index.d}, collection has {dim}")
         return cls(kind, dim, index)
 
-    def save(self, path: Path, before_replace: Callable[[], None] | None = None) -> None:
-        """Write atomically (see atomic.py): a crash leaves old or new, never half; a failure, no temp file."""
+    def save(self, path: Path) -> None:
+        """Write atomically (clipforge.atomic): a crash leaves old or new, never half; a failure, no temp file."""
         data = _faiss().serialize_index(self.index)  # uint8 array
-        write_atomic(path, lambda f: f.write(data.data), before_replace)
+        write_atomic(path, lambda f: f.write(data.data), error=WriteError)
 
     # ---- contents -----------------------------------------------------------------------------------
     @property

@@ -18,14 +18,15 @@ from clipforge.data.sources import EmbeddingPart, read_embeddings
 
 from . import ann
 from . import embed_output as eo
-from .store import Collection
+from .changes import commit_changed
+from .store import Store
 from .types import AddReport, ModelMismatchError, identity_name, same_model
 
 CHUNK = 65_536
 MAX_TRAIN = 2_000_000  # training sample cap: ~4 GB of 512-d float32, enough for 65,536 lists x ~30 points
 
 
-def check_folder_model(coll: Collection, folder: Path, side: dict) -> None:
+def check_folder_model(coll: Store, folder: Path, side: dict) -> None:
     ident = {**side["model"], "dim": side["dim"]}
     if not same_model(coll.identity, ident):
         raise ModelMismatchError(
@@ -47,7 +48,7 @@ def _records(part: EmbeddingPart) -> list[dict]:
     ]
 
 
-def add_embedding_folder(coll: Collection, folder: str | Path, chunk: int = CHUNK) -> AddReport:
+def add_embedding_folder(coll: Store, folder: str | Path, chunk: int = CHUNK) -> AddReport:
     """Store every vector of an embedding folder with its metadata; rows already stored under the same
     image_path and sha256 are skipped, changed ones replaced (as `Collection.add` does for files)."""
     folder = Path(folder)
@@ -59,12 +60,13 @@ def add_embedding_folder(coll: Collection, folder: str | Path, chunk: int = CHUN
             rows = _records(part)
             for start in range(0, len(rows), chunk):
                 x = np.asarray(part.vectors[start : start + chunk], np.float32)
-                _add_chunk(coll, x, rows[start : start + chunk], report)
+                # float16 storage: commit_changed renormalises
+                commit_changed(coll, x, rows[start : start + chunk], report)
     return report
 
 
 def add_sources(
-    coll: Collection,
+    coll: Store,
     inputs: Sequence[str | Path],
     encoder,
     *,
@@ -93,26 +95,6 @@ def add_sources(
         return add_embedding_folder(coll, tmp / "emb")
 
 
-def _add_chunk(coll: Collection, x: np.ndarray, rows: list[dict], report: AddReport) -> None:
-    keep, drop, kept = [], [], []
-    for i, row in enumerate(rows):
-        old = coll.conn.execute("SELECT id, sha256 FROM items WHERE key=?", (row["path"],)).fetchall()
-        if old and all(sha == row["sha256"] for _, sha in old):
-            report.unchanged.append(row["path"])
-            continue
-        keep.append(i)
-        drop += [rid for rid, _ in old]
-        kept.append((row["path"], bool(old)))
-    if not keep:
-        return
-    xs = x[keep]
-    xs /= np.maximum(np.linalg.norm(xs, axis=1, keepdims=True), 1e-12)  # float16 storage: renormalise
-    coll._writable()
-    report.ids += coll._commit(xs, [rows[i] for i in keep], drop)
-    for path, replaced in kept:
-        (report.updated if replaced else report.added).append(path)
-
-
 def sample_vectors(folder: Path, n: int, seed: int = 0) -> np.ndarray:
     """Up to `n` vectors (n, D) float32 drawn uniformly across all parts, reading only the rows drawn."""
     parts = [p.vectors for p in read_embeddings(folder)]
@@ -131,14 +113,14 @@ def sample_vectors(folder: Path, n: int, seed: int = 0) -> np.ndarray:
 
 def build_ivfpq(
     folder: str | Path, out: str | Path, *, chunk: int = CHUNK, max_train: int = MAX_TRAIN, seed: int = 0
-) -> Collection:
+) -> Store:
     """A new IVF-PQ collection at `out` holding every vector of the embedding folder. Returns it open."""
     folder = Path(folder)
     side = eo.read_sidecar(folder)
     total = sum(len(p.vectors) for p in read_embeddings(folder))
     if total < 2 * 39 * 16:  # too few to train even 16 lists
         raise ValueError(f"{folder} holds {total} vectors; IVF-PQ needs at least {2 * 39 * 16}")
-    coll = Collection.create(out, identity=side["model"], dim=int(side["dim"]), index="ivfpq")
+    coll = Store.create(out, identity=side["model"], dim=int(side["dim"]), index="ivfpq")
     try:
         n_train = min(total, max_train, max(64 * ann.ivf_lists(total, total), 100_000))
         coll.train_index(sample_vectors(folder, n_train, seed), total)

@@ -14,6 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
+from . import keywords
+
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS items (
     id       INTEGER PRIMARY KEY AUTOINCREMENT,  -- AUTOINCREMENT: ids are never reused, so a stale index
@@ -46,6 +48,7 @@ def connect(path: Path, readonly: bool) -> sqlite3.Connection:
     conn.execute("PRAGMA journal_mode=WAL")  # readers see the last commit while a writer works
     conn.execute("PRAGMA synchronous=FULL")  # a batch reported committed survives power loss too
     conn.executescript(SCHEMA)
+    ensure_keywords(conn)
     return conn
 
 
@@ -115,6 +118,45 @@ def iter_vectors(
         last = int(ids[-1])
 
 
+def lookup(conn: sqlite3.Connection, key: str) -> list[tuple[int, str | None]]:
+    """(id, sha256) of every row stored under `key`."""
+    return conn.execute("SELECT id, sha256 FROM items WHERE key=?", (key,)).fetchall()
+
+
+def caption_id(conn: sqlite3.Connection, sha: str) -> int | None:
+    """The id of a bare caption (a row with no key) of this text hash, if one is stored."""
+    row = conn.execute("SELECT id FROM items WHERE key IS NULL AND sha256=?", (sha,)).fetchone()
+    return None if row is None else int(row[0])
+
+
+def keys_under(conn: sqlite3.Connection, folder: str) -> dict[str, list[int]]:
+    """key -> ids of the rows whose key lies under the folder `folder/`."""
+    prefix = folder.rstrip("/") + "/"
+    upper = prefix[:-1] + chr(ord("/") + 1)
+    out: dict[str, list[int]] = {}
+    for id_, key in conn.execute("SELECT id, key FROM items WHERE key >= ? AND key < ?", (prefix, upper)):
+        out.setdefault(key, []).append(int(id_))
+    return out
+
+
+def write_batch(
+    conn: sqlite3.Connection, vectors: np.ndarray, records: list[dict], drop: Iterable[int]
+) -> tuple[int, list[int]]:
+    """One transaction: delete `drop`, insert the rows (and their keyword entries). -> (generation, ids)."""
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        delete_ids(conn, drop)
+        gen = bump_generation(conn)
+        ids = insert_batch(conn, vectors, records, gen)
+        _set_state(conn, "keywords_generation", gen)
+        conn.execute("COMMIT")
+    except BaseException:
+        if conn.in_transaction:  # SQLite has already rolled back after some failures (full disk)
+            conn.execute("ROLLBACK")
+        raise
+    return gen, ids
+
+
 def insert_batch(
     conn: sqlite3.Connection, vectors: np.ndarray, records: list[dict], gen: int, now: float | None = None
 ) -> list[int]:
@@ -138,11 +180,14 @@ def insert_batch(
             ),
         )
         ids.append(int(cur.lastrowid))
+        _insert_keywords(conn, ids[-1], key, rec.get("caption"), rec.get("metadata") or {})
     return ids
 
 
 def delete_ids(conn: sqlite3.Connection, ids: Iterable[int]) -> None:
-    conn.executemany("DELETE FROM items WHERE id=?", ((int(i),) for i in ids))
+    ids = [(int(i),) for i in ids]
+    conn.executemany("DELETE FROM items WHERE id=?", ids)
+    conn.executemany("DELETE FROM items_fts WHERE rowid=?", ids)
 
 
 def bump_generation(conn: sqlite3.Connection) -> int:
@@ -163,11 +208,17 @@ def ids_for_key_or_prefix(conn: sqlite3.Connection, key: str) -> list[int]:
 
 def filtered_ids(
     conn: sqlite3.Connection,
-    path_prefix: str | None,
-    added_after: float | None,
-    added_before: float | None,
+    path_prefix: str | None = None,
+    added_after: float | None = None,
+    added_before: float | None = None,
     modality: str | None = None,
+    after: tuple[str, float] | None = None,
+    before: tuple[str, float] | None = None,
+    camera: str | None = None,
 ) -> np.ndarray:
+    """Ids of the rows passing every filter given. `after`/`before` bound an item's date: its metadata
+    "taken_at" (ISO 8601, compared as written: a camera's local time) where it has one, else the time it was
+    added; each bound is (ISO text, Unix time). `camera`: "camera" metadata containing it, any case."""
     where, args = [], []
     if modality is not None:  # "image": rows with a file (a key); "text": bare captions (no key)
         where.append("key IS NOT NULL" if modality == "image" else "key IS NULL")
@@ -181,6 +232,14 @@ def filtered_ids(
     if added_before is not None:
         where.append("added < ?")
         args.append(added_before)
+    taken = "json_extract(metadata, '$.taken_at')"
+    for bound, op in ((after, ">"), (before, "<")):
+        if bound is not None:
+            where.append(f"(CASE WHEN {taken} IS NOT NULL THEN {taken} {op} ? ELSE added {op} ? END)")
+            args += [bound[0], bound[1]]
+    if camera is not None:
+        where.append("instr(lower(json_extract(metadata, '$.camera')), lower(?)) > 0")
+        args.append(camera)
     cur = conn.execute(f"SELECT id FROM items WHERE {' AND '.join(where) or '1'}", args)
     return np.fromiter((r[0] for r in cur), np.int64)
 
@@ -193,3 +252,115 @@ def rows_by_id(conn: sqlite3.Connection, ids: Iterable[int]) -> dict[int, tuple]
         q = f"SELECT {ROW_COLUMNS} FROM items WHERE id IN ({','.join('?' * len(chunk))})"
         out.update((r[0], r) for r in conn.execute(q, chunk))
     return out
+
+
+# ---- keyword search (FTS5) ------------------------------------------------------------------------------
+# A separate full-text table whose rowid is the item's id, written in the same transaction as the item, so a
+# crash never leaves the two apart. "keywords_generation" says which generation it reflects: a collection
+# written by a version without it (or before it existed) is re-indexed on its next open for writing.
+FTS_SCHEMA = """
+CREATE VIRTUAL TABLE IF NOT EXISTS items_fts USING fts5(name, caption, meta, tokenize='unicode61');
+CREATE VIRTUAL TABLE IF NOT EXISTS items_fts_terms USING fts5vocab(items_fts, 'row');
+"""
+FTS_WEIGHTS = (2.0, 1.0, 0.5)  # BM25 column weights: a word of the file name counts most
+
+
+def _set_state(conn: sqlite3.Connection, name: str, value: int) -> None:
+    conn.execute("INSERT OR REPLACE INTO state VALUES (?, ?)", (name, value))
+
+
+def _state(conn: sqlite3.Connection, name: str) -> int | None:
+    row = conn.execute("SELECT value FROM state WHERE name=?", (name,)).fetchone()
+    return None if row is None else int(row[0])
+
+
+def has_keywords(conn: sqlite3.Connection) -> bool:
+    """Is the keyword index there and up to date (False for an old collection opened read-only)?"""
+    exists = conn.execute("SELECT 1 FROM sqlite_master WHERE name='items_fts'").fetchone()
+    return exists is not None and _state(conn, "keywords_generation") == generation(conn)
+
+
+def _insert_keywords(
+    conn: sqlite3.Connection, id_: int, key: str | None, caption: str | None, meta: dict
+) -> None:
+    conn.execute(
+        "INSERT INTO items_fts (rowid, name, caption, meta) VALUES (?, ?, ?, ?)",
+        (
+            id_,
+            keywords.name_text(key),
+            " ".join(keywords.tokens(caption or "")),
+            keywords.metadata_text(meta),
+        ),
+    )
+
+
+def ensure_keywords(conn: sqlite3.Connection) -> None:
+    """Create the keyword index, or rebuild it from the rows when it lags (an older writer), in one
+    transaction."""
+    if has_keywords(conn):
+        return
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        for statement in FTS_SCHEMA.split(";"):
+            if statement.strip():
+                conn.execute(statement)
+        conn.execute("DELETE FROM items_fts")
+        for id_, key, caption, meta in conn.execute(
+            "SELECT id, key, caption, metadata FROM items"
+        ).fetchall():
+            _insert_keywords(conn, id_, key, caption, json.loads(meta))
+        _set_state(conn, "keywords_generation", generation(conn))
+        conn.execute("COMMIT")
+    except BaseException:
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+        raise
+
+
+def keyword_search(
+    conn: sqlite3.Connection, words: list[str], k: int, allowed: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Rows holding any of `words`, best BM25 first: (scores (n,), ids (n,)), n <= k; a higher score is a
+    better match (FTS5's bm25() is negated). `allowed`: only these ids."""
+    if not words:
+        return np.zeros(0, np.float32), np.zeros(0, np.int64)
+    w = ", ".join(str(x) for x in FTS_WEIGHTS)
+    sql = f"SELECT rowid, -bm25(items_fts, {w}) AS s FROM items_fts WHERE items_fts MATCH ? ORDER BY s DESC"
+    args: list = [keywords.match_expression(words)]
+    if allowed is None:
+        rows = conn.execute(sql + " LIMIT ?", (*args, k)).fetchall()
+    else:
+        ok = set(int(i) for i in allowed)
+        rows = []
+        for rid, s in conn.execute(sql, args):
+            if rid in ok:
+                rows.append((rid, s))
+                if len(rows) == k:
+                    break
+    return np.array([r[1] for r in rows], np.float32), np.array([r[0] for r in rows], np.int64)
+
+
+def keyword_texts(conn: sqlite3.Connection, ids: Iterable[int]) -> dict[int, str]:
+    """id -> the words stored for it (name, caption and metadata words, space-separated)."""
+    idl = [int(i) for i in ids]
+    out: dict[int, str] = {}
+    for start in range(0, len(idl), 900):
+        chunk = idl[start : start + 900]
+        q = f"SELECT rowid, name, caption, meta FROM items_fts WHERE rowid IN ({','.join('?' * len(chunk))})"
+        out.update((r[0], " ".join(r[1:])) for r in conn.execute(q, chunk))
+    return out
+
+
+def documents_with(conn: sqlite3.Connection, words: list[str]) -> tuple[dict[str, int], int]:
+    """How many rows hold each word, and how many rows there are (for word weights, IDF)."""
+    uniq = list(dict.fromkeys(words))
+    found = (
+        dict(
+            conn.execute(
+                f"SELECT term, doc FROM items_fts_terms WHERE term IN ({','.join('?' * len(uniq))})", uniq
+            ).fetchall()
+        )
+        if uniq
+        else {}
+    )
+    return {w: int(found.get(w, 0)) for w in uniq}, count(conn)

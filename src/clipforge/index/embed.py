@@ -2,7 +2,7 @@
 
     items (sources.py) -> batches -> DataLoader workers: read bytes, sha256, decode (JPEG draft), preprocess
                        -> main process: Encoder.embed_pixels on each batch, in input order
-                       -> numbered parts with done-markers (embed_output.py), or Collection commits (adding.py)
+                       -> numbered parts with done-markers (embed_output.py), or Collection commits (ingest.py)
 
 Decoding a large JPEG costs more than a ViT-B forward pass on a GPU, so decoding runs in parallel processes
 (each with one torch thread) while the main process runs the model, and JPEGs decode at 1/2, 1/4 or 1/8 scale

@@ -20,7 +20,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .atomic import write_atomic
+from clipforge.atomic import write_atomic
+
 from .types import WriteError
 
 SIDECAR = "embeddings.json"
@@ -57,7 +58,9 @@ def input_fingerprint(keys: Sequence[str], part_size: int) -> str:
 
 
 def write_json(path: Path, obj: dict) -> None:
-    write_atomic(path, lambda f: f.write(json.dumps(obj, indent=2, sort_keys=True).encode()))
+    write_atomic(
+        path, lambda f: f.write(json.dumps(obj, indent=2, sort_keys=True).encode()), error=WriteError
+    )
 
 
 def prepare(out: Path, header: dict) -> set[int]:
@@ -125,11 +128,19 @@ def write_part(
     import pyarrow.parquet as pq
 
     name = part_name(i, n_parts)
-    write_atomic(out / "img_emb" / f"img_emb_{name}.npy", lambda f: np.save(f, img.astype(dtype)))
+    write_atomic(
+        out / "img_emb" / f"img_emb_{name}.npy", lambda f: np.save(f, img.astype(dtype)), error=WriteError
+    )
     if text is not None:
-        write_atomic(out / "text_emb" / f"text_emb_{name}.npy", lambda f: np.save(f, text.astype(dtype)))
+        write_atomic(
+            out / "text_emb" / f"text_emb_{name}.npy",
+            lambda f: np.save(f, text.astype(dtype)),
+            error=WriteError,
+        )
     table = _table(rows)
-    write_atomic(out / "metadata" / f"metadata_{name}.parquet", lambda f: pq.write_table(table, f))
+    write_atomic(
+        out / "metadata" / f"metadata_{name}.parquet", lambda f: pq.write_table(table, f), error=WriteError
+    )
     write_json(
         out / "_done" / f"part_{name}.json", {"rows": len(rows), "skipped": [list(s) for s in skipped]}
     )

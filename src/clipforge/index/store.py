@@ -13,15 +13,18 @@ For the same reason a snapshot that cannot be written (a full disk) is only a wa
 safe, and the next open rebuilds the index from them. A failed database write raises WriteError, saying how
 many items the call had committed before it. Opening for writing removes what a killed writer left behind:
 temp files of unfinished snapshots and the scratch folder.
+
+`Store` is the core: lookups, commits, vector and keyword search over stored rows, removal. It imports nothing
+above it; adding files and folders (ingest.py), queries from text and images (query.py) and near-duplicates
+(quality.py) are built on its public methods, and `Collection` (collection.py) puts them behind one object.
+All SQL is in db.py.
 """
 
 from __future__ import annotations
 
 import contextlib
-import importlib
 import json
 import logging
-import os
 import shutil
 import sqlite3
 import time
@@ -32,54 +35,26 @@ from typing import Any
 
 import numpy as np
 
-from . import ann, db, files
-from .atomic import TMP_SUFFIX, write_atomic
-from .search import as_matrix, dedup_groups, hit_from_row, hits, query_vector, recall_at_k, unit
-from .types import AddReport, CollectionError, EncoderLike, Hit, WriteError, check_identity, check_k
+from . import ann, db, files, folder, recall
+from .arrays import as_matrix, unit
+from .types import CollectionError, EncoderLike, Hit, QueryError, WriteError, check_identity, check_k
 
 FORMAT = 1
 SNAPSHOT_EVERY = 16  # batches between snapshots; open() replays the rest from the database
 SNAPSHOT_SECONDS = 60.0
 EXACT_FILTER_LIMIT = 20_000  # a filter this selective is answered exactly from the database vectors
 RECORD_KEYS = ("path", "key", "caption", "sha256", "size", "mtime", "metadata", "added")
-SCRATCH = "scratch"
-_crash_counts: dict[str, int] = {}
+FILTERS = ("path_prefix", "added_after", "added_before", "modality", "after", "before", "camera")
 log = logging.getLogger(__name__)
 
 
-def _crash_point(name: str) -> None:
-    """Test hook: CLIPFORGE_TEST_CRASH_AT=<name>[:<nth>] kills the process the nth time <name> is reached."""
-    spec = os.environ.get("CLIPFORGE_TEST_CRASH_AT")
-    if not spec:
-        return
-    target, _, nth = spec.partition(":")
-    if target == name:
-        _crash_counts[name] = _crash_counts.get(name, 0) + 1
-        if _crash_counts[name] >= int(nth or 1):
-            os._exit(77)
+def hit_from_row(row: tuple, score: float) -> Hit:
+    id_, key, caption, sha, size, mtime, added, meta = row
+    return Hit(int(id_), float(score), key, caption, json.loads(meta), sha, size, mtime, added)
 
 
-def _version() -> str:
-    try:
-        return str(getattr(importlib.import_module("clipforge"), "__version__", "0.1.0"))
-    except ImportError:
-        return "0.1.0"
-
-
-@contextlib.contextmanager
-def _writing(path: Path, what: str) -> Iterator[None]:
-    """A failed write under `path` (full disk, read-only folder or file, no permission) -> WriteError."""
-    try:
-        yield
-    except WriteError:
-        raise
-    except (OSError, sqlite3.OperationalError) as e:
-        reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
-        raise WriteError(f"cannot write collection {path} ({what}): {reason}") from e
-
-
-class Collection:
-    """Vectors + metadata in a folder; search by text, image or vector. See the module docstring."""
+class Store:
+    """Vectors + metadata in a folder: the collection core. See the module docstring."""
 
     def __init__(self, path: Path, config: dict, readonly: bool) -> None:
         self.path = path
@@ -88,7 +63,7 @@ class Collection:
         self.dim: int = int(config["dim"])
         self.kind: str = config["index"]
         self.readonly = readonly
-        self._lock = None if readonly else self._take_lock()
+        self._lock = None if readonly else folder.take_lock(path)
         try:
             self.conn = db.connect(path / "items.sqlite", readonly)
         except (OSError, sqlite3.OperationalError) as e:
@@ -98,7 +73,7 @@ class Collection:
                 raise CollectionError(f"cannot read collection {path} (items.sqlite): {e}") from e
             raise WriteError(f"cannot write collection {path} (opening items.sqlite): {e}") from e
         if not readonly:
-            self._remove_leftovers()
+            folder.remove_leftovers(path)
         self._gen = -1  # generation the in-memory index reflects
         self._saved_gen = -1  # generation of the newest snapshot on disk
         self._unsaved_batches = 0
@@ -108,7 +83,7 @@ class Collection:
 
     # ---- lifecycle ----------------------------------------------------------------------------------
     @classmethod
-    def create(cls, path: str | Path, *, identity: dict, dim: int, index: str = "auto") -> Collection:
+    def create(cls, path: str | Path, *, identity: dict, dim: int, index: str = "auto") -> Store:
         path = Path(path)
         ann.effective_kind(index, 0)  # validates the name
         if (path / "collection.json").exists():
@@ -123,54 +98,18 @@ class Collection:
             "dim": int(dim),
             "metric": "inner_product",
             "index": index,
-            "clipforge_version": _version(),
+            "clipforge_version": folder.version(),
         }
-        with _writing(path, "creating it"):
+        with folder.writing(path, "creating it"):
             path.mkdir(parents=True, exist_ok=True)
             db.connect(path / "items.sqlite", readonly=False).close()
-            # last: its presence marks a complete folder
-            write_atomic(
-                path / "collection.json",
-                lambda f: f.write(json.dumps(config, indent=2, sort_keys=True).encode()),
-            )
+            folder.write_config(path, config)  # last: its presence marks a complete folder
         return cls(path, config, readonly=False)
 
     @classmethod
-    def open(cls, path: str | Path, *, readonly: bool = False) -> Collection:
+    def open(cls, path: str | Path, *, readonly: bool = False) -> Store:
         path = Path(path)
-        try:
-            config = json.loads((path / "collection.json").read_text())
-        except FileNotFoundError:
-            raise CollectionError(f"no collection at {path}: collection.json is missing") from None
-        except json.JSONDecodeError as e:
-            raise CollectionError(f"{path / 'collection.json'} is not valid JSON: {e}") from None
-        missing = {"model", "dim", "index"} - set(config)
-        if missing or not (path / "items.sqlite").exists():
-            raise CollectionError(
-                f"{path} is not a complete collection (missing {sorted(missing) or 'items.sqlite'})"
-            )
-        return cls(path, config, readonly)
-
-    def _take_lock(self):
-        try:
-            lock = open(self.path / "writer.lock", "a+")
-        except OSError as e:
-            raise WriteError(
-                f"cannot open collection {self.path} for writing: {e.strerror or e}; "
-                "open it readonly=True to search it"
-            ) from e
-        try:
-            import fcntl
-
-            fcntl.flock(lock.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except ImportError:
-            pass  # no advisory locks on this platform: one writer at a time is then the user's job
-        except OSError:
-            lock.close()
-            raise CollectionError(
-                f"{self.path} is open for writing in another process; open it readonly=True"
-            ) from None
-        return lock
+        return cls(path, folder.read_config(path), readonly)
 
     def close(self) -> None:
         if self.conn is None:
@@ -184,26 +123,18 @@ class Collection:
             if self._lock is not None:
                 self._lock.close()
 
-    def _remove_leftovers(self) -> None:
-        """Temp files of writes a killed writer never finished, and its scratch folder. We hold the writer
-        lock, so nobody else is writing them."""
-        for p in self.path.glob("*" + TMP_SUFFIX):
-            with contextlib.suppress(OSError):
-                p.unlink()
-        shutil.rmtree(self.path / SCRATCH, ignore_errors=True)
-
     @contextlib.contextmanager
     def scratch(self) -> Iterator[Path]:
         """A new empty folder inside the collection for an add's intermediate files; removed on exit, or at
         the next open for writing if this process dies first (so a killed add leaves nothing anywhere)."""
-        self._writable()
-        folder = self.path / SCRATCH / uuid.uuid4().hex
-        with _writing(self.path, "scratch folder"):
-            folder.mkdir(parents=True)
+        self.check_writable()
+        tmp = self.path / folder.SCRATCH / uuid.uuid4().hex
+        with folder.writing(self.path, "scratch folder"):
+            tmp.mkdir(parents=True)
         try:
-            yield folder
+            yield tmp
         finally:
-            shutil.rmtree(folder, ignore_errors=True)
+            shutil.rmtree(tmp, ignore_errors=True)
 
     @contextlib.contextmanager
     def counting_commits(self) -> Iterator[None]:
@@ -216,7 +147,7 @@ class Collection:
                 e.committed = db.count_since(self.conn, start)
             raise
 
-    def __enter__(self) -> Collection:
+    def __enter__(self) -> Store:
         return self
 
     def __exit__(self, *exc: Any) -> None:
@@ -226,16 +157,8 @@ class Collection:
         return self._ann.ntotal
 
     # ---- index <-> database -------------------------------------------------------------------------
-    def _snapshots(self) -> list[tuple[int, str, Path]]:
-        out = []
-        for p in self.path.glob("index.*.faiss"):
-            parts = p.name.split(".")
-            if len(parts) == 4 and parts[2].isdigit():
-                out.append((int(parts[2]), parts[1], p))
-        return sorted(out, reverse=True)
-
     def _load_index(self) -> ann.VectorIndex:
-        for gen, kind, p in self._snapshots():
+        for gen, kind, p in folder.snapshots(self.path):
             try:
                 index = ann.VectorIndex.load(p, kind, self.dim)
             except (OSError, RuntimeError, ValueError):
@@ -266,7 +189,7 @@ class Collection:
     def train_index(self, sample: np.ndarray, n_total: int) -> None:
         """Give an empty "ivfpq" collection an IVF-PQ index trained on `sample` (N, D), for a bulk load of
         `n_total` vectors that then arrive in chunks (see bulk.py): nothing needs them all in memory."""
-        self._writable()
+        self.check_writable()
         if self.kind != "ivfpq" or len(self):
             raise CollectionError(
                 f"train_index needs an empty 'ivfpq' collection; {self.path} is {self.kind!r}"
@@ -293,9 +216,9 @@ class Collection:
         target = self.path / f"index.{self._ann.kind}.{self._gen}.faiss"
         self._unsaved_batches, self._last_save = 0, time.monotonic()  # a failed write waits its turn too
         try:
-            with _writing(self.path, "index snapshot"):
-                self._ann.save(target, before_replace=lambda: _crash_point("during_snapshot"))
-                for _, _, p in self._snapshots():
+            with folder.writing(self.path, "index snapshot"):
+                self._ann.save(target)
+                for _, _, p in folder.snapshots(self.path):
                     if p != target:
                         p.unlink(missing_ok=True)
         except WriteError as e:
@@ -307,31 +230,23 @@ class Collection:
 
     def save(self) -> None:
         """Write the index snapshot now (it is otherwise written every few batches and at close)."""
-        self._writable()
+        self.check_writable()
         if self._gen != self._saved_gen:
             self._snapshot(strict=True)
 
-    def _writable(self) -> None:
+    def check_writable(self) -> None:
         if self.conn is None:
             raise CollectionError(f"collection {self.path} is closed")
         if self.readonly:
             raise CollectionError(f"collection {self.path} was opened readonly")
 
-    def _commit(self, vectors: np.ndarray, records: list[dict], drop: list[int]) -> list[int]:
-        """One transaction: delete `drop`, insert the rows. Then mirror it in the index."""
-        with _writing(self.path, "commit"):
-            self.conn.execute("BEGIN IMMEDIATE")
-            try:
-                db.delete_ids(self.conn, drop)
-                gen = db.bump_generation(self.conn)
-                ids = db.insert_batch(self.conn, vectors, records, gen)
-                _crash_point("before_commit")
-                self.conn.execute("COMMIT")
-            except BaseException:
-                if self.conn.in_transaction:  # SQLite has already rolled back after some failures (full disk)
-                    self.conn.execute("ROLLBACK")
-                raise
-        _crash_point("after_commit")
+    def commit(self, vectors: np.ndarray, records: list[dict], drop: Iterable[int] = ()) -> list[int]:
+        """One transaction: delete the rows `drop`, insert `records` with their unit `vectors` (N, D); then
+        mirror it in the index. Returns the new rows' ids. Callers validate records (see add_vectors)."""
+        self.check_writable()
+        drop = [int(i) for i in drop]
+        with folder.writing(self.path, "commit"):
+            gen, ids = db.write_batch(self.conn, vectors, records, drop)
         self._ann.remove(np.asarray(drop, np.int64))
         self._ann.add(vectors, np.asarray(ids, np.int64))
         self._gen = gen
@@ -344,13 +259,25 @@ class Collection:
         return ids
 
     # ---- writing ------------------------------------------------------------------------------------
+    def lookup(self, key: str) -> list[tuple[int, str | None]]:
+        """(id, sha256) of the rows stored under `key` (a file's normalised path, or a user key)."""
+        return db.lookup(self.conn, key)
+
+    def caption_id(self, sha256: str) -> int | None:
+        """The id of the stored bare caption with this text hash (files.text_sha), if any."""
+        return db.caption_id(self.conn, sha256)
+
+    def keys_under(self, root: str | Path) -> dict[str, list[int]]:
+        """key -> ids of the rows stored under the folder `root` (normalised)."""
+        return db.keys_under(self.conn, files.normalise(root))
+
     def check_encoder(self, encoder: EncoderLike) -> None:
         """Raise ModelMismatchError unless `encoder` is the model this collection was built with."""
         check_identity(self.identity, encoder, self.path)
 
     def add_vectors(self, vectors: np.ndarray, records: list[dict]) -> list[int]:
         """Store precomputed vectors (N, D) with one record each, as one committed batch; returns ids."""
-        self._writable()
+        self.check_writable()
         x = as_matrix(vectors, self.dim, "vectors")
         if len(records) != len(x):
             raise ValueError(f"got {len(x)} vectors but {len(records)} records")
@@ -370,59 +297,18 @@ class Collection:
             if not isinstance(rec.get("metadata") or {}, dict):
                 raise ValueError(f"record {i}: metadata must be a dict")
             json.dumps(rec.get("metadata") or {})  # fails here, before anything is written
-        return self._commit(x / norms[:, None], records, [])
-
-    def add(
-        self,
-        items: Iterable[str | Path],
-        encoder: EncoderLike,
-        *,
-        batch_size: int = 64,
-        progress: bool = False,
-        workers: int | None = None,
-        exact_decode: bool = False,
-    ) -> AddReport:
-        """Add image files and folders (recursively). Unchanged files (same path, same sha256) are skipped, changed
-        ones replaced; unreadable images are reported in `failed` and never stop the others.
-
-        With a clipforge `Encoder`, files are hashed, decoded (fast JPEG path unless `exact_decode`) and
-        preprocessed in `workers` processes (default: cores - 1; 0: in this process), see embed.py."""
-        from .adding import add_files, add_files_parallel, uses_pipeline
-        from .embed import default_workers
-
-        self._writable()
-        self.check_encoder(encoder)
-        if batch_size <= 0:
-            raise ValueError(f"batch_size must be positive, got {batch_size}")
-        with self.counting_commits():
-            if uses_pipeline(encoder):
-                w = default_workers() if workers is None else workers
-                return add_files_parallel(self, items, encoder, batch_size, progress, w, exact_decode)
-            return add_files(self, items, encoder, batch_size, progress)
-
-    def add_texts(
-        self, texts: Iterable[str], encoder: EncoderLike, metadata: dict | list[dict] | None = None
-    ) -> list[int]:
-        """Store captions (no image) for image-to-text search. A caption already stored keeps its row."""
-        from .adding import add_captions
-
-        self._writable()
-        self.check_encoder(encoder)
-        with self.counting_commits():
-            return add_captions(self, list(texts), encoder, metadata)
+        return self.commit(x / norms[:, None], records)
 
     def remove(self, paths_or_ids: Any) -> int:
         """Remove by id, file path or folder (everything under it). Returns how many rows went."""
-        self._writable()
+        self.check_writable()
         items = (
             [paths_or_ids] if isinstance(paths_or_ids, (str, Path, int, np.integer)) else list(paths_or_ids)
         )
         ids: set[int] = set()
         for it in items:
             if isinstance(it, (int, np.integer)) and not isinstance(it, bool):
-                ids.update(
-                    int(r[0]) for r in self.conn.execute("SELECT id FROM items WHERE id=?", (int(it),))
-                )
+                ids.update(db.rows_by_id(self.conn, [int(it)]))
             elif isinstance(it, (str, Path)):
                 # the key as given (a non-path key, or a row stored before paths were normalised) and the
                 # normalised path, which is how add stores files
@@ -431,7 +317,7 @@ class Collection:
             else:
                 raise ValueError(f"remove() takes ids, paths or folders, got {it!r}")
         if ids:
-            self._commit(np.zeros((0, self.dim), np.float32), [], sorted(ids))
+            self.commit(np.zeros((0, self.dim), np.float32), [], sorted(ids))
         return len(ids)
 
     # ---- reading ------------------------------------------------------------------------------------
@@ -439,67 +325,83 @@ class Collection:
         """(len(ids), dim) stored unit vectors of these ids, in order ("more like this", re-ranking)."""
         return db.vectors_for(self.conn, np.asarray(ids, np.int64), self.dim)
 
-    def _search(
+    def search_vectors(
         self, q: np.ndarray, k: int, allowed: np.ndarray | None = None
     ) -> tuple[np.ndarray, np.ndarray]:
-        """(Q, k') scores and ids, k' = min(k, matching items): a huge k costs no more than k = len(self)."""
+        """Queries (Q, D), used as given -> (Q, k') scores and ids, k' = min(k, matching items), best first;
+        id -1 pads a row an approximate index could not fill. `allowed`: only these ids (a filter). A huge k
+        costs no more than k = len(self)."""
+        k = check_k(k)
         if allowed is not None and len(allowed) <= EXACT_FILTER_LIMIT:
             s = q @ self.vectors(allowed).T  # (Q, A): exact over the few rows the filter leaves
             order = np.argsort(-s, axis=1, kind="stable")[:, :k]
             return np.take_along_axis(s, order, 1).astype(np.float32), allowed[order]
         return self._ann.search(q, k, allowed, self.vectors)
 
-    def search(
-        self,
-        *,
-        text: str | list[str] | None = None,
-        image: Any = None,
-        vector: np.ndarray | None = None,
-        weights: tuple[float, float] = (1.0, 1.0),
-        negative: str | list[str] | None = None,
-        negative_weight: float = 0.5,
-        k: int = 10,
-        path_prefix: str | None = None,
-        added_after: float | None = None,
-        added_before: float | None = None,
-        modality: str | None = None,
-        encoder: EncoderLike | None = None,
-    ) -> list[Hit]:
-        """Top-k items for a query; the score is the weighted sum of cosines (see `search.py`).
-        `modality`: "image" keeps items with a file, "text" bare captions; the top k are taken after it."""
-        k = check_k(k)
-        if modality not in (None, "image", "text"):
-            raise ValueError(f"modality must be 'image' or 'text', got {modality!r}")
-        if encoder is not None:
-            self.check_encoder(encoder)
-        q = query_vector(self.dim, encoder, text, image, vector, weights, negative, negative_weight)
-        allowed = None
-        filters = (path_prefix, added_after, added_before, modality)
-        if any(f is not None for f in filters):
-            allowed = db.filtered_ids(self.conn, *filters)
-            if not len(allowed):
-                return []
-        scores, ids = self._search(q[None], k, allowed)
-        return hits(self.conn, scores[0], ids[0])
-
     def search_batch(self, vectors: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """Queries (Q, D) -> scores (Q, k'), ids (Q, k') with k' = min(k, len(self)); queries are
-        L2-normalised; id -1 pads a row that an approximate index could not fill."""
-        k = check_k(k)
-        return self._search(unit(as_matrix(vectors, self.dim, "query vectors")), k)
+        """`search_vectors` with the queries validated and L2-normalised first."""
+        return self.search_vectors(unit(as_matrix(vectors, self.dim, "query vectors")), k)
+
+    def filter_ids(self, **filters: Any) -> np.ndarray | None:
+        """Ids passing the filters given (see db.filtered_ids for their names); None when no filter is given,
+        every row passes."""
+        unknown = set(filters) - set(FILTERS)
+        if unknown:
+            raise QueryError(f"unknown filter {sorted(unknown)}; valid: {', '.join(FILTERS)}")
+        given = {name: v for name, v in filters.items() if v is not None}
+        if not given:
+            return None
+        if given.get("modality", "image") not in ("image", "text"):
+            raise ValueError(f"modality must be 'image' or 'text', got {given['modality']!r}")
+        return db.filtered_ids(self.conn, **given)
+
+    def all_ids(self) -> np.ndarray:
+        return db.all_ids(self.conn)
+
+    @property
+    def generation(self) -> int:
+        """The generation (committed transactions) the in-memory index reflects."""
+        return self._gen
+
+    def has_keywords(self) -> bool:
+        """Is the keyword index usable (a read-only view of an old collection has none until a writer opens
+        it once)?"""
+        return db.has_keywords(self.conn)
+
+    def search_keywords(
+        self, words: list[str], k: int, allowed: np.ndarray | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Rows holding any of `words` (keywords.tokens), by BM25: (scores (n,), ids (n,)), n <= k."""
+        return db.keyword_search(self.conn, words, check_k(k), allowed)
+
+    def keyword_texts(self, ids: np.ndarray) -> dict[int, str]:
+        """id -> the words stored for keyword search (name, caption and metadata words)."""
+        return db.keyword_texts(self.conn, ids)
+
+    def word_counts(self, words: list[str]) -> tuple[dict[str, int], int]:
+        """Rows holding each word, and the number of rows."""
+        return db.documents_with(self.conn, words)
+
+    def hits(self, scores: np.ndarray, ids: np.ndarray) -> list[Hit]:
+        """One query's results (k,) -> hits, dropping padding (-1) and rows deleted since the index was read."""
+        keep = [(float(s), int(i)) for s, i in zip(scores, ids) if i >= 0]
+        rows = db.rows_by_id(self.conn, [i for _, i in keep])
+        return [hit_from_row(rows[i], s) for s, i in keep if i in rows]
 
     def get(self, id: int) -> Hit | None:
         row = db.rows_by_id(self.conn, [int(id)]).get(int(id))
         return None if row is None else hit_from_row(row, 0.0)
 
-    def dedup(self, threshold: float = 0.95, neighbours: int = 16) -> list[list[Hit]]:
-        """Groups of near-duplicates: connected components of pairs with cosine >= threshold, found among each
-        item's `neighbours` nearest. Each hit's score is its cosine to the group's first (lowest id) member."""
-        return dedup_groups(self, threshold, neighbours)
+    def iter_vectors(self) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """All (ids (n,), vectors (n, D)), a chunk at a time."""
+        return db.iter_vectors(self.conn, self.dim)
 
     def measure_recall(self, k: int = 10, sample: int = 200, seed: int = 0) -> float:
-        """recall@k of the index against exact search, using up to `sample` stored vectors as queries."""
-        return recall_at_k(self, k, sample, seed)
+        """recall@k of the index against exact search on `sample` queries that are not stored vectors (a
+        stored vector finds itself too easily; see recall.py)."""
+        return recall.recall_at_k(
+            self.conn, self.dim, self.search_vectors, self.vectors, k=k, sample=sample, seed=seed
+        )
 
     def info(self) -> dict:
         out = {

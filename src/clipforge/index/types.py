@@ -71,6 +71,7 @@ class Hit:
     size: int | None = None
     mtime: float | None = None
     added: float | None = None
+    relevance: float | None = None  # calibrated estimate in [0, 1] that the hit answers the query (query.py)
 
 
 @dataclass
@@ -83,6 +84,7 @@ class AddReport:
     skipped: list[str] = field(default_factory=list)  # files met in folders without an image extension
     failed: list[tuple[str, str]] = field(default_factory=list)  # (path, reason): unreadable or bad images
     ids: list[int] = field(default_factory=list)  # ids of the rows written
+    removed: list[str] = field(default_factory=list)  # keys whose files were gone (`sync`): rows removed
 
     def summary(self) -> str:
         return (

@@ -5,7 +5,7 @@ from __future__ import annotations
 import hmac
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 from fastapi import APIRouter, Depends, Query, Request
@@ -13,6 +13,8 @@ from fastapi.responses import FileResponse
 from starlette.exceptions import HTTPException
 
 from clipforge.index import Hit
+from clipforge.index.ingest import remote_inputs
+from clipforge.index.rank import Ranking
 from clipforge.zeroshot import load_templates
 
 from .bodies import BadRequest, b64decode, decode_image, read_body
@@ -52,6 +54,7 @@ def hit_out(h: Hit) -> HitOut:
     return HitOut(
         id=h.id,
         score=h.score,
+        relevance=h.relevance,
         name=Path(h.path).name if h.path else None,
         caption=h.caption,
         metadata=h.metadata,
@@ -60,7 +63,8 @@ def hit_out(h: Hit) -> HitOut:
     )
 
 
-def check_k(eng: Engine, k: int, offset: int) -> None:
+def check_page_limit(eng: Engine, k: int, offset: int) -> None:
+    """k + offset within this server's max_k (index.types.check_k only checks that k is a positive int)."""
     if k + offset > eng.config.max_k:
         raise BadRequest(f"k + offset = {k + offset} exceeds this server's limit of {eng.config.max_k}")
 
@@ -102,7 +106,7 @@ def _text_list(value: str | list[str] | None, what: str, limit: int = 256) -> li
 
 async def run_search(eng: Engine, req: SearchRequest, files: list[bytes]) -> SearchResponse:
     t0 = time.perf_counter()
-    check_k(eng, req.k, req.offset)
+    check_page_limit(eng, req.k, req.offset)
     images = []
     for i, data in enumerate(files + ([b64decode(req.image, "image")] if req.image else [])):
         img, _ = await decode_image(data, f"image {i}", eng.config.max_pixels)
@@ -115,6 +119,8 @@ async def run_search(eng: Engine, req: SearchRequest, files: list[bytes]) -> Sea
     texts = _text_list(req.text, "text", eng.config.max_texts)
     if not (texts or images or vectors):
         raise BadRequest("a search needs 'text', an image, 'like' (an item id) or 'vector'")
+    if req.mode == "keyword" and not texts:
+        raise BadRequest("mode 'keyword' needs 'text'")
     hits = await eng.search(
         texts=texts,
         images=images,
@@ -123,10 +129,15 @@ async def run_search(eng: Engine, req: SearchRequest, files: list[bytes]) -> Sea
         negatives=_text_list(req.negative, "negative", eng.config.max_texts),
         negative_weight=req.negative_weight,
         k=req.k + req.offset,
+        ranking=Ranking(req.mode, req.min_relevance, req.sort),
         path_prefix=req.path_prefix,
         added_after=req.added_after,
         added_before=req.added_before,
         long=req.long,
+        after=req.after,
+        before=req.before,
+        camera=req.camera,
+        modality=req.modality,
     )
     page = [hit_out(h) for h in hits[req.offset :]]
     return SearchResponse(results=page, offset=req.offset, k=req.k, took_ms=1000 * (time.perf_counter() - t0))
@@ -138,9 +149,13 @@ async def search_get(
     q: str = Query(..., min_length=1, max_length=MAX_TEXT_CHARS, description="query text"),
     k: int = Query(20, ge=1, le=HARD_MAX_K),
     offset: int = Query(0, ge=0, le=HARD_MAX_K),
+    mode: Literal["vector", "keyword", "hybrid"] | None = Query(None),
+    min_relevance: float | None = Query(None, ge=0.0, le=1.0),
+    sort: Literal["relevance", "date"] = Query("relevance"),
 ) -> SearchResponse:
-    """Text search. `k` results from `offset` on (paging)."""
-    return await run_search(engine(request), SearchRequest(text=q, k=k, offset=offset), [])
+    """Text search. `k` results from `offset` on (paging); mode, min_relevance and sort as in POST."""
+    req = SearchRequest(text=q, k=k, offset=offset, mode=mode, min_relevance=min_relevance, sort=sort)
+    return await run_search(engine(request), req, [])
 
 
 @router.post(
@@ -312,6 +327,9 @@ async def index_add(request: Request) -> AddResponse:
             f"at most {eng.config.max_images} images, {eng.config.max_texts} texts and "
             f"{eng.config.max_texts} paths per request"
         )
+    if remote := remote_inputs(req.paths):
+        # A URL would be fetched and a pipe: command run: 'paths' name files on this server, nothing else.
+        raise BadRequest(f"'paths' must name files on this server, not URLs or commands: {remote[0]!r}")
     if req.texts:
         _text_list(req.texts, "texts", eng.config.max_texts)
     uploads = []

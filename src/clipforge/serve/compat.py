@@ -15,8 +15,9 @@ from __future__ import annotations
 from fastapi import APIRouter, Request
 
 from clipforge.index import Hit
+from clipforge.index.rank import Ranking
 
-from .api import ERRORS, check_k, engine, raw_vector
+from .api import ERRORS, check_page_limit, engine, raw_vector
 from .bodies import BadRequest, b64decode, decode_image, json_object, validate
 from .schemas import KnnRequest, MetadataRequest, inline_schema
 
@@ -58,7 +59,7 @@ async def knn_service(request: Request) -> list[dict]:
     if req.image_url:
         raise BadRequest("this server fetches no URLs: send the image as base64 in 'image'")
     n = req.num_result_ids or req.num_images
-    check_k(eng, n, 0)
+    check_page_limit(eng, n, 0)
     texts, images, vectors = None, [], []
     if req.text:
         texts = [req.text]
@@ -76,6 +77,7 @@ async def knn_service(request: Request) -> list[dict]:
         negatives=None,
         negative_weight=0.0,
         k=n,
+        ranking=Ranking(mode="vector"),  # clip-retrieval's semantics: plain nearest neighbours
         modality=req.modality,  # filtered in the search, so num_images are found whatever the mix
     )
     if req.deduplicate:

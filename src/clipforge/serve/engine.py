@@ -18,10 +18,8 @@
 from __future__ import annotations
 
 import asyncio
-import copy
 import hashlib
 import io
-import os
 from collections import OrderedDict
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -30,9 +28,11 @@ from typing import Any, TypeVar
 
 import numpy as np
 
+from clipforge.atomic import write_bytes_atomic
 from clipforge.batching import MicroBatcher
 from clipforge.index import Collection, Hit
-from clipforge.index.search import query_vector
+from clipforge.index.query import combine
+from clipforge.index.rank import Ranking, query_words
 from clipforge.index.types import EncoderLike
 
 from .config import ServeConfig, default_thumb_dir
@@ -44,21 +44,6 @@ TEXT_CACHE = 8192
 
 class NotFound(LookupError):
     """An id that names no stored item (or an item with no image file)."""
-
-
-class _Precomputed:
-    """An encoder stand-in holding vectors already computed (by the batchers), so that the collection's
-    own `query_vector` combines text, image and negatives exactly as `Collection.search` does."""
-
-    def __init__(self, identity: dict, dim: int, texts: dict[str, np.ndarray], images: list[np.ndarray]):
-        self.identity, self.dim, self._texts, self._images = identity, dim, texts, images
-        self.logit_scale = 100.0
-
-    def embed_texts(self, texts: list[str]) -> np.ndarray:
-        return np.stack([self._texts[t] for t in texts])
-
-    def embed_images(self, images: list[int]) -> np.ndarray:
-        return np.stack([self._images[i] for i in images])
 
 
 class Engine:
@@ -181,41 +166,37 @@ class Engine:
         negatives: list[str] | None,
         negative_weight: float,
         k: int,
-        path_prefix: str | None = None,
-        added_after: float | None = None,
-        added_before: float | None = None,
-        modality: str | None = None,
         long: str = "truncate",
+        ranking: Ranking = Ranking(),
+        **filters: Any,
     ) -> list[Hit]:
-        """Top-k hits for any mix of texts, decoded images and raw vectors (see `index.search`)."""
-        all_texts = (texts or []) + (negatives or [])
-        text_vecs = dict(zip(all_texts, await self.embed_texts(all_texts, long))) if all_texts else {}
-        image_vecs = list(await self.embed_images(images))
-        stand_in = _Precomputed(self.identity, self.dim, text_vecs, image_vecs)
-        q = query_vector(
-            self.dim,
-            stand_in,
-            text=texts or None,
-            image=list(range(len(image_vecs))) or None,
-            vector=np.stack(vectors) if vectors else None,
-            weights=weights,
-            negative=negatives or None,
-            negative_weight=negative_weight,
-        )
+        """Top-k hits for any mix of texts, decoded images and raw vectors: the vectors come from the
+        batchers, `index.query.combine` sums them as `Collection.search` would, and `Collection.rank` ranks
+        (filters: see `Collection.search`). `long`: how a text past the context length is read."""
+        words = query_words(texts, ranking, plain=not (images or vectors or negatives))
+        q = None
+        if ranking.mode != "keyword":
+            all_texts = (texts or []) + (negatives or [])
+            tv = await self.embed_texts(all_texts, long) if all_texts else np.zeros((0, self.dim), np.float32)
+            n = len(texts or [])
+            q = combine(
+                self.dim,
+                texts=tv[:n] if n else None,
+                images=await self.embed_images(images) if images else None,
+                vectors=np.stack(vectors) if vectors else None,
+                weights=weights,
+                negatives=tv[n:] if negatives else None,
+                negative_weight=negative_weight,
+            )
+            if not np.isfinite(q).all() or np.linalg.norm(q) < 1e-6:
+                raise ValueError(
+                    "the query cancels out to a zero vector; change the weights or the negatives"
+                )
 
         def run() -> list[Hit]:
             self._refresh()  # pick up rows another process (or our own writer) committed
-            return self.collection.search(
-                vector=q,
-                k=k,
-                path_prefix=path_prefix,
-                added_after=added_after,
-                added_before=added_before,
-                modality=modality,
-            )
+            return self.collection.rank(q, words, k=k, ranking=ranking, **filters)
 
-        if not np.isfinite(q).all() or np.linalg.norm(q) < 1e-6:
-            raise ValueError("the query cancels out to a zero vector; change the weights or the negatives")
         return await self.on_reader(run)
 
     def info(self) -> dict:
@@ -228,28 +209,24 @@ class Engine:
     # ---- zero-shot ----------------------------------------------------------------------------------
     async def classifier(self, labels: list[str], templates: list[str]) -> Any:
         """A `zeroshot.ZeroShotClassifier` whose prompt vectors came through the batcher and text cache."""
-        from clipforge.zeroshot import ZeroShotClassifier, load_templates, logit_scale_of
+        from clipforge.zeroshot import ZeroShotClassifier, label_prompts, load_templates
 
         templates = load_templates(templates)  # validates: each holds "{}" once
-        prompts = [t.format(label) for label in labels for t in templates]
-        stand_in = _Precomputed({}, self.dim, dict(zip(prompts, await self.embed_texts(prompts))), [])
-        stand_in.logit_scale = logit_scale_of(self.encoder)
-        return ZeroShotClassifier(stand_in, labels, templates, cache=False, clean=False)
+        vectors = await self.embed_texts(label_prompts(labels, templates, clean=False))
+        return ZeroShotClassifier.from_text_vectors(
+            labels, vectors, templates, logit_scale=float(self.encoder.logit_scale), clean=False
+        )
 
     async def classify(self, image_vec: np.ndarray, labels: list[str], templates: list[str]) -> np.ndarray:
         """Probabilities (L,) of each label for one image vector (D,)."""
-        from clipforge.zeroshot import softmax
-
         clf = await self.classifier(labels, templates)
-        return softmax(clf.logits(image_vec[None]))[0]
+        return clf.predict_proba_vectors(image_vec[None])[0]
 
     async def moderate(self, image_vec: np.ndarray) -> dict:
         """The policy's decision for one image vector (D,): allow / review / block, and each category's."""
         if self.policy is None:
             raise NotFound("no moderation policy is configured (start the server with --policy FILE)")
-        moderator = copy.copy(self.policy)  # shallow: shares the prompt vectors, swaps in this image
-        moderator.encoder = _Precomputed(self.identity, self.dim, {}, [image_vec])
-        result = (await asyncio.to_thread(moderator.moderate, [0]))[0]
+        result = (await asyncio.to_thread(self.policy.moderate_vectors, image_vec[None]))[0]
         cats = [
             {"name": name, "score": c["score"], "decision": c["decision"], "fired": c["fired"]}
             for name, c in result["categories"].items()
@@ -285,9 +262,8 @@ class Engine:
         buf = io.BytesIO()
         img.save(buf, format="JPEG", quality=85)
         target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = target.with_name(f"{target.name}.{os.getpid()}.tmp")
-        tmp.write_bytes(buf.getvalue())
-        os.replace(tmp, target)  # atomic: concurrent requests for one thumbnail never see half a file
+        # atomic: concurrent requests for one thumbnail never see half a file; a lost one is made again
+        write_bytes_atomic(target, buf.getvalue(), durable=False)
 
     # ---- writing ------------------------------------------------------------------------------------
     def _save_upload(self, data: bytes, fmt: str) -> str:

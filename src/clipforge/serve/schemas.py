@@ -43,11 +43,29 @@ class SearchRequest(_Strict):
     path_prefix: Text | None = Field(None, description="only items whose file path starts with this")
     added_after: float | None = Field(None, description="only items added after this Unix time")
     added_before: float | None = Field(None, description="only items added before this Unix time")
+    mode: Literal["vector", "keyword", "hybrid"] | None = Field(
+        None, description="vector, keyword (BM25 on names, captions, metadata) or hybrid (default with text)"
+    )
+    min_relevance: float | None = Field(
+        None, ge=0.0, le=1.0, description="drop hits whose relevance is below this (none: the plain top k)"
+    )
+    sort: Literal["relevance", "date"] = Field(
+        "relevance", description="order of the hits (date: newest first)"
+    )
+    after: Text | float | None = Field(
+        None, description="only items dated after this (ISO 8601 or Unix time): taken_at, else when added"
+    )
+    before: Text | float | None = Field(None, description="only items dated before this")
+    camera: Text | None = Field(None, description="only items whose camera metadata contains this")
+    modality: Literal["image", "text"] | None = Field(
+        None, description="only items with an image, or only captions (image-to-text search)"
+    )
 
 
 class HitOut(BaseModel):
     id: int
     score: float
+    relevance: float | None = Field(None, description="calibrated estimate (0-1) that the hit is relevant")
     name: str | None = Field(None, description="file name (never the server path)")
     caption: str | None = None
     metadata: dict[str, Any] = {}

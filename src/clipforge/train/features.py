@@ -22,7 +22,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-import os
 import uuid
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -32,6 +31,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from clipforge.atomic import atomic_path, write_bytes_atomic
 from clipforge.data.manifest import Sample
 from clipforge.model.config import CLIPConfig, PreprocessConfig
 from clipforge.model.tower import TrunkOutput
@@ -142,9 +142,7 @@ class FeatureStore:
         self.dir.mkdir(parents=True, exist_ok=True)
         described = self.dir / "meta.json"
         if not described.exists():
-            tmp = self.dir / f".meta.{uuid.uuid4().hex}.tmp"
-            tmp.write_text(text + "\n")
-            os.replace(tmp, described)
+            write_bytes_atomic(described, (text + "\n").encode())
         elif json.loads(described.read_text()) != json.loads(text):
             raise FeatureCacheError(
                 f"{described}: describes other features than this run's; delete {self.dir}"
@@ -179,15 +177,9 @@ class FeatureStore:
             for i, t in enumerate(rows)
         }
         name = f"part-{uuid.uuid4().hex[:16]}"
-        tmp = self.dir / f".{name}.tmp"
-        try:
+        final = self.dir / f"{name}.safetensors"
+        with atomic_path(final) as tmp:
             save_file(tensors, str(tmp), metadata={"keys": json.dumps(list(keys))})
-            with open(tmp, "rb") as f:
-                os.fsync(f.fileno())
-            final = self.dir / f"{name}.safetensors"
-            os.replace(tmp, final)
-        finally:
-            tmp.unlink(missing_ok=True)
         return final
 
     def read(self, keys: Sequence[str]) -> tuple[torch.Tensor, ...]:

@@ -15,7 +15,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import os
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -26,6 +25,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
+from clipforge.atomic import atomic_path
 from clipforge.checkpoint import save_model
 from clipforge.train import locked, optim
 from clipforge.train.build import initial_model
@@ -371,15 +371,14 @@ class _Metrics:
         those steps and writes them again, so the steps stay in order and are written once each."""
         if not (self.enabled and self.path.is_file()):
             return
-        tmp, dropped = self.path.with_name(self.path.name + ".tmp"), 0
-        with open(self.path, "rb") as src, open(tmp, "wb") as dst:
+        dropped = 0
+        with atomic_path(self.path) as tmp, open(self.path, "rb") as src, open(tmp, "wb") as dst:
             for line in src:
                 at = _record_step(line)
                 if at is None or at > step:
                     dropped += bool(line.strip())
                 else:
                     dst.write(line.rstrip(b"\n") + b"\n")  # a last line may lack its newline
-        os.replace(tmp, self.path)
         if dropped:
             log.info("metrics.jsonl: dropped %d record(s) past step %d, which this run redoes", dropped, step)
 

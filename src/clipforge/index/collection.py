@@ -1,0 +1,132 @@
+"""`Collection`: the collection core (store.py) with every way in (ingest.py) and every query (query.py,
+rank.py, quality.py) behind one object, the Python API. The core imports none of these."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from . import ingest, rank
+from .quality import dedup_groups
+from .query import query_vector
+from .rank import Ranking
+from .store import Store
+from .types import AddReport, EncoderLike, Hit, QueryError, check_k
+
+
+class Collection(Store):
+    """Vectors + metadata in a folder; add files, folders, manifests, shards, embedding folders and captions;
+    search by text, image, vector and keywords. See store.py for the folder and its crash safety."""
+
+    _background: tuple[int, np.ndarray] | None = None
+
+    # ---- writing ------------------------------------------------------------------------------------
+    def add(
+        self,
+        items: str | Path | Iterable[str | Path],
+        encoder: EncoderLike | None = None,
+        *,
+        batch_size: int = 64,
+        progress: bool = False,
+        workers: int | None = None,
+        exact_decode: bool = False,
+    ) -> AddReport:
+        """Add image files and folders (recursively), JSONL/CSV/TSV manifests, webdataset shards and
+        `clipforge embed` folders (ingest.py). Unchanged files (same path, same sha256) are skipped, changed
+        ones replaced; unreadable images are reported in `failed` and never stop the others.
+
+        With a clipforge `Encoder`, files are hashed, decoded (fast JPEG path unless `exact_decode`) and
+        preprocessed in `workers` processes (default: cores - 1; 0: in this process), see embed.py."""
+        inputs = [items] if isinstance(items, (str, Path)) else list(items)
+        pipeline = ingest.Pipeline(batch_size, workers, exact_decode, progress)
+        return ingest.add_inputs(self, inputs, encoder, pipeline)
+
+    def add_texts(
+        self, texts: Iterable[str], encoder: EncoderLike, metadata: dict | list[dict] | None = None
+    ) -> list[int]:
+        """Store captions (no image) for image-to-text search. A caption already stored keeps its row."""
+        return ingest.add_captions(self, list(texts), encoder, metadata)
+
+    def sync(
+        self,
+        folder: str | Path,
+        encoder: EncoderLike,
+        *,
+        batch_size: int = 64,
+        progress: bool = False,
+        workers: int | None = None,
+        exact_decode: bool = False,
+    ) -> AddReport:
+        """Make the rows under `folder` match it: add new and changed files, remove rows whose files are
+        gone (`removed` in the report)."""
+        return ingest.sync(
+            self, folder, encoder, ingest.Pipeline(batch_size, workers, exact_decode, progress)
+        )
+
+    # ---- reading ------------------------------------------------------------------------------------
+    def search(
+        self,
+        *,
+        text: str | list[str] | None = None,
+        image: Any = None,
+        vector: np.ndarray | None = None,
+        weights: tuple[float, float] = (1.0, 1.0),
+        negative: str | list[str] | None = None,
+        negative_weight: float = 0.5,
+        k: int = 10,
+        encoder: EncoderLike | None = None,
+        mode: str | None = None,
+        min_relevance: float | None = None,
+        sort: str = "relevance",
+        **filters: Any,
+    ) -> list[Hit]:
+        """Top-k items for a query; the score is the weighted sum of cosines (query.py), `relevance` a
+        calibrated estimate in [0, 1] (rank.py).
+
+        mode: "vector", "keyword" (text only, no encoder needed) or "hybrid" (default when there is text and
+        the collection has a keyword index). min_relevance: drop hits below it (None: plain top k; the CLI and
+        HTTP API default to rank.DEFAULT_MIN_RELEVANCE). sort: "relevance" or "date" (newest first, among the
+        hits kept). Filters: path_prefix, added_after, added_before (Unix time), after, before (an item's
+        date: "taken_at" metadata, else when added; ISO 8601 or Unix time), camera (substring of the "camera"
+        metadata), modality ("image": items with a file, "text": bare captions)."""
+        ranking = Ranking(mode, min_relevance, sort)
+        k = check_k(k)
+        if encoder is not None:
+            self.check_encoder(encoder)
+        q = None
+        if ranking.mode != "keyword":
+            q = query_vector(self.dim, encoder, text, image, vector, weights, negative, negative_weight)
+        elif text is None:
+            raise QueryError("keyword search needs text=")
+        plain = image is None and vector is None and negative is None
+        return self.rank(q, rank.query_words(text, ranking, plain), k=k, ranking=ranking, **filters)
+
+    def rank(
+        self, q: np.ndarray | None, words: list[str], *, k: int, ranking: Ranking = Ranking(), **filters: Any
+    ) -> list[Hit]:
+        """The vectors-first search: a query vector q (D,) (None for keywords only) and query words
+        (rank.query_words) -> hits. See `search` for the filters."""
+        k = check_k(k)
+        for name in ("after", "before"):
+            filters[name] = rank.date_bound(filters.get(name), name)
+        allowed = self.filter_ids(**filters)
+        if allowed is not None and not len(allowed):
+            return []
+        return rank.rank(self, q, words, k, ranking, allowed, self._background_for(allowed, q))
+
+    def _background_for(self, allowed: np.ndarray | None, q: np.ndarray | None) -> np.ndarray:
+        if q is None:
+            return np.zeros((0, self.dim), np.float32)
+        if allowed is not None:
+            return rank.background_sample(self, allowed)
+        if self._background is None or self._background[0] != self.generation:
+            self._background = (self.generation, rank.background_sample(self, None))
+        return self._background[1]
+
+    def dedup(self, threshold: float = 0.95, neighbours: int = 16) -> list[list[Hit]]:
+        """Groups of near-duplicates: connected components of pairs with cosine >= threshold, found among each
+        item's `neighbours` nearest. Each hit's score is its cosine to the group's first (lowest id) member."""
+        return dedup_groups(self, threshold, neighbours)
