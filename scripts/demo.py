@@ -75,7 +75,9 @@ def step(*args: str) -> None:
 def check_search(collection: Path, query: str, words: tuple[str, ...]) -> bool:
     """Run one search and print its top 5 with each hit's concept, and whether the queried concept is among
     them, so a reader sees at once whether the model works."""
-    args = ["search", str(collection), query, "--k", "5", "--json"]
+    # Vector search alone: the keyword half of the default hybrid mode would find captions that contain the
+    # query's words, and this check is about whether the model knows the concept.
+    args = ["search", str(collection), query, "--k", "5", "--mode", "vector", "--json"]
     print("\n$ clipforge " + " ".join(f"'{a}'" if " " in a else a for a in args), flush=True)
     out = io.StringIO()
     with contextlib.redirect_stdout(out):

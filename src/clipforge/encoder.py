@@ -1,4 +1,4 @@
-"""The one encoder protocol, and `Encoder`, the loaded model behind it.
+"""`Encoder`, the loaded model behind the one encoder protocol (`EncoderLike`, defined in clipforge.protocols).
 
 `EncoderLike` is what every consumer of embeddings holds (zero-shot, the applications, the evaluators, the
 service): texts or images in, L2-normalised float32 vectors out, plus what a caller needs to interpret them
@@ -17,37 +17,19 @@ import os
 from collections.abc import Sequence
 from functools import cached_property
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
 from clipforge.long_text import LongText, check_long, encode_texts
 from clipforge.model.clip import CLIP
+from clipforge.protocols import EncoderLike
 from clipforge.tokenizer import AnyTokenizer
 from clipforge.transforms import Preprocess
 
 if TYPE_CHECKING:
     from clipforge.onnx_export import OnnxCLIP
-
-
-@runtime_checkable
-class EncoderLike(Protocol):
-    """Texts and images to (N, D) float32 L2-normalised vectors.
-
-    identity: {"model", "fingerprint", "dim"} naming the vectors' space; two encoders with the same
-        fingerprint give the same vectors. `{}` for an encoder that cannot say (no caching, no collection).
-    dim: D.
-    logit_scale: the temperature the model was trained with (cosine similarities times it are logits).
-    """
-
-    identity: dict[str, Any]
-    dim: int
-    logit_scale: float
-
-    def embed_texts(self, texts: Sequence[str]) -> np.ndarray: ...
-
-    def embed_images(self, images: Sequence[Any]) -> np.ndarray: ...
 
 
 def fingerprint(model: CLIP | OnnxCLIP) -> str:

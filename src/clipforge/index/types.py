@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
+
+from clipforge.protocols import EncoderLike  # noqa: F401  (re-exported: the index's callers import it here)
 
 
 class CollectionError(ValueError):
@@ -47,15 +48,6 @@ def check_k(k: Any, what: str = "k") -> int:
 
 class ModelMismatchError(ValueError):
     """Vectors from one model were offered to a collection built with another."""
-
-
-class EncoderLike(Protocol):
-    identity: dict
-    dim: int
-
-    def embed_images(self, images: Sequence[Any]) -> np.ndarray: ...  # (N, D) float32, L2-normalised
-
-    def embed_texts(self, texts: Sequence[str]) -> np.ndarray: ...  # (N, D) float32, L2-normalised
 
 
 @dataclass
