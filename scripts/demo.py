@@ -133,8 +133,6 @@ def main() -> None:
             "configs/default.json",
             "--data",
             str(corpus / "train.jsonl"),
-            "--eval-data",
-            str(corpus / "heldout.jsonl"),
             "--out",
             str(RUN),
         )
