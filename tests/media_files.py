@@ -129,8 +129,8 @@ def _pack(typ: int, vals: object) -> bytes:
 
 
 def write_video(path: Path, seconds: float, fps: int = 10, size: tuple[int, int] = (64, 48)) -> None:
-    """An H.264 video whose frame at time t is a flat grey of level 20 * floor(t) (changes once a second),
-    with a keyframe every second."""
+    """An H.264 video whose frame i (shown at i / fps seconds) is a flat grey of level 3 * i, with a keyframe
+    every second: a frame between keyframes tells decoding-to-the-moment from taking the keyframe before."""
     import av
 
     with av.open(str(path), "w") as out:
@@ -139,7 +139,7 @@ def write_video(path: Path, seconds: float, fps: int = 10, size: tuple[int, int]
         stream.pix_fmt = "yuv420p"
         stream.options = {"g": str(fps), "preset": "ultrafast"}
         for i in range(round(seconds * fps)):
-            level = 20 * (i // fps)
+            level = 3 * i
             arr = np.full((size[1], size[0], 3), level, np.uint8)
             for packet in stream.encode(av.VideoFrame.from_ndarray(arr, format="rgb24")):
                 out.mux(packet)

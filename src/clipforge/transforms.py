@@ -75,7 +75,7 @@ def load_image(
     if isinstance(src, Image.Image):
         label = name or getattr(src, "filename", None) or "<image>"
         with _errors(label):
-            _check_size(src.size, max_pixels, max_aspect, label)
+            check_size(src.size, max_pixels, max_aspect, label)
             src.load()
             return _finish(src)
     if isinstance(src, (bytes, bytearray, memoryview)):
@@ -125,7 +125,7 @@ def _decode(
     with _errors(label):
         if is_raw(fp, label):
             # Camera RAW goes to rawpy; what it does not recognise after all falls through to Pillow.
-            raw = decode_raw(fp, lambda size: _check_size(size, max_pixels, max_aspect, label))
+            raw = decode_raw(fp, lambda size: check_size(size, max_pixels, max_aspect, label))
             if raw is not None:
                 return _to_rgb(raw)
         with warnings.catch_warnings():
@@ -135,7 +135,7 @@ def _decode(
             strict = max_pixels is not None and max_pixels <= (Image.MAX_IMAGE_PIXELS or math.inf)
             warnings.simplefilter("error" if strict else "ignore", Image.DecompressionBombWarning)
             img = Image.open(fp)
-        _check_size(img.size, max_pixels, max_aspect, label)  # from the header: nothing decoded yet
+        check_size(img.size, max_pixels, max_aspect, label)  # from the header: nothing decoded yet
         if draft_size is not None and img.format == "JPEG":
             img.draft("RGB", (draft_size, draft_size))
         # Decode inside the try: a truncated file fails here, not later in some transform. We never set
@@ -163,7 +163,8 @@ def _errors(label: str) -> Iterator[None]:
         raise ImageError(f"{label}: cannot decode image ({type(e).__name__}: {e})") from e
 
 
-def _check_size(size: tuple[int, int], max_pixels: int | None, max_aspect: float | None, label: str) -> None:
+def check_size(size: tuple[int, int], max_pixels: int | None, max_aspect: float | None, label: str) -> None:
+    """The pixel and aspect guards every decoder applies to a (W, H) before decoding: ImageError if over."""
     w, h = size
     if max_pixels is not None and w * h > max_pixels:
         raise ImageError(f"{label}: {w}x{h} = {w * h} pixels exceeds the limit of {max_pixels} (max_pixels)")
