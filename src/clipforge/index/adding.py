@@ -8,6 +8,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from clipforge.media.exif import row_metadata
+
 from . import files
 from .search import as_matrix
 from .types import AddReport, EncoderLike
@@ -46,7 +48,9 @@ def _flush(coll: Collection, pending: list, encoder: EncoderLike, report: AddRep
             report.failed.append((entry.path, v))
             continue
         vecs.append(v)
-        records.append({"path": entry.path, "sha256": entry.sha256, "size": entry.size, "mtime": entry.mtime})
+        meta = row_metadata(entry.data, entry.path)  # EXIF: taken_at, camera, gps, orientation
+        rec = {"path": entry.path, "sha256": entry.sha256, "size": entry.size, "mtime": entry.mtime}
+        records.append({**rec, "metadata": meta})
         drop += old_ids
         kept.append((entry.path, bool(old_ids)))
     if not vecs:
@@ -157,7 +161,10 @@ def add_files_parallel(
             elif status is not None:
                 report.failed.append((it.key, status))
             else:
-                records.append({"path": it.key, "sha256": sha, "size": size, "mtime": mtime})
+                meta = row_metadata(it.key)  # EXIF, from the header only
+                records.append(
+                    {"path": it.key, "sha256": sha, "size": size, "mtime": mtime, "metadata": meta}
+                )
                 old = [i for i, _ in known.get(it.key, [])]
                 drop += old
                 kept.append((it.key, bool(old)))
