@@ -35,7 +35,11 @@ _SIDE, _LOW = 32, 8  # the hash reads the 8x8 lowest frequencies of a 32x32 grey
 
 @dataclass(frozen=True)
 class Thresholds:
-    photo_hamming: int = 10  # of 63 bits
+    """Where each tier starts. `photo_hamming` (of 63 bits) is the largest distance with precision 1.0 on the
+    fit halves of bench/dedup_tiers.py (BENCHMARKS.md). Cosines belong to a model, so `photo_cosine` is off
+    until one is measured, and `similar_cosine` is dedup's long-standing 0.95."""
+
+    photo_hamming: int = 10
     photo_cosine: float | None = None  # None: the hash alone decides same-photo
     similar_cosine: float = 0.95
 
