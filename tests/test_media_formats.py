@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import random
 from pathlib import Path
 
 import numpy as np
@@ -116,3 +117,26 @@ def test_corrupt_raw_files_are_named_errors(tmp_path: Path) -> None:
     junk.write_bytes(b"not a raw file at all" * 20)
     with pytest.raises(ImageError, match="not a recognised image file"):
         load_image(junk)
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")  # Pillow warns about the corrupt EXIF it reads past
+def test_mutated_raw_files_decode_or_fail_with_a_named_error() -> None:
+    # LibRaw parses what the file says about itself; whatever a corrupted header claims, the result is an
+    # image within the limits or an ImageError, never another exception (or a crash of the process).
+    rng = random.Random(0)
+    bases = [dng_bytes(bayer((200, 100, 50))), dng_bytes(bayer((9, 9, 9)), jpeg_bytes(picture((320, 240))))]
+    outcomes = {"ok": 0, "error": 0}
+    for _ in range(300):
+        data = bytearray(rng.choice(bases))
+        for _ in range(rng.randint(1, 8)):  # mostly the header and IFDs, sometimes anywhere
+            data[rng.randrange(400) if rng.random() < 0.8 else rng.randrange(len(data))] = rng.randrange(256)
+        if rng.random() < 0.2:
+            data = data[: rng.randrange(len(data))]
+        try:
+            img = load_image(bytes(data), name="f.dng", max_pixels=100_000)
+        except ImageError:
+            outcomes["error"] += 1
+        else:
+            assert img.mode == "RGB" and img.width * img.height <= 100_000
+            outcomes["ok"] += 1
+    assert min(outcomes.values()) > 30, outcomes  # both outcomes exercised
