@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import random
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -140,3 +141,11 @@ def test_mutated_raw_files_decode_or_fail_with_a_named_error() -> None:
             assert img.mode == "RGB" and img.width * img.height <= 100_000
             outcomes["ok"] += 1
     assert min(outcomes.values()) > 30, outcomes  # both outcomes exercised
+
+
+def test_without_rawpy_a_dng_is_read_as_the_tiff_it_also_is(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "rawpy", None)  # what `import rawpy` meets without the [media] extra
+    data = dng_bytes(bayer((30, 30, 200)), jpeg_bytes(picture((320, 240))))
+    assert load_image(data, name="x.dng").size == (320, 240)  # Pillow's TIFF reader: the preview in IFD0
+    with pytest.raises(ImageError, match=r"^y\.dng: "):
+        load_image(dng_bytes(bayer((30, 30, 200))), name="y.dng")  # 16-bit CFA data: Pillow cannot

@@ -84,10 +84,13 @@ def decode_raw(
 ) -> Image.Image | None:
     """The picture in a RAW file, upright, fully loaded: the embedded JPEG or bitmap preview when its shorter
     side is at least `min_preview`, else the sensor data developed at half size. None when LibRaw does not
-    recognise the file (the caller then tries Pillow). Raises rawpy's LibRawError on a corrupt file, and
-    whatever `check_size` raises for a size it refuses."""
-    import rawpy
-
+    recognise the file or when rawpy is not installed (the caller then tries Pillow, which reads a DNG's or
+    NEF's first image as a TIFF, as it did before RAW support). Raises rawpy's LibRawError on a corrupt file,
+    and whatever `check_size` raises for a size it refuses."""
+    try:
+        import rawpy
+    except ImportError:
+        return None
     try:
         raw = rawpy.imread(fp)  # reads the header and metadata; sensor data is unpacked on demand
     except rawpy.LibRawFileUnsupportedError:
