@@ -111,11 +111,12 @@ def library(tmp_path: Path) -> Path:
     return d
 
 
-def test_collection_groups_are_labelled_by_tier(tmp_path: Path, library: Path, capsys) -> None:
+@pytest.mark.parametrize("partners", [32, 2])  # 2: each member keeps only its two strongest links
+def test_collection_groups_are_labelled_by_tier(tmp_path: Path, library: Path, capsys, partners: int) -> None:
     enc = FakeEncoder()
     with Collection.create(tmp_path / "c", identity=enc.identity, dim=enc.dim) as coll:
         coll.add(library, enc)
-        groups = find_duplicates(coll, Thresholds(similar_cosine=0.95))
+        groups = find_duplicates(coll, Thresholds(similar_cosine=0.95), partners=partners)
     assert len(groups) == 1
     got = {Path(m.hit.path).name: m.tier for m in groups[0]}
     assert got == {

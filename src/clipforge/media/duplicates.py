@@ -90,18 +90,24 @@ def _bits(c: np.ndarray) -> int:
     return int(sum(1 << i for i in np.flatnonzero(on)))
 
 
+_NONE = len(TIERS)  # tier code of a pair that is no kind of duplicate
+_NO_HASH = 64  # hash distance standing for "a side has no hash": beyond any threshold (at most 63)
+
+
+def tier_codes(same_bytes: np.ndarray, cosine: np.ndarray, distance: np.ndarray, t: Thresholds) -> np.ndarray:
+    """The rules, on arrays of pairs: index into TIERS, or len(TIERS) for no duplicate. `distance` is the
+    hash distance, 64 where a side has no hash (a caption, a video frame, a file gone)."""
+    photo = distance <= t.photo_hamming
+    if t.photo_cosine is not None:
+        photo = photo | (cosine >= t.photo_cosine)
+    return np.select([same_bytes, photo, cosine >= t.similar_cosine], [0, 1, 2], _NONE)
+
+
 def tier(same_bytes: bool, cosine: float, distance: int | None, t: Thresholds = Thresholds()) -> str | None:
-    """The tier of one pair: `distance` is their hash distance (None when a side has no hash, e.g. a
-    caption or a video frame). None when the pair is no kind of duplicate."""
-    if same_bytes:
-        return "same-file"
-    if distance is not None and distance <= t.photo_hamming:
-        return "same-photo"
-    if t.photo_cosine is not None and cosine >= t.photo_cosine:
-        return "same-photo"
-    if cosine >= t.similar_cosine:
-        return "similar"
-    return None
+    """The tier of one pair (`distance` None when a side has no hash); None when it is no duplicate."""
+    d = _NO_HASH if distance is None else distance
+    code = int(tier_codes(np.array(same_bytes), np.array(cosine), np.array(d), t))
+    return TIERS[code] if code < _NONE else None
 
 
 def tiered_groups(n: int, pairs: Sequence[tuple[int, int, str]]) -> list[list[tuple[int, str | None]]]:
@@ -138,35 +144,59 @@ class Member:
 
 
 def find_duplicates(
-    coll: Collection, thresholds: Thresholds = Thresholds(), neighbours: int = 16
+    coll: Collection, thresholds: Thresholds = Thresholds(), neighbours: int = 16, partners: int = 32
 ) -> list[list[Member]]:
     """Groups of duplicates in a collection, each member labelled with its tier relative to the group's anchor
-    (its lowest id). Candidates are the groups `Collection.dedup` finds at the lowest cosine of any tier;
-    inside a group every pair is compared (so a group of m items costs m^2 / 2 cosines and hash
-    comparisons; the files of group members only are read, at 1/8 scale where JPEG allows, for the hash)."""
+    (its lowest id). Candidates are the groups `Collection.dedup` finds at the lowest cosine of any tier
+    (`neighbours` nearest per item). Inside a group each member keeps its `partners` strongest links (every
+    link in a group of up to partners + 1); only group members' files are read, at 1/8 scale where JPEG
+    allows, for the hash."""
     floor = min(
         thresholds.similar_cosine, thresholds.photo_cosine if thresholds.photo_cosine is not None else 1.0
     )
     out = []
     for group in coll.dedup(floor, neighbours):
         vecs = coll.vectors(np.array([h.id for h in group], np.int64))  # (m, D), unit rows
-        cos = vecs @ vecs.T
-        hashes = [_file_hash(h.path) for h in group]
-        pairs = []
-        for a in range(len(group)):
-            for b in range(a + 1, len(group)):
-                ha, hb = hashes[a], hashes[b]
-                same = (
-                    group[a].path is not None
-                    and group[a].sha256 is not None
-                    and group[a].sha256 == group[b].sha256
-                )
-                dist = ha.distance(hb) if ha is not None and hb is not None else None
-                t = tier(same, float(cos[a, b]), dist, thresholds)
-                if t is not None:
-                    pairs.append((a, b, t))
+        pairs = _links(group, vecs, [_file_hash(h.path) for h in group], thresholds, partners)
         out += [[Member(group[i], t) for i, t in g] for g in tiered_groups(len(group), pairs)]
     return out
+
+
+_BLOCK = 512  # rows of a group compared at once: memory O(_BLOCK * m), whatever the group's size m
+_POPCOUNT = np.array([bin(i).count("1") for i in range(256)], np.uint8)
+
+
+def _links(
+    group: list[Hit], vecs: np.ndarray, hashes: list[PHash | None], t: Thresholds, partners: int
+) -> list[tuple[int, int, str]]:
+    """(a, b, tier) for each member's `partners` strongest links (by tier, then cosine) within the group."""
+    m = len(group)
+    has = np.array([h is not None for h in hashes])
+    bits = np.array([h.bits if h else 0 for h in hashes], np.uint64)
+    mirrored = np.array([h.mirrored if h else 0 for h in hashes], np.uint64)
+    # Only a file's content hash can make two rows the same file; captions share none.
+    sha = np.array([h.sha256 if h.path is not None and h.sha256 else f"row {i}" for i, h in enumerate(group)])
+    links = set()
+    for start in range(0, m, _BLOCK):
+        rows = np.arange(start, min(m, start + _BLOCK))
+        cos = vecs[rows] @ vecs.T  # (b, m)
+        dist = np.minimum(
+            _popcount(bits[rows, None] ^ bits[None]), _popcount(bits[rows, None] ^ mirrored[None])
+        )
+        dist[~(has[rows, None] & has[None])] = _NO_HASH
+        code = tier_codes(sha[rows, None] == sha[None], cos, dist, t)
+        code[np.arange(len(rows)), rows] = _NONE  # an item is not its own duplicate
+        best = np.lexsort((-cos, code), axis=1)[:, :partners]  # strongest tier first, then highest cosine
+        for r, cols in zip(rows, best):
+            for c in cols[code[r - start, cols] < _NONE]:
+                a, b = sorted((int(r), int(c)))
+                links.add((a, b, TIERS[code[r - start, c]]))
+    return sorted(links)
+
+
+def _popcount(x: np.ndarray) -> np.ndarray:
+    """Set bits per uint64 (numpy >= 1.24 has no bitwise_count)."""
+    return _POPCOUNT[x[..., None].view(np.uint8)].sum(-1, dtype=np.int64)
 
 
 def _file_hash(path: str | None) -> PHash | None:
