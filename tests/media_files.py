@@ -128,12 +128,15 @@ def _pack(typ: int, vals: object) -> bytes:
     return struct.pack("<" + {BYTE: "B", SHORT: "H", LONG: "I"}[typ] * len(vals), *vals)
 
 
-def write_video(path: Path, seconds: float, fps: int = 10, size: tuple[int, int] = (64, 48)) -> None:
+def write_video(
+    path: Path, seconds: float, fps: int = 10, size: tuple[int, int] = (64, 48), tags: dict | None = None
+) -> None:
     """An H.264 video whose frame i (shown at i / fps seconds) is a flat grey of level 3 * i, with a keyframe
     every second: a frame between keyframes tells decoding-to-the-moment from taking the keyframe before."""
     import av
 
     with av.open(str(path), "w") as out:
+        out.metadata.update(tags or {})
         stream = out.add_stream("libx264", rate=fps)
         stream.width, stream.height = size
         stream.pix_fmt = "yuv420p"

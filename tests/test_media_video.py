@@ -14,6 +14,7 @@ from clipforge.media.video import (
     frame_at,
     keyframes,
     parse_frame_key,
+    recording_start,
     sample_times,
     video_items,
 )
@@ -77,3 +78,22 @@ def test_broken_videos_are_named_errors(video: Path, tmp_path: Path) -> None:
             list(keyframes(bad))
     with pytest.raises(ImageError, match=r"no frame at 60"):
         frame_at(video, 60.0)
+
+
+def test_items_carry_the_moment_they_were_recorded(tmp_path: Path) -> None:
+    path = tmp_path / "phone.mp4"
+    write_video(path, seconds=3.0, tags={"creation_time": "2023-07-14T18:05:09.000000Z"})
+    items = video_items(path, interval=1.5)
+    assert [i.metadata.get("taken_at") for i in items] == [
+        "2023-07-14T18:05:09+00:00",
+        "2023-07-14T18:05:10.500+00:00",
+    ]
+    # Apple's tag keeps the local offset and wins over the muxer's UTC time; zero dates and junk are no date.
+    apple = {
+        "com.apple.quicktime.creationdate": "2023-07-14T20:05:09+0200",
+        "creation_time": "2023-07-14T18:05:09Z",
+    }
+    assert recording_start(apple).isoformat() == "2023-07-14T20:05:09+02:00"
+    assert recording_start({"creation_time": "1970-01-01T00:00:00.000000Z"}) is None
+    assert recording_start({"creation_time": "yesterday"}) is None
+    assert "taken_at" not in VideoFrameItem("v.mp4", 1.0).metadata

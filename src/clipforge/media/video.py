@@ -14,6 +14,7 @@ import os
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
+from datetime import datetime, timedelta
 from pathlib import Path
 
 from PIL import Image
@@ -32,6 +33,7 @@ class VideoFrameItem:
 
     path: str
     t: float
+    started: datetime | None = None  # when the recording began, from the container's tags
 
     @property
     def key(self) -> str:
@@ -39,7 +41,12 @@ class VideoFrameItem:
 
     @property
     def metadata(self) -> dict:
-        return {"video": self.path, "t": self.t}
+        """`video` and `t`, and `taken_at` (ISO 8601, the moment itself) when the video says when it began."""
+        meta: dict = {"video": self.path, "t": self.t}
+        if self.started is not None:
+            when = self.started + timedelta(seconds=self.t)
+            meta["taken_at"] = when.isoformat(timespec="milliseconds" if when.microsecond else "seconds")
+        return meta
 
     def load(self, max_pixels: int | None = MAX_PIXELS, max_aspect: float | None = MAX_ASPECT) -> Image.Image:
         return frame_at(self.path, self.t, max_pixels=max_pixels, max_aspect=max_aspect)
@@ -97,10 +104,24 @@ def video_items(
     states its duration. `path` is used as given: normalise it first if keys must be absolute."""
     label = os.fspath(path)
     with _open(label) as (container, stream):
-        duration = _duration(container, stream)
+        duration, started = _duration(container, stream), recording_start(container.metadata)
     if duration is None:
-        return [VideoFrameItem(label, t) for t, _ in keyframes(label, interval, max_frames)]
-    return [VideoFrameItem(label, t) for t in sample_times(duration, interval, max_frames)]
+        return [VideoFrameItem(label, t, started) for t, _ in keyframes(label, interval, max_frames)]
+    return [VideoFrameItem(label, t, started) for t in sample_times(duration, interval, max_frames)]
+
+
+def recording_start(tags: dict[str, str]) -> datetime | None:
+    """When a recording began, from container tags: Apple's local time with its offset first, then the
+    muxer's `creation_time` (UTC). Unparseable values and the zero dates of cameras without a clock
+    (1904, 1970) give None."""
+    for key in ("com.apple.quicktime.creationdate", "creation_time"):
+        try:
+            when = datetime.fromisoformat(tags[key].strip())
+        except (KeyError, ValueError, AttributeError):
+            continue
+        if when.year > 1970:
+            return when
+    return None
 
 
 def frame_at(
