@@ -130,3 +130,18 @@ def test_collection_groups_are_labelled_by_tier(tmp_path: Path, library: Path, c
     out = json.loads(capsys.readouterr().out)
     assert {Path(m["path"]).name: m["tier"] for m in out["groups"][0]} == got
     assert out["thresholds"]["photo_hamming"] == H
+
+
+@pytest.mark.parametrize(
+    "flag, value, message",
+    [
+        ("--threshold", "2", "--threshold is a cosine"),
+        ("--photo-hamming", "70", "photo_hamming is a number of bits"),
+    ],
+)
+def test_dedup_cli_names_a_bad_threshold(tmp_path: Path, capsys, flag: str, value: str, message: str) -> None:
+    from test_index_cli import fail
+
+    enc = FakeEncoder()
+    Collection.create(tmp_path / "c", identity=enc.identity, dim=enc.dim).close()
+    assert message in fail(capsys, "dedup", tmp_path / "c", flag, value)

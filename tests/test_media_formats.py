@@ -107,6 +107,7 @@ def test_raw_guards_apply_before_decoding() -> None:
         load_image(strip, max_aspect=10, name="strip.dng")
 
 
+@pytest.mark.filterwarnings("ignore::UserWarning")  # Pillow warns about the corrupt EXIF it reads past
 def test_corrupt_raw_files_are_named_errors(tmp_path: Path) -> None:
     data = dng_bytes(bayer((200, 200, 200), size=(96, 64)))  # no preview: the sensor data must be read
     for cut in (len(data) // 2, 200, 12):

@@ -357,6 +357,8 @@ def dedup(
     from clipforge.index import Collection
     from clipforge.media.duplicates import Thresholds, find_duplicates
 
+    if threshold is not None and not -1.0 <= threshold <= 1.0:
+        raise ValueError(f"--threshold is a cosine in [-1, 1], got {threshold}")
     given = {"similar_cosine": threshold, "photo_hamming": photo_hamming, "photo_cosine": photo_cosine}
     t = Thresholds(**{k: v for k, v in given.items() if v is not None})
     with Collection.open(path, readonly=True) as coll:
