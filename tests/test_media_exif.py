@@ -104,10 +104,23 @@ def test_index_add_stores_the_exif_in_each_row(tmp_path: Path, pipeline: bool) -
     folder.mkdir()
     (folder / "phone.jpg").write_bytes(jpeg_bytes(IMG, PHONE))
     (folder / "plain.jpg").write_bytes(jpeg_bytes(IMG))
+    # Named explicitly: a folder walk lists the usual image extensions only (index/files.py).
+    heic, dng = tmp_path / "IMG_0002.HEIC", tmp_path / "IMG_0003.DNG"
+    heic.write_bytes(heic_bytes(IMG, PHONE))
+    dng.write_bytes(
+        dng_bytes(bayer((90, 120, 30)), jpeg_bytes(Image.new("RGB", (320, 240))), taken="2020:01:02 03:04:05")
+    )
     enc = Encoder.load(save_tiny_model(tmp_path / "model")) if pipeline else FakeEncoder()
     with Collection.create(tmp_path / "c", identity=enc.identity, dim=enc.dim) as coll:
-        coll.add(folder, enc, workers=0)
+        report = coll.add([folder, heic, dng], enc, workers=0)
+        assert report.failed == [] and len(report.added) == 4
         meta = {Path(h.path).name: h.metadata for h in coll.search(vector=enc.embed_images([IMG])[0], k=5)}
     assert meta["phone.jpg"]["taken_at"] == "2023-07-14T18:05:09.250+02:00"
     assert meta["phone.jpg"]["camera"] == "Apple iPhone 12 Pro" and meta["phone.jpg"]["orientation"] == 6
     assert meta["plain.jpg"] == {}
+    assert meta["IMG_0002.HEIC"]["camera"] == "Apple iPhone 12 Pro"
+    assert meta["IMG_0003.DNG"] == {
+        "taken_at": "2020-01-02T03:04:05",
+        "camera": "Canon EOS 5D",
+        "orientation": 1,
+    }
