@@ -52,6 +52,14 @@ def test_dng_carries_its_exif() -> None:
     }
 
 
+def test_a_raw_pillow_cannot_parse_is_read_through_libraw() -> None:
+    preview = jpeg_bytes(Image.new("RGB", (320, 240)))
+    data = bytearray(dng_bytes(bayer((1, 2, 3)), preview, orientation=6, taken="2020:01:02 03:04:05"))
+    data[2:4] = b"U\x00"  # Panasonic's RW2 magic: LibRaw reads it, Pillow does not know it
+    want = {"taken_at": "2020-01-02T03:04:05", "camera": "Canon EOS 5D", "orientation": 6}
+    assert read_metadata(bytes(data), "upload.raw") == want  # recognised by content, not by name
+
+
 @pytest.mark.parametrize(
     "make, model, want",
     [

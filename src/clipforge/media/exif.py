@@ -19,10 +19,11 @@ from PIL import Image
 
 from clipforge.transforms import ImageError
 
-from .formats import RAW_EXTENSIONS, register_plugins
+from .formats import register_plugins
+from .raw import is_raw
 
 _EXIF_IFD, _GPS_IFD = 0x8769, 0x8825
-_MAKE, _MODEL, _ORIENTATION = 0x010F, 0x0110, 0x0112
+_MAKE, _MODEL, _ORIENTATION, _DATE_TIME = 0x010F, 0x0110, 0x0112, 0x0132
 _DATE_ORIGINAL, _DATE_DIGITIZED, _OFFSET_ORIGINAL, _SUBSEC_ORIGINAL = 0x9003, 0x9004, 0x9011, 0x9291
 _LAT_REF, _LAT, _LON_REF, _LON = 1, 2, 3, 4
 
@@ -67,7 +68,13 @@ def _exif(src: str | os.PathLike | bytes, label: str) -> Image.Exif:
         preview = _raw_preview(data if data is not None else src, label)
         if preview is None:
             raise ImageError(f"{label}: not a recognised image file") from e
-        return _exif(preview, label)
+        exif = _exif(preview, label)
+        # LibRaw prefixes the preview with an EXIF header of its own, built from the RAW's metadata, where
+        # DateTime is the capture time (there is no DateTimeOriginal in it).
+        sub = exif.get_ifd(_EXIF_IFD)
+        if _DATE_ORIGINAL not in sub and _DATE_TIME in exif:
+            sub[_DATE_ORIGINAL] = exif[_DATE_TIME]
+        return exif
     except (OSError, SyntaxError, ValueError) as e:
         raise ImageError(f"{label}: cannot read image header ({type(e).__name__}: {e})") from e
 
@@ -83,16 +90,18 @@ def _with_ifds(exif: Image.Exif) -> Image.Exif:
 
 
 def _raw_preview(src: str | os.PathLike | bytes, label: str) -> bytes | None:
-    """The embedded JPEG of a RAW file Pillow cannot parse (CR3, RAF, ...), which carries the camera's EXIF."""
-    if os.path.splitext(label)[1].lower() not in RAW_EXTENSIONS:
-        return None
+    """The embedded JPEG of a RAW file Pillow cannot parse (CR3, RAF, RW2, ...), which carries the camera's
+    EXIF; recognised by name or content, like `load_image` does."""
     try:
         import rawpy
     except ImportError:
         return None
     try:
-        with rawpy.imread(io.BytesIO(src) if isinstance(src, bytes) else os.fspath(src)) as raw:
-            thumb = raw.extract_thumb()
+        with io.BytesIO(src) if isinstance(src, bytes) else open(src, "rb") as fp:
+            if not is_raw(fp, label):
+                return None
+            with rawpy.imread(fp) as raw:
+                thumb = raw.extract_thumb()
     except (rawpy.LibRawError, OSError):
         return None
     return thumb.data if thumb.format.name == "JPEG" else None
