@@ -33,7 +33,7 @@ def read_metadata(src: str | os.PathLike | bytes, name: str | None = None) -> di
     ({"lat", "lon"} in degrees) and `orientation` (EXIF 1-8; HEIC's decoder applies it itself and reports 1),
     each only when present and well-formed.
     Works on JPEG, PNG, WebP, TIFF, HEIC/AVIF and camera RAW (TIFF-based ones read by Pillow, the others
-    through the header LibRaw writes for their preview: camera, capture time, orientation, no GPS). Raises
+    through the EXIF header LibRaw builds for their preview from the RAW's own metadata). Raises
     ImageError only when `src` is not a readable image."""
     label = name or (os.fspath(src) if not isinstance(src, bytes) else "<bytes>")
     exif = _exif(src, label)
