@@ -22,6 +22,11 @@ def default_model_dir() -> Path:
     return cache_dir() / "models" / "default"
 
 
+def multilingual_model_dir() -> Path:
+    """The default model with a multilingual text tower (`clipforge train-multilingual`)."""
+    return cache_dir() / "models" / "default-multilingual"
+
+
 def towers_dir() -> Path:
     """Pretrained tower weights unpacked by `clipforge data fetch-towers`, one folder per source."""
     return cache_dir() / "towers"
