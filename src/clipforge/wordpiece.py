@@ -124,7 +124,10 @@ def train_wordpiece(texts: Iterable[str], vocab_size: int, context_length: int =
     )
     backend.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
     trainer = trainers.WordPieceTrainer(
-        vocab_size=vocab_size, special_tokens=list(SPECIAL_TOKENS), continuing_subword_prefix="##"
+        vocab_size=vocab_size,
+        special_tokens=list(SPECIAL_TOKENS),
+        continuing_subword_prefix="##",
+        show_progress=False,
     )
     backend.train_from_iterator(texts, trainer=trainer)
     # The trainer keeps a character in the form it was seen in (word-initial or ##-continued); with both forms
