@@ -22,6 +22,8 @@ from clipforge.multilingual import (
     assemble_dir,
     distill_data,
     load_student,
+    new_student,
+    student_from_teacher,
     train_multilingual,
 )
 from clipforge.wordpiece import WordPieceTokenizer, train_wordpiece
@@ -130,7 +132,9 @@ def write_teacher(path: Path, seed: int = 0) -> Path:
     return clipforge.save_model(clipforge.create_model(cfg, seed=seed), path, tokenizer=tok)
 
 
-TINY = DistillConfig(width=32, layers=1, heads=2, vocab_size=400, batch_size=8, steps=3, english_captions=10)
+TINY = DistillConfig(
+    layers=1, context_length=24, vocab_size=400, batch_size=8, steps=3, english_captions=10, from_teacher=True
+)
 
 
 @pytest.fixture(scope="module")
@@ -191,7 +195,7 @@ def test_vocabulary_names_the_characters_it_cannot_represent():
 def test_assembled_model_loads_and_embeds_other_scripts(built):
     teacher_dir, out = built
     model, _, tok = clipforge.load(out)
-    assert isinstance(tok, WordPieceTokenizer) and model.config.text.width == TINY.width
+    assert isinstance(tok, WordPieceTokenizer) and model.config.text.layers == TINY.layers
     trained = [e for e in EMOJIS if clipforge.data.captions.emoji_name(e[1]) not in held_out_concepts()]
     queries = [trained[0][LOCALES["ja"]], trained[0][LOCALES["th"]], trained[0][LOCALES["fr"]], "red apple"]
     assert all(tok.unknown_characters(q) == [] for q in queries)
@@ -239,3 +243,32 @@ def test_student_of_another_teacher_is_refused(built, tmp_path, capsys):
         ]
     )
     assert rc == 2 and "student.json" in capsys.readouterr().err
+
+
+def test_student_from_teacher_starts_as_the_teacher(tmp_path):
+    """With all the teacher's layers and its own vocabulary, the initial student computes the teacher's pooled
+    features; with a new vocabulary, the tokens both hold keep the teacher's embeddings."""
+    teacher, _, teacher_tok = clipforge.load(write_teacher(tmp_path / "t"))
+    cfg = DistillConfig(layers=teacher.config.text.layers, context_length=24)
+    student = student_from_teacher(teacher.text, teacher_tok, teacher_tok, cfg).eval()
+    tokens = teacher_tok(["a red apple", "pizza with cheese: slice"])
+    with torch.no_grad():
+        torch.testing.assert_close(student(tokens), teacher.text.trunk(tokens, 0))
+    other = train_wordpiece(["pomme rouge", "red apple", "赤リンゴ"], 60)
+    student = student_from_teacher(
+        teacher.text, teacher_tok, other, DistillConfig(layers=1, context_length=24)
+    )
+    theirs, mine = teacher_tok.get_vocab(), other.get_vocab()
+    emb = student.token_embedding.weight
+    torch.testing.assert_close(emb[mine["apple"]], teacher.text.token_embedding.weight[theirs["apple"]])
+    assert "pomme" not in theirs and not torch.equal(emb[mine["pomme"]], torch.zeros_like(emb[0]))
+    with pytest.raises(MultilingualError, match="learned positions"):
+        student_from_teacher(teacher.text, teacher_tok, other, DistillConfig(layers=1, context_length=64))
+
+
+def test_student_from_scratch_has_its_own_size():
+    tok = train_wordpiece(["pomme rouge", "red apple"], 60)
+    cfg = DistillConfig(width=24, heads=3, layers=2, context_length=16, from_teacher=False)
+    student = new_student(tok, cfg, teacher_width=32)
+    assert student.cfg.width == 24 and student.text_projection.shape == (24, 32)
+    assert torch.isfinite(student(tok(["pomme"], context_length=16))).all()

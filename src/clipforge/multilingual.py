@@ -62,9 +62,11 @@ class DistillConfig:
     steps: int = 5000  # at most; the run also ends at max_minutes
     max_minutes: float = 10.0
     english_fraction: float = 0.3  # share of each batch taken from the corpus's English training captions
-    english_captions: int = (
-        30000  # at most, sampled from train.jsonl (their teacher features are computed once)
-    )
+    # At most this many captions, sampled from train.jsonl (their teacher features are computed once).
+    english_captions: int = 30000
+    # Start from the teacher's first `layers` layers (width and heads then are the teacher's) and its embeddings
+    # of the tokens both vocabularies hold, instead of from scratch.
+    from_teacher: bool = False
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -188,6 +190,49 @@ def new_student(tokenizer: WordPieceTokenizer, cfg: DistillConfig, teacher_width
     return tower
 
 
+def student_from_teacher(
+    teacher: BertTextTower, teacher_tok: WordPieceTokenizer, tokenizer: WordPieceTokenizer, cfg: DistillConfig
+) -> BertTextTower:
+    """The teacher's embedding norm, positions and first `cfg.layers` layers; token embeddings copied for the
+    tokens both vocabularies hold (English words, [CLS], shared Latin pieces), the others drawn with the
+    teacher's embedding statistics; the map into the teacher's space starts as the identity."""
+    t = teacher.cfg
+    if not 1 <= cfg.layers <= t.layers:
+        raise MultilingualError(
+            f"a student from the teacher takes 1 to {t.layers} of its layers, not {cfg.layers}"
+        )
+    if cfg.context_length > t.max_positions:
+        raise MultilingualError(
+            f"context_length {cfg.context_length} is past the teacher's {t.max_positions} learned positions"
+        )
+    scfg = dataclasses.replace(
+        t,
+        layers=cfg.layers,
+        vocab_size=tokenizer.vocab_size,
+        context_length=cfg.context_length,
+        max_positions=cfg.context_length,
+        pad_token_id=tokenizer.pad_token_id,
+        cls_token_id=tokenizer.cls_token_id,
+        sep_token_id=tokenizer.sep_token_id,
+    )
+    student = BertTextTower(scfg, t.width)
+    with torch.no_grad():
+        student.positional_embedding.copy_(teacher.positional_embedding[: cfg.context_length])
+        student.segment_embedding.copy_(teacher.segment_embedding)
+        student.ln_embed.load_state_dict(teacher.ln_embed.state_dict())
+        for mine, theirs in zip(student.blocks, teacher.blocks):
+            mine.load_state_dict(theirs.state_dict())
+        w = teacher.token_embedding.weight  # (V_t, width)
+        student.token_embedding.weight.normal_(float(w.mean()), float(w.std()))
+        theirs = teacher_tok.get_vocab()
+        shared = [(i, theirs[tok]) for tok, i in tokenizer.get_vocab().items() if tok in theirs]
+        if shared:
+            mine_ids, their_ids = map(list, zip(*shared))
+            student.token_embedding.weight[mine_ids] = w[their_ids]
+        student.text_projection.copy_(torch.eye(t.width))
+    return student
+
+
 def _lr(cfg: DistillConfig, progress: float) -> float:
     if progress < cfg.warmup:
         return cfg.lr * progress / cfg.warmup
@@ -205,12 +250,15 @@ def _batches(data: DistillData, cfg: DistillConfig, gen: torch.Generator):
 
 
 def distill(
-    data: DistillData, targets: torch.Tensor, tokenizer: WordPieceTokenizer, cfg: DistillConfig, log: Path
+    student: BertTextTower,
+    data: DistillData,
+    targets: torch.Tensor,
+    tokenizer: WordPieceTokenizer,
+    cfg: DistillConfig,
+    log: Path,
 ) -> BertTextTower:
-    """Train a student on (text -> teacher row) by MSE, for cfg.steps or cfg.max_minutes, whichever ends
+    """Train `student` on (text -> teacher row) by MSE, for cfg.steps or cfg.max_minutes, whichever ends
     first (the schedule follows whichever is further along); one JSON line of metrics per 20 steps."""
-    torch.manual_seed(cfg.seed)
-    student = new_student(tokenizer, cfg, targets.shape[1])
     opt = torch.optim.AdamW(student.parameters(), lr=cfg.lr, weight_decay=0.01)
     tokens = tokenizer(data.texts, context_length=cfg.context_length)  # (N, T), cut to the context
     rows = torch.tensor(data.targets)
@@ -258,7 +306,12 @@ def train_student(
     if out_dir is not None:
         out_dir.mkdir(parents=True, exist_ok=True)
     log = (out_dir or Path(cache)) / "log.jsonl"
-    tower = distill(data, targets, tokenizer, cfg, log)
+    torch.manual_seed(cfg.seed)
+    if cfg.from_teacher:
+        tower = student_from_teacher(teacher.text, teacher_tok, tokenizer, cfg)
+    else:
+        tower = new_student(tokenizer, cfg, targets.shape[1])
+    tower = distill(tower, data, targets, tokenizer, cfg, log)
     meta = {
         "teacher": str(teacher_dir),
         "teacher_trunk": teacher_trunk_id(teacher, teacher_tok),

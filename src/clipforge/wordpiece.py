@@ -50,6 +50,10 @@ class WordPieceTokenizer:
     def vocab_size(self) -> int:
         return self._backend.get_vocab_size(with_added_tokens=True)
 
+    def get_vocab(self) -> dict[str, int]:
+        """token -> id, the ## continuation pieces included."""
+        return self._backend.get_vocab(with_added_tokens=True)
+
     def encode(self, text: str) -> list[int]:
         """WordPiece ids of one text, without [CLS]/[SEP] and without truncation."""
         return self._backend.encode(text, add_special_tokens=False).ids

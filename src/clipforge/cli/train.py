@@ -118,6 +118,13 @@ def _register_multilingual(sub: argparse._SubParsersAction) -> None:
             flag, type=int, default=getattr(d, name), help=f"student {name} (default: %(default)s)"
         )
     p.add_argument("--lr", type=float, default=d.lr, help="peak learning rate (default: %(default)s)")
+    p.add_argument(
+        "--from-teacher",
+        action=argparse.BooleanOptionalAction,
+        default=d.from_teacher,
+        help="start from the teacher's first --layers layers and shared token embeddings (width and heads are "
+        "then the teacher's) (default: %(default)s)",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(run=_multilingual_command)
 
@@ -140,6 +147,7 @@ def _multilingual_command(a: argparse.Namespace) -> int:
             lr=a.lr,
             steps=a.steps,
             max_minutes=a.minutes,
+            from_teacher=a.from_teacher,
         )
         out = train_multilingual(teacher, a.out, a.corpus, cfg, progress=not a.no_progress)
     print(f"multilingual model: {out}")
