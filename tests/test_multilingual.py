@@ -208,6 +208,8 @@ def test_assembled_model_loads_and_embeds_other_scripts(built):
     # The assembled projection is the student's map into the teacher's pooled space, then the teacher's.
     teacher, _, _ = clipforge.load(teacher_dir)
     student = load_student(out / STUDENT_DIR)
+    last = json.loads((out / STUDENT_DIR / "log.jsonl").read_text().splitlines()[-1])
+    assert last["step"] == TINY.steps and last["loss"] >= 0
     with torch.no_grad():
         expected = student.tower(tokens) @ teacher.text.text_projection
         torch.testing.assert_close(model.encode_text(tokens), expected, rtol=1e-4, atol=1e-5)

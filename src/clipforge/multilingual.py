@@ -19,6 +19,7 @@ Data: clipforge.data.parallel (emojibase labels and keywords in 28 locales, spli
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -255,17 +256,17 @@ def distill(
     targets: torch.Tensor,
     tokenizer: WordPieceTokenizer,
     cfg: DistillConfig,
-    log: Path,
+    log: Path | None = None,
 ) -> BertTextTower:
     """Train `student` on (text -> teacher row) by MSE, for cfg.steps or cfg.max_minutes, whichever ends
-    first (the schedule follows whichever is further along); one JSON line of metrics per 20 steps."""
+    first (the schedule follows whichever is further along); one JSON line of metrics per 20 steps to `log`."""
     opt = torch.optim.AdamW(student.parameters(), lr=cfg.lr, weight_decay=0.01)
     tokens = tokenizer(data.texts, context_length=cfg.context_length)  # (N, T), cut to the context
     rows = torch.tensor(data.targets)
     gen = torch.Generator().manual_seed(cfg.seed)
     t0, budget = time.perf_counter(), cfg.max_minutes * 60
     student.train()
-    with open(log, "w", encoding="utf-8") as f:
+    with open(log, "w", encoding="utf-8") if log else contextlib.nullcontext() as f:
         for step, idx in enumerate(_batches(data, cfg, gen), 1):
             progress = max(step / cfg.steps, (time.perf_counter() - t0) / budget)
             for g in opt.param_groups:
@@ -275,7 +276,7 @@ def distill(
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            if step % 20 == 0 or progress >= 1:
+            if f is not None and (step % 20 == 0 or progress >= 1):
                 cos = F.cosine_similarity(pred.detach(), target, dim=-1).mean()
                 row = {"step": step, "loss": loss.item(), "cos": cos.item(), "lr": opt.param_groups[0]["lr"]}
                 f.write(json.dumps({**row, "seconds": round(time.perf_counter() - t0, 1)}) + "\n")
@@ -305,13 +306,12 @@ def train_student(
     out_dir = Path(out) if out is not None else None
     if out_dir is not None:
         out_dir.mkdir(parents=True, exist_ok=True)
-    log = (out_dir or Path(cache)) / "log.jsonl"
     torch.manual_seed(cfg.seed)
     if cfg.from_teacher:
         tower = student_from_teacher(teacher.text, teacher_tok, tokenizer, cfg)
     else:
         tower = new_student(tokenizer, cfg, targets.shape[1])
-    tower = distill(tower, data, targets, tokenizer, cfg, log)
+    tower = distill(tower, data, targets, tokenizer, cfg, out_dir / "log.jsonl" if out_dir else None)
     meta = {
         "teacher": str(teacher_dir),
         "teacher_trunk": teacher_trunk_id(teacher, teacher_tok),
