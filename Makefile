@@ -2,7 +2,7 @@
 # repository root from scratch on first use; the CPU build of torch is pinned through constraints.txt.
 VENV ?= .venv
 PY := $(VENV)/bin/python
-EXTRAS ?= train,index,serve,eval,onnx,ray,dev
+EXTRAS ?= train,index,serve,eval,onnx,ray,media,dev
 
 .PHONY: setup test demo lint bench clean
 

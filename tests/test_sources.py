@@ -158,6 +158,27 @@ def test_folder_sidecars_hidden_files_and_order(tmp_path):
         src.read_folder(tmp_path)
 
 
+def test_folder_lists_phone_and_camera_formats(tmp_path):
+    # HEIC, AVIF and camera RAW are images to every folder walk (read_folder, `index add FOLDER`, `index sync`),
+    # in any case; their bytes are only read when decoded, so empty files do for the listing.
+    for name in ("IMG_1.HEIC", "b.avif", "c.dng", "d.cr2", "e.nef", "f.arw", "notes.md"):
+        (tmp_path / name).write_bytes(b"")
+    assert [s.key for s in src.read_folder(tmp_path)] == [
+        "IMG_1.HEIC",
+        "b.avif",
+        "c.dng",
+        "d.cr2",
+        "e.nef",
+        "f.arw",
+    ]
+    from clipforge.index import files
+
+    walked = {Path(p).name: reason for p, reason in files.walk([tmp_path])}
+    assert walked == {n: None for n in ("IMG_1.HEIC", "b.avif", "c.dng", "d.cr2", "e.nef", "f.arw")} | {
+        "notes.md": "not an image"
+    }
+
+
 def test_source_kinds(tmp_path):
     (tmp_path / "imgs").mkdir()
     (tmp_path / "imgs" / "a.png").write_bytes(png())

@@ -27,6 +27,11 @@ def features_dir() -> Path:
     return cache_dir() / "features"
 
 
+def multilingual_model_dir() -> Path:
+    """The default model with a multilingual text tower (`clipforge train-multilingual`)."""
+    return cache_dir() / "models" / "default-multilingual"
+
+
 def towers_dir() -> Path:
     """Pretrained tower weights unpacked by `clipforge data fetch-towers`, one folder per source."""
     return cache_dir() / "towers"

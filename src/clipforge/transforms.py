@@ -1,7 +1,8 @@
 """Image decoding and CLIP preprocessing on Pillow + numpy + torch (no torchvision).
 
 `load_image` turns whatever a user has (a path, bytes, a stream, a PIL image in any mode) into an RGB PIL
-image or raises `ImageError` naming the file. It checks the pixel count and the aspect ratio from the header
+image or raises `ImageError` naming the file. Besides Pillow's formats it reads HEIC/HEIF and camera RAW
+(`clipforge.media`) when the `[media]` extra is installed. It checks the pixel count and the aspect ratio from the header
 before decoding, which bounds the memory of the decode and of the resize after it. `Preprocess` is the eval
 transform (resize the shorter side, centre-crop, normalise) and matches Hugging Face's `CLIPImageProcessor`;
 `TrainTransform` is the random resized crop used for training. Both read a `PreprocessConfig`, which a
@@ -22,6 +23,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
+from clipforge.media.formats import register_plugins
+from clipforge.media.raw import decode_raw, is_raw
 from clipforge.model.config import PreprocessConfig
 
 # Pillow's default decompression-bomb limit (Image.MAX_IMAGE_PIXELS): ~0.25 GiB of 24-bit pixels.
@@ -72,7 +75,7 @@ def load_image(
     if isinstance(src, Image.Image):
         label = name or getattr(src, "filename", None) or "<image>"
         with _errors(label):
-            _check_size(src.size, max_pixels, max_aspect, label)
+            check_size(src.size, max_pixels, max_aspect, label)
             src.load()
             return _finish(src)
     if isinstance(src, (bytes, bytearray, memoryview)):
@@ -118,7 +121,13 @@ def _stream_is_empty(f: Any) -> bool:
 def _decode(
     fp: BinaryIO, label: str, max_pixels: int | None, max_aspect: float | None, draft_size: int | None
 ) -> Image.Image:
+    register_plugins()  # HEIC/HEIF, when pillow-heif is installed
     with _errors(label):
+        if is_raw(fp, label):
+            # Camera RAW goes to rawpy; what it does not recognise after all falls through to Pillow.
+            raw = decode_raw(fp, lambda size: check_size(size, max_pixels, max_aspect, label))
+            if raw is not None:
+                return _to_rgb(raw)
         with warnings.catch_warnings():
             # Pillow warns (not raises) between its limit and twice it. When our limit is at least as
             # strict, that warning means "too large" anyway, so it becomes an error; when the caller
@@ -126,7 +135,7 @@ def _decode(
             strict = max_pixels is not None and max_pixels <= (Image.MAX_IMAGE_PIXELS or math.inf)
             warnings.simplefilter("error" if strict else "ignore", Image.DecompressionBombWarning)
             img = Image.open(fp)
-        _check_size(img.size, max_pixels, max_aspect, label)  # from the header: nothing decoded yet
+        check_size(img.size, max_pixels, max_aspect, label)  # from the header: nothing decoded yet
         if draft_size is not None and img.format == "JPEG":
             img.draft("RGB", (draft_size, draft_size))
         # Decode inside the try: a truncated file fails here, not later in some transform. We never set
@@ -156,7 +165,8 @@ def _errors(label: str) -> Iterator[None]:
         raise ImageError(f"{label}: cannot decode image ({type(e).__name__}: {e})") from e
 
 
-def _check_size(size: tuple[int, int], max_pixels: int | None, max_aspect: float | None, label: str) -> None:
+def check_size(size: tuple[int, int], max_pixels: int | None, max_aspect: float | None, label: str) -> None:
+    """The pixel and aspect guards every decoder applies to a (W, H) before decoding: ImageError if over."""
     w, h = size
     if max_pixels is not None and w * h > max_pixels:
         raise ImageError(f"{label}: {w}x{h} = {w * h} pixels exceeds the limit of {max_pixels} (max_pixels)")

@@ -7,7 +7,7 @@ type is "WordPiece" loads as this class, CLIP's vocab.json + merges.txt as `clip
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import torch
@@ -50,6 +50,10 @@ class WordPieceTokenizer:
     def vocab_size(self) -> int:
         return self._backend.get_vocab_size(with_added_tokens=True)
 
+    def get_vocab(self) -> dict[str, int]:
+        """token -> id, the ## continuation pieces included."""
+        return self._backend.get_vocab(with_added_tokens=True)
+
     def encode(self, text: str) -> list[int]:
         """WordPiece ids of one text, without [CLS]/[SEP] and without truncation."""
         return self._backend.encode(text, add_special_tokens=False).ids
@@ -62,6 +66,18 @@ class WordPieceTokenizer:
         rows = [enc.ids for enc in self._backend.encode_batch(list(texts))]
         n_ctx = self.context_length if context_length is None else context_length
         return to_context(rows, texts, n_ctx, self.pad_token_id, truncate, "[CLS]/[SEP]")
+
+    def unknown_characters(self, text: str) -> list[str]:
+        """The characters of `text` the vocabulary cannot represent, in order of first appearance: WordPiece
+        turns a whole word holding one of them into [UNK], so a caller can name the culprit instead."""
+        vocab = self._backend.get_vocab()
+        normalizer = self._backend.normalizer
+        out = []
+        for ch in dict.fromkeys(text):
+            seen = normalizer.normalize_str(ch) if normalizer is not None else ch
+            if any(c not in vocab and f"##{c}" not in vocab for c in seen if not c.isspace()):
+                out.append(ch)
+        return out
 
     def decode(self, ids: Sequence[int] | torch.Tensor) -> str:
         """Ids -> text, without [CLS], [SEP] and padding (whether or not the file marks them special)."""
@@ -89,3 +105,44 @@ class WordPieceTokenizer:
         except Exception as e:  # the tokenizers library raises plain Exceptions
             raise ValueError(f"{file}: unreadable tokenizer.json ({e})") from None
         return cls(backend, context_length=context_length, source=str(file))
+
+
+SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
+
+
+def train_wordpiece(texts: Iterable[str], vocab_size: int, context_length: int = 64) -> WordPieceTokenizer:
+    """A WordPiece vocabulary learnt from `texts` for any script: NFKC and lower-casing but no accent
+    stripping (which would delete the vowel signs of Devanagari, Bengali or Thai), CJK ideographs split one
+    per token as BERT does, and every character of the texts in the vocabulary; others read as [UNK]."""
+    from tokenizers import normalizers, pre_tokenizers, processors, trainers
+    from tokenizers.models import WordPiece
+
+    backend = _RustTokenizer(WordPiece(unk_token="[UNK]", max_input_chars_per_word=100))
+    backend.normalizer = normalizers.Sequence(
+        [
+            normalizers.NFKC(),
+            normalizers.BertNormalizer(
+                clean_text=True, handle_chinese_chars=True, strip_accents=False, lowercase=True
+            ),
+        ]
+    )
+    backend.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    trainer = trainers.WordPieceTrainer(
+        vocab_size=vocab_size,
+        special_tokens=list(SPECIAL_TOKENS),
+        continuing_subword_prefix="##",
+        show_progress=False,
+    )
+    backend.train_from_iterator(texts, trainer=trainer)
+    # The trainer keeps a character in the form it was seen in (word-initial or ##-continued); with both forms
+    # of each, a word fails only on a character never seen, which `unknown_characters` then names.
+    vocab = backend.get_vocab()
+    chars = {t.removeprefix("##") for t in vocab if len(t.removeprefix("##")) == 1}
+    for form in sorted({f for c in chars for f in (c, f"##{c}")} - set(vocab)):
+        vocab[form] = len(vocab)
+    backend.model = WordPiece(vocab, unk_token="[UNK]", max_input_chars_per_word=100)
+    cls, sep = backend.token_to_id("[CLS]"), backend.token_to_id("[SEP]")
+    backend.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", special_tokens=[("[CLS]", cls), ("[SEP]", sep)]
+    )
+    return WordPieceTokenizer(backend, context_length=context_length, source="trained WordPiece")

@@ -84,14 +84,23 @@ def build_model(loaded: Loaded, towers: Towers = "both") -> CLIP:
     return model.eval()
 
 
+# Names of the models clipforge installs in its cache, and the command that makes each.
+NAMED_MODELS = {
+    "default": (paths.default_model_dir, "run `make demo` (trains it on the open corpus)"),
+    "default-multilingual": (
+        paths.multilingual_model_dir,
+        "run `clipforge train-multilingual --teacher MODEL` (distils it from a default model)",
+    ),
+}
+
+
 def resolve(path: str | Path) -> Path:
-    """'default' names the default model in the cache; anything else is a local path."""
-    if str(path) == "default":
-        d = paths.default_model_dir()
+    """'default' and 'default-multilingual' name the models in the cache; anything else is a local path."""
+    if str(path) in NAMED_MODELS:
+        where, how = NAMED_MODELS[str(path)]
+        d = where()
         if not (d / FORMAT_FILE).exists():
-            raise FileNotFoundError(
-                f"no default model at {d} yet: run `make demo` (trains it on the open corpus) or pass a model path"
-            )
+            raise FileNotFoundError(f"no {path} model at {d} yet: {how} or pass a model path")
         return d
     p = Path(path).expanduser()
     if not p.exists():

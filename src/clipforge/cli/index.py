@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from dataclasses import asdict
 from pathlib import Path
 
 from clipforge.cli.common import add_json_flag, emit
@@ -155,11 +156,15 @@ def _register_search(sub: argparse._SubParsersAction) -> None:
     add_json_flag(s)
     s.set_defaults(run=lambda a: search(Path(a.collection), a, a.json))
 
-    d = sub.add_parser("dedup", help="groups of near-duplicate items")
+    d = sub.add_parser("dedup", help="groups of duplicates: same file, same photo, similar shots")
     d.add_argument("collection")
-    d.add_argument("--threshold", type=float, default=0.95, help="cosine at or above which two items match")
+    d.add_argument("--threshold", type=float, default=None, help="cosine at or above which shots are similar")
+    d.add_argument("--photo-hamming", type=int, default=None, help="hash bits (of 63) within: same photo")
+    d.add_argument("--photo-cosine", type=float, default=None, help="cosine at or above: same photo")
     add_json_flag(d)
-    d.set_defaults(run=lambda a: dedup(Path(a.collection), a.threshold, a.json))
+    d.set_defaults(
+        run=lambda a: dedup(Path(a.collection), a.threshold, a.photo_hamming, a.photo_cosine, a.json)
+    )
 
 
 def _register_embed(sub: argparse._SubParsersAction) -> None:
@@ -392,19 +397,40 @@ def _relevance(value: float | None) -> str:
     return "   -" if value is None else f"{value:.2f}"  # None: too few items to estimate it
 
 
-def dedup(path: Path, threshold: float, as_json: bool) -> int:
+def dedup(
+    path: Path, threshold: float | None, photo_hamming: int | None, photo_cosine: float | None, as_json: bool
+) -> int:
     from clipforge.index import Collection
+    from clipforge.media.duplicates import Thresholds, find_duplicates
 
-    if not -1.0 <= threshold <= 1.0:
+    if threshold is not None and not -1.0 <= threshold <= 1.0:
         raise ValueError(f"--threshold is a cosine in [-1, 1], got {threshold}")
+    given = {"similar_cosine": threshold, "photo_hamming": photo_hamming, "photo_cosine": photo_cosine}
+    t = Thresholds(**{k: v for k, v in given.items() if v is not None})
     with Collection.open(path, readonly=True) as coll:
-        groups = coll.dedup(threshold)
+        groups = find_duplicates(coll, t)
     out = [
-        [{"id": h.id, "path": h.path, "caption": h.caption, "score": round(h.score, 6)} for h in g]
+        [
+            {
+                "id": m.hit.id,
+                "path": m.hit.path,
+                "caption": m.hit.caption,
+                "score": round(m.hit.score, 6),
+                "tier": m.tier,
+            }
+            for m in g
+        ]
         for g in groups
     ]
-    text = "\n\n".join("\n".join(f"{m['score']:.4f}  {m['path'] or m['caption']}" for m in g) for g in out)
-    emit({"threshold": threshold, "groups": out}, as_json, text or "no near-duplicates")
+    text = "\n\n".join(
+        "\n".join(f"{m['score']:.4f}  {m['tier'] or 'anchor':<10}  {m['path'] or m['caption']}" for m in g)
+        for g in out
+    )
+    emit(
+        {"threshold": t.similar_cosine, "thresholds": asdict(t), "groups": out},
+        as_json,
+        text or "no near-duplicates",
+    )
     return 0
 
 

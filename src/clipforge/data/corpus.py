@@ -212,9 +212,9 @@ def _openclipart_item(
     )
 
 
-def emojibase_index(pkg: Path) -> dict[str, tuple[str, list[str]]]:
-    """hex_key -> (CLDR label, tags) from emojibase-data's English data."""
-    data = json.loads((pkg / "en" / "data.json").read_text("utf-8"))
+def emojibase_index(pkg: Path, locale: str = "en") -> dict[str, tuple[str, list[str]]]:
+    """hex_key -> (CLDR label, tags) from emojibase-data's data for one locale (English by default)."""
+    data = json.loads((pkg / locale / "data.json").read_text("utf-8"))
     return {cap.hex_key(e["hexcode"]): (e["label"], e.get("tags") or []) for e in data}
 
 

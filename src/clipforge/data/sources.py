@@ -62,6 +62,7 @@ from clipforge.data.sample import (
     resolve_image,
 )
 from clipforge.data.tars import is_remote, is_shard_source, shard_samples, shard_urls
+from clipforge.media.formats import EXTRA_IMAGE_EXTENSIONS
 
 if TYPE_CHECKING:
     import numpy as np
@@ -87,7 +88,11 @@ __all__ = [
 ]
 
 MANIFEST_SUFFIXES = (".jsonl", ".csv", ".tsv")
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+# Pillow's formats, then HEIC/HEIF, AVIF and camera RAW (read through `clipforge.media` with the [media] extra;
+# without it such a file is reported as unreadable rather than silently left out of a folder).
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff") + tuple(
+    sorted(EXTRA_IMAGE_EXTENSIONS)
+)
 CAPTION_SEPARATOR = "|"  # between several captions in one CSV/TSV cell
 
 

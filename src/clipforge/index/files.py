@@ -10,10 +10,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from clipforge.data.sources import IMAGE_SUFFIXES
+
 if TYPE_CHECKING:
     from PIL import Image
 
-IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
+IMAGE_EXTENSIONS = frozenset(IMAGE_SUFFIXES)  # one list for every folder walk, data/sources.py's
 
 
 @dataclass

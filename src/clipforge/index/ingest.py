@@ -19,6 +19,7 @@ import numpy as np
 
 from clipforge.data.sources import SourceError, source_kind
 from clipforge.data.tars import is_remote
+from clipforge.media.exif import row_metadata
 
 from . import bulk, files
 from .arrays import as_matrix
@@ -174,7 +175,9 @@ def _flush(store: Store, pending: list, encoder: EncoderLike, report: AddReport)
             report.failed.append((entry.path, v))
             continue
         vecs.append(v)
-        records.append({"path": entry.path, "sha256": entry.sha256, "size": entry.size, "mtime": entry.mtime})
+        meta = row_metadata(entry.data, entry.path)  # EXIF: taken_at, camera, gps, orientation
+        rec = {"path": entry.path, "sha256": entry.sha256, "size": entry.size, "mtime": entry.mtime}
+        records.append({**rec, "metadata": meta})
         old_ids.append(old)
     if vecs:
         commit_replacing(store, np.stack(vecs), records, old_ids, report)
@@ -249,7 +252,10 @@ def _add_files_parallel(
             elif status is not None:
                 report.failed.append((it.key, status))
             else:
-                records.append({"path": it.key, "sha256": sha, "size": size, "mtime": mtime})
+                meta = row_metadata(it.key)  # EXIF, from the header only
+                records.append(
+                    {"path": it.key, "sha256": sha, "size": size, "mtime": mtime, "metadata": meta}
+                )
                 old_ids.append([i for i, _ in known.get(it.key, [])])
         commit_replacing(store, vecs, records, old_ids, report)
         if bar is not None:

@@ -165,8 +165,11 @@ async def decode_image(data: bytes, what: str, max_pixels: int) -> tuple[Any, st
         import io
 
         img = load_image(data, max_pixels=max_pixels, name=what)
-        with Image.open(io.BytesIO(data)) as probe:
-            fmt = probe.format or "PNG"
+        try:
+            with Image.open(io.BytesIO(data)) as probe:
+                fmt = probe.format or "PNG"
+        except Image.UnidentifiedImageError:  # decoded outside Pillow: a camera RAW read by rawpy
+            fmt = "RAW"
         return img, fmt
 
     return await asyncio.to_thread(run)
