@@ -74,7 +74,9 @@ def test_a_raw_file_pillow_cannot_identify_is_searched_by(client):
     from media_files import bayer, dng_bytes, jpeg_bytes
 
     # A DNG under Panasonic's RW2 magic: LibRaw reads it, Pillow does not know the format.
-    data = bytearray(dng_bytes(bayer((200, 100, 50)), jpeg_bytes(Image.new("RGB", (320, 240), (30, 60, 220)))))
+    data = bytearray(
+        dng_bytes(bayer((200, 100, 50)), jpeg_bytes(Image.new("RGB", (320, 240), (30, 60, 220))))
+    )
     data[2:4] = b"U\x00"
     r = client.post("/api/search", files={"image": ("P1000001.RW2", bytes(data), "image/x-panasonic-rw2")})
     assert r.status_code == 200, r.text
