@@ -37,6 +37,8 @@ QUERIES = {
     "a flag": ("flag",),
     "a musical instrument": (
         "guitar",
+        "bassoon",
+        "oboe",
         "violin",
         "piano",
         "trumpet",
@@ -91,7 +93,9 @@ def check_search(collection: Path, query: str, words: tuple[str, ...]) -> bool:
         concept = (h.get("metadata") or {}).get("concept") or "?"
         right = bool(pattern.search(concept))
         found += right
-        print(f"  {h['score']:.3f}  {'+' if right else '-'} {concept:<32}  {h['path']}")
+        rel = h.get("relevance")
+        rel = "  -  " if rel is None else f"{rel:.2f}"
+        print(f"  {h['score']:.3f}  relevance {rel}  {'+' if right else '-'} {concept:<32}  {h['path']}")
     ok = found > 0
     print(
         f"  '{query}': {found} of the top {len(hits)} show the queried concept -> {'OK' if ok else 'MISSED'}"

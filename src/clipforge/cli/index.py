@@ -137,8 +137,9 @@ def _register_search(sub: argparse._SubParsersAction) -> None:
         "--min-relevance",
         type=float,
         default=None,
-        help="drop hits whose relevance estimate (0-1) is below this, so fewer than k may come back "
-        "(default 0.5; 0 keeps the plain top k)",
+        help="drop hits whose relevance estimate (0-1) is below this, so fewer than k may come back (default: "
+        "none, the plain top k; try 0.5). Not on by default: with the default model, 0.5 left 'a red apple' and "
+        "'a flag' over the corpus with no hits although the vector top 5 held them",
     )
     s.add_argument(
         "--sort",
@@ -349,7 +350,7 @@ def _path_prefix(value: str | None) -> str | None:
 
 def search(path: Path, a: argparse.Namespace, as_json: bool) -> int:
     from clipforge.index import Collection
-    from clipforge.index.rank import DEFAULT_MIN_RELEVANCE, date_bound
+    from clipforge.index.rank import date_bound
 
     date_bound(a.after, "--after"), date_bound(a.before, "--before")  # named errors before the model loads
     text, negs = parse_query(a.query)
@@ -368,7 +369,7 @@ def search(path: Path, a: argparse.Namespace, as_json: bool) -> int:
             k=a.k,
             encoder=enc,
             mode=a.mode,
-            min_relevance=DEFAULT_MIN_RELEVANCE if a.min_relevance is None else a.min_relevance,
+            min_relevance=a.min_relevance,
             sort=a.sort,
             path_prefix=_path_prefix(a.path_prefix),
             after=a.after,
