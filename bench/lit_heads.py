@@ -40,7 +40,7 @@ ap.add_argument("--tlr", type=float, default=0.1)
 a = ap.parse_args()
 torch.set_num_threads(a.threads)
 torch.manual_seed(a.seed)
-D = torch.load(a.feats)
+D = torch.load(a.feats, weights_only=True)  # tensors, strings and lists only: nothing in the file runs
 irow = {k: i for i, k in enumerate(D["ikeys"])}
 trow = {c: i for i, c in enumerate(D["caps"])}
 IV, TV = D["iv"].float(), D["tv"].float()
