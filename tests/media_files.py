@@ -129,21 +129,31 @@ def _pack(typ: int, vals: object) -> bytes:
 
 
 def write_video(
-    path: Path, seconds: float, fps: int = 10, size: tuple[int, int] = (64, 48), tags: dict | None = None
+    path: Path,
+    seconds: float,
+    fps: int = 10,
+    size: tuple[int, int] = (64, 48),
+    tags: dict | None = None,
+    rotation: float | None = None,
+    codec: str = "libx264",
+    draw=None,
 ) -> None:
-    """An H.264 video whose frame i (shown at i / fps seconds) is a flat grey of level 3 * i, with a keyframe
-    every second: a frame between keyframes tells decoding-to-the-moment from taking the keyframe before."""
+    """A video whose frame i (shown at i / fps seconds) is a flat grey of level 3 * i (or `draw(i)`, an (H, W, 3)
+    uint8 array), with a keyframe every second: a frame between keyframes tells decoding-to-the-moment from
+    taking the keyframe before. `rotation`: the display matrix's counter-clockwise turn, as phones write it.
+    `codec`: libx264 (.mp4) or libvpx (.webm, which every browser plays)."""
     import av
 
     with av.open(str(path), "w") as out:
         out.metadata.update(tags or {})
-        stream = out.add_stream("libx264", rate=fps)
+        stream = out.add_stream(codec, rate=fps)
         stream.width, stream.height = size
         stream.pix_fmt = "yuv420p"
-        stream.options = {"g": str(fps), "preset": "ultrafast"}
+        stream.options = {"g": str(fps), **({"preset": "ultrafast"} if codec == "libx264" else {})}
+        if rotation is not None:
+            stream.set_display_rotation(rotation)
         for i in range(round(seconds * fps)):
-            level = 3 * i
-            arr = np.full((size[1], size[0], 3), level, np.uint8)
+            arr = np.full((size[1], size[0], 3), 3 * i, np.uint8) if draw is None else draw(i)
             for packet in stream.encode(av.VideoFrame.from_ndarray(arr, format="rgb24")):
                 out.mux(packet)
         for packet in stream.encode():

@@ -97,3 +97,103 @@ def test_items_carry_the_moment_they_were_recorded(tmp_path: Path) -> None:
     assert recording_start({"creation_time": "1970-01-01T00:00:00.000000Z"}) is None
     assert recording_start({"creation_time": "yesterday"}) is None
     assert "taken_at" not in VideoFrameItem("v.mp4", 1.0).metadata
+
+
+def test_a_phone_video_comes_out_upright(tmp_path: Path) -> None:
+    # A phone held upright records 64x48 pictures whose top is the phone's right side, and a display matrix
+    # that turns them a quarter clockwise (-90 counter-clockwise); a quarter the other way for the other hand.
+    def top_white(_: int) -> np.ndarray:
+        arr = np.zeros((48, 64, 3), np.uint8)
+        arr[:24] = 255
+        return arr
+
+    for rotation, white_side in ((-90, "right"), (90, "left"), (180, "bottom")):
+        path = tmp_path / f"portrait{rotation}.mp4"
+        write_video(path, seconds=1.0, rotation=rotation, draw=top_white)
+        [(_, img)] = list(keyframes(path))
+        a = np.asarray(img, np.float32).mean(axis=2)
+        h, w = a.shape
+        assert (w, h) == ((64, 48) if rotation == 180 else (48, 64)), rotation
+        halves = {
+            "right": (a[:, w // 2 :], a[:, : w // 2]),
+            "left": (a[:, : w // 2], a[:, w // 2 :]),
+            "bottom": (a[h // 2 :], a[: h // 2]),
+        }
+        white, black = halves[white_side]
+        assert white.mean() > 200 and black.mean() < 55, (rotation, white.mean(), black.mean())
+
+
+# ---- videos in a collection: `index add` and `index sync` -------------------------------------------------
+
+
+class MeanEncoder:
+    """Fake CLIP: an image's vector is its mean colour plus a constant (so no vector is zero)."""
+
+    identity = {"model": "mean-fake", "fingerprint": "fake:mean:1", "dim": 4}
+    dim = 4
+    logit_scale = 100.0
+
+    def embed_images(self, images: list) -> np.ndarray:
+        return np.array([[*np.asarray(im, np.float32).mean(axis=(0, 1)) / 255, 0.1] for im in images])
+
+    def embed_texts(self, texts: list[str]) -> np.ndarray:
+        return np.tile([0.0, 0.0, 0.0, 1.0], (len(texts), 1))
+
+
+def frame_rows(col, folder: Path) -> dict[str, dict]:
+    """key -> metadata of every row under `folder`."""
+    return {key: col.get(ids[0]).metadata for key, ids in col.keys_under(folder).items()}
+
+
+def test_a_folder_with_videos_adds_a_row_per_sampled_frame(tmp_path: Path) -> None:
+    from PIL import Image
+
+    from clipforge.index import Collection
+
+    folder = tmp_path / "library"
+    folder.mkdir()
+    Image.new("RGB", (32, 32), "red").save(folder / "photo.png")
+    write_video(folder / "clip.mp4", seconds=7.5, tags={"creation_time": "2023-07-14T18:05:09Z"})
+    (folder / "broken.mov").write_bytes(b"\x00not a video" * 50)
+    (folder / "notes.txt").write_text("not media")
+    enc = MeanEncoder()
+    with Collection.create(tmp_path / "col", identity=enc.identity, dim=enc.dim) as col:
+        report = col.add(folder, enc, workers=0)
+        clip = str(folder / "clip.mp4")
+        assert report.added == [str(folder / "photo.png"), clip]  # the video once, not once per frame
+        [(bad, reason)] = report.failed  # named, and the rest of the folder still added
+        assert bad == str(folder / "broken.mov") and reason.startswith("cannot decode video"), reason
+        assert report.skipped == [str(folder / "notes.txt")]
+        rows = frame_rows(col, folder)
+        assert rows[f"{clip}#t=5.0"] == {"video": clip, "t": 5.0, "taken_at": "2023-07-14T18:05:14+00:00"}
+        assert sorted(rows) == sorted([str(folder / "photo.png"), f"{clip}#t=0.0", f"{clip}#t=5.0"])
+        # Each frame's vector is its own moment: frame 50 (5 s) is grey 150, frame 0 black.
+        v = col.vectors(col.keys_under(folder)[f"{clip}#t=5.0"])[0]
+        assert abs(v[0] / v[3] * 0.1 - 150 / 255) < 0.02, v
+        again = col.add(folder, enc, workers=0)
+        assert again.added == [] and clip in again.unchanged
+
+
+def test_sync_removes_a_deleted_video_and_replaces_a_changed_one(tmp_path: Path) -> None:
+    from clipforge.index import Collection
+
+    folder = tmp_path / "library"
+    folder.mkdir()
+    keep, change, delete = (folder / f"{n}.mp4" for n in ("keep", "change", "delete"))
+    for p in (keep, change, delete):
+        write_video(p, seconds=7.5)
+    enc = MeanEncoder()
+    with Collection.create(tmp_path / "col", identity=enc.identity, dim=enc.dim) as col:
+        col.sync(folder, enc, workers=0)
+        assert len(col.keys_under(folder)) == 6
+        delete.unlink()
+        write_video(change, seconds=12.0, fps=5)  # now three frames: 0, 5 and 10 s
+        report = col.sync(folder, enc, workers=0)
+        assert report.removed == [str(delete)]
+        assert report.updated == [str(change)] and report.unchanged == [str(keep)]
+        assert sorted(col.keys_under(folder)) == sorted(
+            [f"{change}#t=0.0", f"{change}#t=5.0", f"{change}#t=10.0", f"{keep}#t=0.0", f"{keep}#t=5.0"]
+        )
+        assert col.sync(folder, enc, workers=0).removed == []  # frame keys are not mistaken for lost files
+        assert col.remove(str(keep)) == 2  # a video's path removes all its frames
+        assert sorted(col.keys_under(folder)) == [f"{change}#t=0.0", f"{change}#t=10.0", f"{change}#t=5.0"]

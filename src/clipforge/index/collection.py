@@ -34,8 +34,9 @@ class Collection(Store):
         workers: int | None = None,
         exact_decode: bool = False,
     ) -> AddReport:
-        """Add image files and folders (recursively), JSONL/CSV/TSV manifests, webdataset shards and
-        `clipforge embed` folders (ingest.py). Unchanged files (same path, same sha256) are skipped, changed
+        """Add image and video files and folders (recursively; a video is one row per sampled frame, keyed
+        `VIDEO#t=SECONDS`), JSONL/CSV/TSV manifests, webdataset shards and `clipforge embed` folders
+        (ingest.py). Unchanged files (same path, same sha256) are skipped, changed
         ones replaced; unreadable images are reported in `failed` and never stop the others.
 
         With a clipforge `Encoder`, files are hashed, decoded (fast JPEG path unless `exact_decode`) and

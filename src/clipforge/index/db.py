@@ -139,6 +139,13 @@ def keys_under(conn: sqlite3.Connection, folder: str) -> dict[str, list[int]]:
     return out
 
 
+def rows_with_prefix(conn: sqlite3.Connection, prefix: str) -> list[tuple[int, str | None]]:
+    """(id, sha256) of every row whose key starts with `prefix` (a range query: the key index is used, and
+    '%' or '_' in a file name are not wildcards)."""
+    upper = prefix[:-1] + chr(ord(prefix[-1]) + 1)
+    return conn.execute("SELECT id, sha256 FROM items WHERE key >= ? AND key < ?", (prefix, upper)).fetchall()
+
+
 def write_batch(
     conn: sqlite3.Connection, vectors: np.ndarray, records: list[dict], drop: Iterable[int]
 ) -> tuple[int, list[int]]:

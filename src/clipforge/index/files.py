@@ -11,11 +11,15 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from clipforge.data.sources import IMAGE_SUFFIXES
+from clipforge.media.formats import VIDEO_EXTENSIONS
+from clipforge.media.video import FRAME_MARK, parse_frame_key
 
 if TYPE_CHECKING:
     from PIL import Image
 
 IMAGE_EXTENSIONS = frozenset(IMAGE_SUFFIXES)  # one list for every folder walk, data/sources.py's
+# A video is stored as one row per sampled frame, keyed `VIDEO#t=SECONDS` (media/video.py).
+INDEXED_EXTENSIONS = IMAGE_EXTENSIONS | VIDEO_EXTENSIONS
 
 
 @dataclass
@@ -36,7 +40,8 @@ def normalise(path: str | os.PathLike) -> str:
 def walk(items: Iterable[str | Path]) -> Iterator[tuple[str, str | None]]:
     """Yield (absolute path, None) for files to try and (path, reason) for paths to report, in sorted order.
 
-    Reasons: "missing" (does not exist) and "not an image" (a non-image file met inside a folder).
+    Reasons: "missing" (does not exist) and "not an image" (a file that is neither an image nor a video, met
+    inside a folder).
     A file named explicitly is always tried, whatever its extension.
     """
     if isinstance(items, (str, Path)):
@@ -48,12 +53,38 @@ def walk(items: Iterable[str | Path]) -> Iterator[tuple[str, str | None]]:
                 dirs.sort()
                 for name in sorted(names):
                     f = Path(root) / name
-                    ok = f.suffix.lower() in IMAGE_EXTENSIONS and not name.startswith(".")
+                    ok = f.suffix.lower() in INDEXED_EXTENSIONS and not name.startswith(".")
                     yield str(f), None if ok else "not an image"
         elif p.is_file():
             yield str(p), None
         else:
             yield str(p), "missing"
+
+
+def is_video(path: str) -> bool:
+    return os.path.splitext(path)[1].lower() in VIDEO_EXTENSIONS
+
+
+def frame_prefix(video: str) -> str:
+    """What the keys of a video's frame rows start with."""
+    return video + FRAME_MARK
+
+
+def backing_file(key: str) -> str:
+    """The file a stored key was read from: a frame's video, else the key itself (a file whose own name
+    looks like a frame key stays itself)."""
+    frame = parse_frame_key(key)
+    return frame[0] if frame and not os.path.isfile(key) else key
+
+
+def hash_file(path: str) -> tuple[str, int, float]:
+    """(sha256, size, mtime) of a file read in chunks: a video may not fit in memory."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+        st = os.fstat(f.fileno())
+    return h.hexdigest(), st.st_size, st.st_mtime
 
 
 def read(path: str) -> FileEntry:

@@ -3,7 +3,8 @@
 `add_inputs` routes each input by the one reader's `data.sources.source_kind`: an embedding folder
 (`clipforge embed` output) is stored as it is, manifests (JSONL/CSV/TSV) and webdataset shards (files,
 folders of .tar, brace patterns, URLs) go through the bulk pipeline (bulk.py), image files and folders are
-hashed, decoded and embedded here, and captions become text rows. Which items are new, changed or unchanged is
+hashed, decoded and embedded here, videos met among them become one row per sampled frame (videos.py), and
+captions become text rows. Which items are new, changed or unchanged is
 decided in one place, changes.py. `sync` makes a folder's rows match the folder. Each batch is one committed
 transaction (store.py), so a killed add or sync leaves whole batches, and running it again finishes it.
 """
@@ -26,6 +27,7 @@ from .arrays import as_matrix
 from .changes import commit_replacing, is_unchanged, stored_rows
 from .store import Store
 from .types import AddReport, EncoderLike
+from .videos import add_videos
 
 TEXT_BATCH = 256
 BULK_KINDS = ("manifest", "shards")
@@ -119,20 +121,28 @@ def _checked(store: Store, encoder: EncoderLike | None) -> EncoderLike:
 def add_files(
     store: Store, items: Iterable[str | Path], encoder: EncoderLike, pipeline: Pipeline = Pipeline()
 ) -> AddReport:
-    """Image files and folders (recursively). A clipforge `Encoder` decodes in worker processes (embed.py);
-    any other encoder gets decoded PIL images in this process."""
+    """Image and video files and folders (recursively). A clipforge `Encoder` decodes images in worker
+    processes (embed.py); any other encoder gets decoded PIL images in this process. Videos are decoded here,
+    a few frames at a time (videos.py)."""
     encoder = _checked(store, encoder)
+    report = AddReport()
+    todo = _walk(items, report)
+    images = [p for p in todo if not files.is_video(p)]
     with store.counting_commits():
-        if uses_pipeline(encoder):
+        if images and uses_pipeline(encoder):
             from .embed import default_workers
 
             w = default_workers() if pipeline.workers is None else pipeline.workers
-            return _add_files_parallel(store, items, encoder, pipeline, w)
-        return _add_files_here(store, items, encoder, pipeline)
+            _add_files_parallel(store, images, encoder, pipeline, w, report)
+        elif images:
+            _add_files_here(store, images, encoder, pipeline, report)
+        add_videos(store, [p for p in todo if files.is_video(p)], encoder, report)
+    return report
 
 
 def _walk(items: Iterable[str | Path], report: AddReport) -> list[str]:
-    """The files to try, once each; missing paths and non-images go to `report`."""
+    """The files to try, once each; missing paths and files that are neither images nor videos go to
+    `report`."""
     todo, seen = [], set()
     for path, reason in files.walk(items):
         if path in seen:
@@ -184,11 +194,9 @@ def _flush(store: Store, pending: list, encoder: EncoderLike, report: AddReport)
 
 
 def _add_files_here(
-    store: Store, items: Iterable[str | Path], encoder: EncoderLike, pipeline: Pipeline
-) -> AddReport:
-    report = AddReport()
+    store: Store, todo: list[str], encoder: EncoderLike, pipeline: Pipeline, report: AddReport
+) -> None:
     pending: list = []  # (FileEntry, decoded image, ids of the rows it replaces)
-    todo = _walk(items, report)
     if pipeline.progress:
         from tqdm import tqdm
 
@@ -214,7 +222,6 @@ def _add_files_here(
             pending = []
     if pending:
         _flush(store, pending, encoder, report)
-    return report
 
 
 def uses_pipeline(encoder: EncoderLike) -> bool:
@@ -223,15 +230,14 @@ def uses_pipeline(encoder: EncoderLike) -> bool:
 
 
 def _add_files_parallel(
-    store: Store, items: Iterable[str | Path], encoder: EncoderLike, pipeline: Pipeline, workers: int
-) -> AddReport:
+    store: Store, paths: list[str], encoder: EncoderLike, pipeline: Pipeline, workers: int, report: AddReport
+) -> None:
     """`_add_files_here` with hashing, decoding and preprocessing in worker processes (embed.py), the model
     in this one. Same semantics: unchanged files (same path and sha256) are hashed but not decoded."""
     from .embed import UNCHANGED, bulk_preprocess, chunks, decode_batches
     from .sources import Item
 
-    report = AddReport()
-    todo = [Item(p, p) for p in _walk(items, report)]
+    todo = [Item(p, p) for p in paths]
     known = {it.key: rows for it in todo if (rows := stored_rows(store, it.key))}
     # A path whose rows all carry the file's current hash is unchanged; the workers check that after hashing.
     same = {k: {rows[0][1]} for k, rows in known.items() if len({sha for _, sha in rows}) == 1}
@@ -262,7 +268,6 @@ def _add_files_parallel(
             bar.update(len(batch))
     if bar is not None:
         bar.close()
-    return report
 
 
 def add_captions(
@@ -310,9 +315,10 @@ def sync(
         raise FileNotFoundError(f"sync needs a folder; {folder} is not one")
     report = AddReport()
     with store.counting_commits():
-        gone = [key for key in store.keys_under(root) if not os.path.isfile(key)]
+        # a frame's key is `VIDEO#t=SECONDS`: it is gone when its video is
+        gone = [key for key in store.keys_under(root) if not os.path.isfile(files.backing_file(key))]
         if gone:
             store.remove(gone)
-            report.removed += sorted(gone)
+            report.removed += sorted({files.backing_file(key) for key in gone})
         merge(report, add_files(store, [root], encoder, pipeline))
     return report

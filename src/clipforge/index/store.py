@@ -263,6 +263,10 @@ class Store:
         """(id, sha256) of the rows stored under `key` (a file's normalised path, or a user key)."""
         return db.lookup(self.conn, key)
 
+    def frame_rows(self, video: str) -> list[tuple[int, str | None]]:
+        """(id, sha256) of the rows of a video's sampled frames (keys `VIDEO#t=SECONDS`)."""
+        return db.rows_with_prefix(self.conn, files.frame_prefix(video))
+
     def caption_id(self, sha256: str) -> int | None:
         """The id of the stored bare caption with this text hash (files.text_sha), if any."""
         return db.caption_id(self.conn, sha256)
@@ -300,7 +304,7 @@ class Store:
         return self.commit(x / norms[:, None], records)
 
     def remove(self, paths_or_ids: Any) -> int:
-        """Remove by id, file path or folder (everything under it). Returns how many rows went."""
+        """Remove by id, file path (a video's: all its frames) or folder (everything under it). Returns how many rows went."""
         self.check_writable()
         items = (
             [paths_or_ids] if isinstance(paths_or_ids, (str, Path, int, np.integer)) else list(paths_or_ids)
@@ -314,6 +318,7 @@ class Store:
                 # normalised path, which is how add stores files
                 for key in {str(it), files.normalise(it)}:
                     ids.update(db.ids_for_key_or_prefix(self.conn, key))
+                    ids.update(i for i, _ in db.rows_with_prefix(self.conn, files.frame_prefix(key)))
             else:
                 raise ValueError(f"remove() takes ids, paths or folders, got {it!r}")
         if ids:

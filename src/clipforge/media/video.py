@@ -3,7 +3,8 @@
 A frame is found by seeking to the keyframe at or before its time and decoding forward to it, so sampling
 costs at most one group of pictures per frame, not the whole video. Every frame passes the pixel and aspect
 guards of `load_image` (the stream's declared size before decoding, each decoded frame's own size after), and
-anything FFmpeg cannot read is an `ImageError` naming the file.
+anything FFmpeg cannot read is an `ImageError` naming the file. Frames come out as a player shows them: the
+stream's display matrix (a phone held upright records landscape pictures and a 90-degree turn) is applied.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from clipforge.transforms import MAX_ASPECT, MAX_PIXELS, ImageError, check_size
 
 DEFAULT_INTERVAL = 5.0  # seconds between sampled frames
 DEFAULT_MAX_FRAMES = 120  # per video: a 10-minute video at the default interval; longer ones are thinned
+FRAME_MARK = "#t="  # between a video's path and a moment in a frame's key
 _KEY = re.compile(r"^(?P<path>.+)#t=(?P<t>\d+(?:\.\d+)?)$")
 
 
@@ -53,7 +55,7 @@ class VideoFrameItem:
 
 
 def frame_key(path: str | os.PathLike, t: float) -> str:
-    return f"{os.fspath(path)}#t={round(t, 3)}"
+    return f"{os.fspath(path)}{FRAME_MARK}{round(t, 3)}"
 
 
 def parse_frame_key(key: str) -> tuple[str, float] | None:
@@ -87,14 +89,29 @@ def keyframes(
     max_aspect: float | None = MAX_ASPECT,
 ) -> Iterator[tuple[float, Image.Image]]:
     """(seconds, RGB frame) every `interval` seconds from the start, at most `max_frames` of them."""
+    for item, img in sampled_frames(path, interval, max_frames, max_pixels=max_pixels, max_aspect=max_aspect):
+        yield item.t, img
+
+
+def sampled_frames(
+    path: str | os.PathLike,
+    interval: float = DEFAULT_INTERVAL,
+    max_frames: int = DEFAULT_MAX_FRAMES,
+    *,
+    max_pixels: int | None = MAX_PIXELS,
+    max_aspect: float | None = MAX_ASPECT,
+) -> Iterator[tuple[VideoFrameItem, Image.Image]]:
+    """Each moment `keyframes` samples as an item (its key and row metadata) with its decoded RGB frame,
+    from one opening of the file (what an index adds)."""
     label = os.fspath(path)
     with _open(label) as (container, stream):
         _check_stream(stream, label, max_pixels, max_aspect)
+        started = recording_start(container.metadata)
         for t in sample_times(_duration(container, stream), interval, max_frames):
             img = _frame(container, stream, t, label, max_pixels, max_aspect)
             if img is None:  # past the end (a duration the container overstated, or none given)
                 return
-            yield t, img
+            yield VideoFrameItem(label, t, started), img
 
 
 def video_items(
@@ -188,5 +205,17 @@ def _frame(container, stream, t: float, label: str, max_pixels: int | None, max_
         if frame.time is not None and frame.time < t - slack:
             continue
         check_size((frame.width, frame.height), max_pixels, max_aspect, label)
-        return frame.to_image()  # RGB
+        return upright(frame.to_image(), frame.rotation)  # RGB
     return None
+
+
+# PIL's turns, counter-clockwise, by quarter turns of the display matrix
+_QUARTER_TURNS = (None, Image.Transpose.ROTATE_90, Image.Transpose.ROTATE_180, Image.Transpose.ROTATE_270)
+
+
+def upright(img: Image.Image, rotation: float) -> Image.Image:
+    """`img` as a player shows it: the display matrix turns the decoded picture `rotation` degrees
+    counter-clockwise (PyAV's `VideoFrame.rotation`; -90 for a phone held upright). Angles that are not
+    quarter turns, which no camera writes, go to the nearest one."""
+    turn = _QUARTER_TURNS[round(rotation / 90) % 4]
+    return img if turn is None else img.transpose(turn)

@@ -1,0 +1,72 @@
+"""Videos into a collection: one row per sampled frame (media/video.py samples them), keyed `VIDEO#t=SECONDS`.
+
+Every frame row carries the whole video's sha256, size and mtime, so a video is new, unchanged or changed as a
+whole: a changed video's old frames are dropped in the transaction that stores its new ones, and a video is
+one line of the add report (its path), not one per frame. Frames are decoded in this process, a few at a time,
+so a long 4K video never holds more than `FRAME_BATCH` decoded frames.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import numpy as np
+
+from clipforge.media.video import sampled_frames
+
+from . import files
+from .arrays import as_matrix
+from .changes import commit_replacing, is_unchanged
+from .store import Store
+from .types import AddReport, EncoderLike
+
+FRAME_BATCH = 16  # decoded frames held at once
+
+
+def add_videos(store: Store, paths: list[str], encoder: EncoderLike, report: AddReport) -> None:
+    """Add each video's sampled frames; a video that cannot be read or decoded goes to `report.failed` with
+    the reason, and the others go on."""
+    for path in paths:
+        try:
+            sha, size, mtime = files.hash_file(path)
+        except OSError as e:
+            report.failed.append((path, f"cannot read: {e.strerror or e}"))
+            continue
+        old = store.frame_rows(path)
+        if is_unchanged(old, sha):
+            report.unchanged.append(path)
+            continue
+        try:
+            vectors, metas = _embed_frames(path, encoder, store.dim)
+        except Exception as e:  # noqa: BLE001 - ImageError, a codec's or the encoder's error: reported per video
+            report.failed.append((path, files.failure_reason(e, path)))
+            continue
+        if not metas:
+            report.failed.append((path, "no frame could be decoded"))
+            continue
+        file = {"sha256": sha, "size": size, "mtime": mtime}
+        records = [{"path": key, **file, "metadata": meta} for key, meta in metas]
+        frames = AddReport()  # per-frame bookkeeping; the caller's report names the video once
+        commit_replacing(store, vectors, records, [[i for i, _ in old]] + [[]] * (len(records) - 1), frames)
+        report.ids += frames.ids
+        (report.updated if old else report.added).append(path)
+
+
+def _embed_frames(path: str, encoder: EncoderLike, dim: int) -> tuple[np.ndarray, list[tuple[str, dict]]]:
+    """Vectors (F, D) of the video's sampled frames and (key, metadata) of each."""
+    vecs, metas = [], []
+    for batch in _batches(sampled_frames(path), FRAME_BATCH):
+        vecs.append(as_matrix(encoder.embed_images([img for _, img in batch]), dim, "encoder output"))
+        metas += [(item.key, item.metadata) for item, _ in batch]
+    return (np.concatenate(vecs) if vecs else np.zeros((0, dim), np.float32)), metas
+
+
+def _batches(it: Iterator, n: int) -> Iterator[list]:
+    batch: list = []
+    for x in it:
+        batch.append(x)
+        if len(batch) == n:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
