@@ -521,6 +521,42 @@ def test_images_and_thumbnails_by_id_only(served):
     assert client.get(f"/api/items/{some}").json()["id"] == some
 
 
+def test_a_video_moment_serves_its_video_by_id_only(tmp_path):
+    from media_files import write_video
+
+    col, labels = build_collection(tmp_path, n=8, captions=False)
+    videos = tmp_path / "videos"
+    videos.mkdir()
+    clip = videos / "clip.mp4"
+    write_video(clip, seconds=7.5)  # frame i is grey 3 * i: the moment at 5 s is grey 150
+    with Collection.open(col) as c:
+        c.add([videos], ShapeEncoder(), workers=0)
+        moment = c.keys_under(videos)[f"{clip}#t=5.0"][0]
+    image_id = next(iter(labels))
+    with TestClient(create_app(make_config(col, tmp_path), encoder=ShapeEncoder())) as client:
+        hit = client.get(f"/api/items/{moment}").json()
+        assert hit["video_url"] == f"/api/videos/{moment}" and hit["t"] == 5.0 and hit["name"] == "clip.mp4"
+        assert hit["image_url"] is None and str(tmp_path) not in json.dumps(hit)  # never the server path
+        r = client.get(hit["video_url"])
+        assert r.status_code == 200 and r.headers["content-type"] == "video/mp4"
+        assert r.content == clip.read_bytes()
+        # Byte ranges: what a browser's video element asks for to seek to the moment.
+        part = client.get(hit["video_url"], headers={"Range": "bytes=0-99"})
+        assert part.status_code == 206 and part.content == clip.read_bytes()[:100]
+        thumb = client.get(hit["thumb_url"])
+        assert thumb.status_code == 200 and thumb.headers["content-type"] == "image/jpeg"
+        assert abs(np.asarray(Image.open(io.BytesIO(thumb.content)), np.float32).mean() - 150) < 6
+        assert "/api/videos/" in error_of(client.get(f"/api/images/{moment}"))
+        for url in (f"/api/videos/{image_id}", "/api/videos/999999", "/api/videos/-1"):
+            r = client.get(url)
+            assert r.status_code == 404, url
+            error_of(r)
+        for url in ("/api/videos/..%2F..%2Fetc%2Fpasswd", "/api/videos/abc"):
+            assert client.get(url).status_code in (404, 422), url
+        clip.unlink()
+        assert "no longer on the server" in error_of(client.get(hit["video_url"]))
+
+
 # ---------------------------------------------------------------------------------------- service
 def test_health_info_metrics_openapi_and_page(served):
     client, labels, _ = served
@@ -548,6 +584,7 @@ def test_health_info_metrics_openapi_and_page(served):
         "/api/embed",
         "/api/images/{id}",
         "/api/thumbs/{id}",
+        "/api/videos/{id}",
         "/healthz",
         "/api/index/add",
         "/api/index/{id}",

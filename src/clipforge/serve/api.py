@@ -18,7 +18,7 @@ from clipforge.index.rank import Ranking
 from clipforge.zeroshot import load_templates
 
 from .bodies import BadRequest, b64decode, decode_image, read_body
-from .engine import Engine
+from .engine import Engine, frame_of
 from .schemas import (
     HARD_MAX_K,
     MAX_TEXT_CHARS,
@@ -50,6 +50,20 @@ def engine(request: Request) -> Engine:
 
 
 def hit_out(h: Hit) -> HitOut:
+    frame = frame_of(h)
+    if frame is not None:  # a moment of a video: its file's name, and the video's server path left out
+        meta = {k: v for k, v in h.metadata.items() if k != "video"}
+        return HitOut(
+            id=h.id,
+            score=h.score,
+            relevance=h.relevance,
+            name=Path(frame[0]).name,
+            caption=h.caption,
+            metadata=meta,
+            thumb_url=f"/api/thumbs/{h.id}",
+            video_url=f"/api/videos/{h.id}",
+            t=frame[1],
+        )
     has_image = bool(h.path)
     return HitOut(
         id=h.id,
@@ -256,6 +270,13 @@ async def embed(request: Request) -> EmbedResponse:
 async def image(request: Request, id: int) -> FileResponse:
     """The original image file of a stored item (by id only: paths never come from the request)."""
     return FileResponse(await engine(request).image_file(id), headers={"Cache-Control": "max-age=3600"})
+
+
+@router.get("/api/videos/{id}", responses=ERRORS, tags=["items"], response_class=FileResponse)
+async def video(request: Request, id: int) -> FileResponse:
+    """The video file of a stored moment of a video (by id only, as images), with byte ranges, so a page's
+    video element can seek to the moment."""
+    return FileResponse(await engine(request).video_file(id), headers={"Cache-Control": "max-age=3600"})
 
 
 @router.get("/api/thumbs/{id}", responses=ERRORS, tags=["items"], response_class=FileResponse)

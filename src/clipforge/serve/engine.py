@@ -34,6 +34,7 @@ from clipforge.index import Collection, Hit
 from clipforge.index.query import combine
 from clipforge.index.rank import Ranking, query_words
 from clipforge.index.types import EncoderLike
+from clipforge.media.video import parse_frame_key
 
 from .config import ServeConfig, default_thumb_dir
 
@@ -234,30 +235,44 @@ class Engine:
         return {"decision": result["decision"], "categories": cats}
 
     # ---- files --------------------------------------------------------------------------------------
+    # Paths come only from stored rows, never from a request: a route names an item by its id.
     async def image_file(self, id: int) -> Path:
         hit = await self.get(id)
         if not hit.path:
             raise NotFound(f"item {id} is a text item and has no image")
-        p = Path(hit.path)
-        if not p.is_file():
-            raise NotFound(f"the image file of item {id} is no longer on the server")
-        return p
+        if frame_of(hit):
+            raise NotFound(f"item {id} is a moment of a video: /api/videos/{id} serves the video")
+        return _on_server(Path(hit.path), f"the image file of item {id}")
+
+    async def video_file(self, id: int) -> Path:
+        """The video file of an item that is one of its sampled frames."""
+        frame = frame_of(await self.get(id))
+        if frame is None:
+            raise NotFound(f"item {id} is not a moment of a video")
+        return _on_server(Path(frame[0]), f"the video file of item {id}")
 
     async def thumbnail(self, id: int) -> Path:
-        """A JPEG of at most thumb_size per side, made once and cached under the item's content hash."""
+        """A JPEG of at most thumb_size per side (a video frame's: the frame at its moment), made once and
+        cached under the item's content hash."""
         hit = await self.get(id)
         size = self.config.thumb_size
         target = self.thumb_dir / f"{id}-{(hit.sha256 or 'nohash')[:16]}-{size}.jpg"
         if target.is_file():
             return target
-        src = await self.image_file(id)
-        await asyncio.to_thread(self._make_thumb, src, target, size)
+        frame = frame_of(hit)
+        src = await (self.video_file(id) if frame else self.image_file(id))
+        await asyncio.to_thread(self._make_thumb, src, target, size, frame[1] if frame else None)
         return target
 
-    def _make_thumb(self, src: Path, target: Path, size: int) -> None:
+    def _make_thumb(self, src: Path, target: Path, size: int, t: float | None) -> None:
         from clipforge.transforms import load_image
 
-        img = load_image(src, max_pixels=self.config.max_pixels, draft_size=size)
+        if t is None:
+            img = load_image(src, max_pixels=self.config.max_pixels, draft_size=size)
+        else:
+            from clipforge.media.video import frame_at
+
+            img = frame_at(src, t, max_pixels=self.config.max_pixels)
         img.thumbnail((size, size))
         buf = io.BytesIO()
         img.save(buf, format="JPEG", quality=85)
@@ -311,6 +326,20 @@ class Engine:
         n = await self.on_writer(run)
         await self.on_reader(self._refresh)
         return n
+
+
+def frame_of(hit: Hit) -> tuple[str, float] | None:
+    """(video path, seconds) of a hit that is a sampled frame of a video (index/videos.py stores them with
+    `video` and `t` in their metadata), else None."""
+    if not hit.path or "video" not in hit.metadata:
+        return None
+    return parse_frame_key(hit.path)
+
+
+def _on_server(p: Path, what: str) -> Path:
+    if not p.is_file():
+        raise NotFound(f"{what} is no longer on the server")
+    return p
 
 
 def _check_id(id: int) -> None:

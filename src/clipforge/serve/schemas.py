@@ -71,6 +71,8 @@ class HitOut(BaseModel):
     metadata: dict[str, Any] = {}
     image_url: str | None = None
     thumb_url: str | None = None
+    video_url: str | None = Field(None, description="the video file of a moment of a video")
+    t: float | None = Field(None, description="a moment of a video: its time in the video, in seconds")
 
 
 class SearchResponse(BaseModel):
