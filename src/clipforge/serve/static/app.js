@@ -9,6 +9,7 @@ const $ = (id) => document.getElementById(id);
 let query = null;
 let page = 0;
 let lastImage = null; // {file} or {id}: what the classify and moderation panels use when given no file
+let searchSeq = 0; // only the newest search may render: options changed quickly start overlapping requests
 
 function setStatus(el, text, isError = false) {
   el.textContent = text;
@@ -35,46 +36,95 @@ async function loadInfo() {
   }
 }
 
+// The search options the page's controls set, in the API's names (shared by every kind of query).
+function searchOptions() {
+  const o = { sort: $("sort").value };
+  if ($("only-relevant").checked) o.min_relevance = Number($("min-relevance").value);
+  if ($("after").value) o.after = $("after").value;
+  // "Taken until" a day includes that day: the API's bound is exclusive, so ask for before the next midnight.
+  if ($("before").value) o.before = nextDay($("before").value);
+  return o;
+}
+
+function nextDay(isoDate) {
+  const d = new Date(`${isoDate}T00:00:00Z`);
+  d.setUTCDate(d.getUTCDate() + 1);
+  return d.toISOString().slice(0, 10);
+}
+
+function postJSON(body) {
+  return api("/api/search", {
+    method: "POST",
+    headers: { "Content-Type": "application/json" },
+    body: JSON.stringify(body),
+  });
+}
+
 function searchRequest(offset) {
   const k = PER_PAGE + 1; // one extra tells whether a next page exists
+  const options = searchOptions();
   if (query.kind === "text") {
-    const params = new URLSearchParams({ q: query.q, k, offset });
-    return api(`/api/search?${params}`);
+    const mode = $("mode").value; // "": the server's choice (hybrid where the collection has words)
+    return postJSON({ text: query.q, k, offset, ...options, ...(mode ? { mode } : {}) });
   }
   if (query.kind === "image") {
     const form = new FormData();
     form.append("image", query.file);
-    form.append("k", k);
-    form.append("offset", offset);
+    for (const [name, value] of Object.entries({ k, offset, ...options })) form.append(name, value);
     return api("/api/search", { method: "POST", body: form });
   }
-  return api("/api/search", {
-    method: "POST",
-    headers: { "Content-Type": "application/json" },
-    body: JSON.stringify({ like: query.id, k, offset }),
-  });
+  return postJSON({ like: query.id, k, offset, ...options });
 }
 
 async function runSearch(newQuery, newPage = 0) {
   if (newQuery) query = newQuery;
   if (!query) return;
   page = newPage;
+  const ticket = ++searchSeq;
   setStatus($("summary"), "Searching…");
   try {
     const res = await searchRequest(page * PER_PAGE);
+    if (ticket !== searchSeq) return;
     const shown = res.results.slice(0, PER_PAGE);
     render(shown);
     const what = query.kind === "text" ? `“${query.q}”` : query.kind === "image" ? "your image" : `item ${query.id}`;
+    const none = $("only-relevant").checked ? `No relevant results for ${what}.` : `No results for ${what}.`;
     setStatus($("summary"), shown.length
       ? `Results ${page * PER_PAGE + 1}–${page * PER_PAGE + shown.length} for ${what} (${res.took_ms.toFixed(0)} ms)`
-      : `No results for ${what}.`);
+      : none);
     $("prev").disabled = page === 0;
     $("next").disabled = res.results.length <= PER_PAGE;
     $("page-label").textContent = `Page ${page + 1}`;
   } catch (e) {
+    if (ticket !== searchSeq) return;
     render([]);
     setStatus($("summary"), e.message, true);
   }
+}
+
+function clock(seconds) {
+  const s = Math.floor(seconds);
+  const hms = [Math.floor(s / 3600), Math.floor(s / 60) % 60, s % 60];
+  const text = hms.map((x) => String(x).padStart(2, "0")).join(":");
+  return hms[0] ? text : text.slice(3).replace(/^0/, "");
+}
+
+// A moment of a video: the video itself, opened at the moment (the #t= media fragment; currentTime as well,
+// for a browser that ignores the fragment), with the frame as its poster until it loads.
+function momentVideo(hit, label) {
+  const video = document.createElement("video");
+  video.className = "thumb";
+  video.controls = true;
+  video.muted = true;
+  video.preload = "metadata";
+  video.poster = hit.thumb_url;
+  video.src = `${hit.video_url}#t=${hit.t}`;
+  video.dataset.t = hit.t;
+  video.setAttribute("aria-label", `${label} at ${clock(hit.t)}`);
+  video.addEventListener("loadedmetadata", () => {
+    if (Math.abs(video.currentTime - hit.t) > 0.05) video.currentTime = hit.t;
+  });
+  return video;
 }
 
 function render(hits) {
@@ -86,9 +136,14 @@ function render(hits) {
     const li = card.querySelector("li");
     li.dataset.id = hit.id;
     li.dataset.rank = i;
-    const label = hit.caption || hit.name || `item ${hit.id}`;
+    const taken = hit.metadata && hit.metadata.taken_at;
+    if (taken) li.dataset.taken = taken;
+    let label = hit.caption || hit.name || `item ${hit.id}`;
     const thumbButton = card.querySelector(".thumb-button");
-    if (hit.thumb_url) {
+    if (hit.video_url) {
+      label = `${hit.name} at ${clock(hit.t)}`;
+      thumbButton.replaceWith(momentVideo(hit, hit.name));
+    } else if (hit.thumb_url) {
       const img = card.querySelector(".thumb");
       img.src = hit.thumb_url;
       img.alt = label;
@@ -101,8 +156,11 @@ function render(hits) {
       thumbButton.replaceWith(text);
     }
     card.querySelector(".score").textContent = `score ${hit.score.toFixed(3)}`;
+    // No estimate (a collection too small to judge by) shows nothing rather than a made-up number.
+    card.querySelector(".relevance").textContent = hit.relevance == null ? "" : `relevance ${hit.relevance.toFixed(2)}`;
     card.querySelector(".caption").textContent = label;
     card.querySelector(".caption").title = label;
+    card.querySelector(".date").textContent = taken ? `taken ${taken.slice(0, 10)}` : "";
     const like = card.querySelector(".like");
     like.setAttribute("aria-label", `More like ${label}`);
     like.addEventListener("click", () => {
@@ -231,6 +289,16 @@ function init() {
     drop.classList.remove("over");
     searchByFile(e.dataTransfer.files[0]);
   });
+  // A changed option runs the current search again, from its first page.
+  const rerun = () => runSearch(null, 0);
+  $("only-relevant").addEventListener("change", () => {
+    $("min-relevance").disabled = !$("only-relevant").checked;
+    rerun();
+  });
+  $("min-relevance").addEventListener("input", () => {
+    $("min-relevance-value").textContent = Number($("min-relevance").value).toFixed(2);
+  });
+  for (const id of ["min-relevance", "mode", "after", "before", "sort"]) $(id).addEventListener("change", rerun);
   $("prev").addEventListener("click", () => runSearch(null, Math.max(0, page - 1)));
   $("next").addEventListener("click", () => runSearch(null, page + 1));
   $("classify-form").addEventListener("submit", classify);
