@@ -197,3 +197,32 @@ def test_sync_removes_a_deleted_video_and_replaces_a_changed_one(tmp_path: Path)
         assert col.sync(folder, enc, workers=0).removed == []  # frame keys are not mistaken for lost files
         assert col.remove(str(keep)) == 2  # a video's path removes all its frames
         assert sorted(col.keys_under(folder)) == [f"{change}#t=0.0", f"{change}#t=10.0", f"{change}#t=5.0"]
+
+
+def test_index_add_and_sync_take_videos_from_the_command_line(tmp_path: Path, capsys) -> None:
+    import json
+
+    from conftest import save_tiny_model
+    from PIL import Image
+
+    from clipforge.cli import main
+
+    def run(*args) -> dict:
+        assert main([str(a) for a in args]) == 0, capsys.readouterr().err
+        return json.loads(capsys.readouterr().out)
+
+    model = save_tiny_model(tmp_path / "model")  # a real Encoder: images decode in its pipeline, videos here
+    folder = tmp_path / "library"
+    folder.mkdir()
+    Image.new("RGB", (40, 40), "blue").save(folder / "photo.png")
+    write_video(folder / "clip.mp4", seconds=7.5)
+    (folder / "broken.mp4").write_bytes(b"\x00not a video" * 50)
+    col = tmp_path / "col"
+    run("index", "create", col, "--model", model, "--json")
+    out = run("index", "add", col, folder, "--workers", "0", "--json")
+    assert (out["added"], out["rows"]) == (2, 3), out  # the photo, the video's two moments
+    [failure] = out["failed"]
+    assert failure["path"] == str(folder / "broken.mp4") and failure["reason"].startswith("cannot decode video")
+    (folder / "clip.mp4").unlink()
+    out = run("index", "sync", col, folder, "--workers", "0", "--json")
+    assert (out["removed"], out["unchanged"], out["rows"]) == (1, 1, 1), out
