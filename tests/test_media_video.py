@@ -222,7 +222,8 @@ def test_index_add_and_sync_take_videos_from_the_command_line(tmp_path: Path, ca
     out = run("index", "add", col, folder, "--workers", "0", "--json")
     assert (out["added"], out["rows"]) == (2, 3), out  # the photo, the video's two moments
     [failure] = out["failed"]
-    assert failure["path"] == str(folder / "broken.mp4") and failure["reason"].startswith("cannot decode video")
+    assert failure["path"] == str(folder / "broken.mp4")
+    assert failure["reason"].startswith("cannot decode video"), failure
     (folder / "clip.mp4").unlink()
     out = run("index", "sync", col, folder, "--workers", "0", "--json")
     assert (out["removed"], out["unchanged"], out["rows"]) == (1, 1, 1), out
