@@ -13,6 +13,7 @@ import zipfile
 from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -168,8 +169,11 @@ def _bn(x: torch.Tensor, sd: dict, name: str) -> torch.Tensor:
     )  # fmt: skip
 
 
-def reference_efficientnet_lite0(sd: dict, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(pooled (B, 1280), logits of the `_fc` head) written from EfficientNet-Lite's definition."""
+def reference_efficientnet_lite0(
+    sd: dict, x: torch.Tensor, stage_pools: list | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(pooled (B, 1280), logits of the `_fc` head) written from EfficientNet-Lite's definition; appends the
+    global average of each stage's output to `stage_pools` when given."""
     stages = [(1, 3, 1, 16, 1), (6, 3, 2, 24, 2), (6, 5, 2, 40, 2), (6, 3, 2, 80, 3), (6, 5, 1, 112, 3),
               (6, 5, 2, 192, 4), (6, 3, 1, 320, 1)]  # fmt: skip
     x = F.relu6(_bn(_tf_same_conv(x, sd["_conv_stem.weight"], 2), sd, "_bn0"))
@@ -185,6 +189,8 @@ def reference_efficientnet_lite0(sd: dict, x: torch.Tensor) -> tuple[torch.Tenso
             h = _bn(F.conv2d(h, sd[p + "_project_conv.weight"]), sd, p + "_bn2")
             x = x + h if s == 1 and c_in == c_out else h
             i, c_in = i + 1, c_out
+        if stage_pools is not None:
+            stage_pools.append(x.mean(dim=(2, 3)))
     x = F.relu6(_bn(F.conv2d(x, sd["_conv_head.weight"]), sd, "_bn1"))
     pooled = x.mean(dim=(2, 3))
     return pooled, F.linear(pooled, sd["_fc.weight"], sd["_fc.bias"])
@@ -246,6 +252,58 @@ def test_efficientnet_tower_matches_reference(size):
         pooled = model.visual.trunk(x)
     ref, _ = reference_efficientnet_lite0(sd, x)
     torch.testing.assert_close(pooled, ref, atol=1e-5, rtol=1e-4)
+
+
+def test_multiscale_features_are_the_stage_averages_and_the_colour_histogram():
+    """pool='multiscale': the head's 1,280 averages, the 4x4x4 colour histogram of the un-normalised pixels,
+    then stages 4-7's averages, against the functional reference and a histogram counted with numpy."""
+    sd = random_effnet_state_dict()
+    cfg = small_config().replace(vision={"pool": "multiscale"})
+    model = create_model(cfg, seed=0).eval()
+    model.visual.load_state_dict(convert.from_efficientnet_pytorch(sd), strict=False)
+    pixels = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(3))
+    x = (pixels - 0.5) / 0.5  # the preset's normalisation
+    with torch.no_grad():
+        feats = model.visual.trunk(x)
+    stages: list[torch.Tensor] = []
+    head, _ = reference_efficientnet_lite0(sd, x, stages)
+    hist = np.stack([
+        np.histogramdd(p.reshape(3, -1).T.numpy(), bins=4, range=[(0, 1)] * 3)[0].ravel() / 64**2
+        for p in pixels
+    ])  # fmt: skip
+    assert feats.shape == (2, 1280 + 64 + 80 + 112 + 192 + 320) == (2, model.visual.width)
+    torch.testing.assert_close(feats[:, :1280], head, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(feats[:, 1280:1344], torch.tensor(hist, dtype=torch.float32))
+    torch.testing.assert_close(feats[:, 1344:], torch.cat(stages[3:], 1), atol=1e-5, rtol=1e-4)
+    with pytest.raises(ValueError, match="multiscale"):
+        model.visual.trunk(x, 1)
+    with pytest.raises(ValueError, match="pool"):
+        EfficientNetConfig(pool="max")
+
+
+def test_mlp_head_is_fresh_on_pretrained_towers_and_survives_a_checkpoint(tmp_path):
+    towers = tmp_path / "towers"
+    (towers / TOWER_DIRS["efficientnet"]).mkdir(parents=True)
+    torch.save(random_effnet_state_dict(), towers / TOWER_DIRS["efficientnet"] / EFFICIENTNET_FILE)
+    write_bert_dir(towers / TOWER_DIRS["bert"])
+    text_cfg, _ = read_bert_dir(towers / TOWER_DIRS["bert"], context_length=16)
+    cfg = small_config(text=text_cfg).replace(vision={"pool": "multiscale", "head": "mlp", "head_hidden": 16})
+    model = create_model(cfg, seed=0, pretrained=towers).eval()  # strict: mlp.* are the only new tensors
+    assert set(model.visual.head_names) == {"proj", "mlp.fc1.weight", "mlp.fc1.bias", "mlp.fc2.weight",
+                                            "mlp.fc2.bias"}  # fmt: skip
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        feats = model.visual.trunk(x)
+        out = model.visual.head(feats)
+        torch.testing.assert_close(out, feats @ model.visual.proj + model.visual.mlp(feats))
+        assert (model.visual.mlp(feats) != 0).all(), "the MLP is part of the output"
+    clipforge.save_model(model, tmp_path / "ckpt")
+    loaded, _, _ = clipforge.load(tmp_path / "ckpt")
+    assert loaded.config.vision.head == "mlp" and loaded.config.vision.pool == "multiscale"
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.encode_image(x), model.encode_image(x))
+    with pytest.raises(ValueError, match="head"):
+        EfficientNetConfig(head="conv")
 
 
 # --- trunk / head split ----------------------------------------------------------------------------------------
@@ -737,3 +795,14 @@ def test_lock_text_head_keeps_the_text_towers_own_space(tmp_path):
         train(config(text_cfg.width // 2, "narrow"))
     with pytest.raises(ValueError, match="lock_text_head needs lock_text"):
         TrainConfig(data=("x",), lock_text_head=True)
+
+
+def test_colour_histogram_counts_exactly_in_bfloat16():
+    """bfloat16 cannot count past 256: the histogram of a 64x64 image must still sum to 1 and match float32."""
+    from clipforge.model.efficientnet import colour_histogram
+
+    pixels = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    exact = colour_histogram(pixels)
+    low = colour_histogram(pixels.bfloat16())
+    torch.testing.assert_close(exact.sum(1), torch.ones(2))
+    torch.testing.assert_close(low.float(), exact, atol=2e-3, rtol=1e-2)

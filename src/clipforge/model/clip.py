@@ -30,7 +30,7 @@ class CLIPOutput(NamedTuple):
 def _image_tower(config: CLIPConfig) -> nn.Module:
     v = config.vision
     if isinstance(v, EfficientNetConfig):
-        return EfficientNetLite(v, config.embed_dim)
+        return EfficientNetLite(v, config.embed_dim, config.preprocess)
     if v.kind == "vit":
         return VisionTransformer(v, config.embed_dim, config.activation)
     return ModifiedResNet(v, config.embed_dim)

@@ -11,6 +11,11 @@ For locked-tower training (LiT) the tower splits before any block: `trunk(x, n)`
 last `n` blocks and `head(feats, n)` runs the rest, with `forward(x) == head(trunk(x, n), n)`. The blocks are
 the 16 MBConv blocks then the head convolution (1x1 to 1280), so `num_blocks` is 17 and unlocking 1 block
 trains only the head convolution; the stem always stays in the trunk.
+
+Two options of the config are clipforge's, for the default model (measured in BENCHMARKS.md, "The default
+model"): `pool="multiscale"` feeds the projection the pooled outputs of stages 4-7 and a colour histogram of the
+input beside the head's 1,280 features, and `head="mlp"` adds a residual MLP to the linear projection (open_clip's
+timm towers offer an MLP projection too). The reference is `pool="avg"`, `head="linear"`.
 """
 
 from __future__ import annotations
@@ -21,11 +26,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from clipforge.model.config import EfficientNetConfig
+from clipforge.model.config import EfficientNetConfig, PreprocessConfig
 from clipforge.model.layers import check_unlocked
 
 BN_EPS = 1e-3  # TensorFlow's BatchNorm epsilon, which the ported weights were trained with
 STEM_WIDTH, HEAD_WIDTH = 32, 1280
+COLOUR_LEVELS = 4  # per channel: a 4x4x4 histogram, 64 bins
 # Lite0's stages: (expand ratio, kernel, stride of the first block, output channels, blocks).
 STAGES = (
     (1, 3, 1, 16, 1),
@@ -92,23 +98,58 @@ class MBConv(nn.Module):
         return x + drop_path(h, self.drop_rate, self.training) if self.residual else h
 
 
-class EfficientNetLite(nn.Module):
-    def __init__(self, cfg: EfficientNetConfig, embed_dim: int):
+def colour_histogram(pixels: torch.Tensor, levels: int = COLOUR_LEVELS) -> torch.Tensor:
+    """(B, 3, H, W) pixels in [0, 1] -> (B, levels**3) fraction of pixels in each RGB cell."""
+    q = (pixels.clamp(0, 1) * levels).long().clamp(max=levels - 1)
+    cell = ((q[:, 0] * levels + q[:, 1]) * levels + q[:, 2]).flatten(1)
+    # Counted in float32 whatever the model's dtype: bfloat16 stops counting at 256 (its 8-bit mantissa).
+    counts = torch.zeros(cell.shape[0], levels**3, device=pixels.device)
+    counts.scatter_add_(1, cell, torch.ones_like(cell, dtype=counts.dtype))
+    return (counts / cell.shape[1]).to(pixels.dtype)
+
+
+class MLPHead(nn.Module):
+    """A residual MLP beside the linear projection: the tower's output is `feats @ proj + mlp(feats)`."""
+
+    def __init__(self, width: int, hidden: int, embed_dim: int):
         super().__init__()
+        self.fc1 = nn.Linear(width, hidden)
+        self.fc2 = nn.Linear(hidden, embed_dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(F.gelu(self.fc1(x)))
+
+
+class EfficientNetLite(nn.Module):
+    def __init__(self, cfg: EfficientNetConfig, embed_dim: int, preprocess: PreprocessConfig | None = None):
+        super().__init__()
+        self.multiscale = cfg.pool == "multiscale"
         self.stem = ConvBN(3, STEM_WIDTH, 3, stride=2)
         n_blocks = sum(stage[-1] for stage in STAGES)
-        blocks, c_in = [], STEM_WIDTH
+        blocks, c_in, self.stage_ends = [], STEM_WIDTH, []
         for expand_ratio, kernel, stride, c_out, repeats in STAGES:
             for i in range(repeats):
                 # The reference scales the drop rate linearly with the block's index.
                 rate = cfg.drop_path_rate * len(blocks) / n_blocks
                 blocks.append(MBConv(c_in, c_out, expand_ratio, kernel, stride if i == 0 else 1, rate))
                 c_in = c_out
+            self.stage_ends.append(len(blocks) - 1)
         self.blocks = nn.ModuleList(blocks)
         self.top = ConvBN(
             c_in, HEAD_WIDTH, 1
         )  # the head convolution (named as Keras does, `head` is a method)
-        self.proj = nn.Parameter(torch.empty(HEAD_WIDTH, embed_dim))  # new in CLIP: no bias, as CLIP's
+        width = HEAD_WIDTH
+        if self.multiscale:
+            self.pooled_stages = set(self.stage_ends[3:])  # stages 4-7
+            width += sum(stage[3] for stage in STAGES[3:]) + COLOUR_LEVELS**3
+            # The histogram reads pixels, so the tower undoes the normalisation the config gives. Plain
+            # floats, not buffers: the config is what a checkpoint stores, and loaders that build on the meta
+            # device leave non-persistent buffers empty.
+            pre = preprocess or PreprocessConfig(image_size=cfg.image_size)
+            self.pixel_mean, self.pixel_std = tuple(pre.mean), tuple(pre.std)
+        self.width = width
+        self.proj = nn.Parameter(torch.empty(width, embed_dim))  # new in CLIP: no bias, as CLIP's
+        self.mlp = MLPHead(width, cfg.head_hidden, embed_dim) if cfg.head == "mlp" else None
 
     @torch.no_grad()
     def init_weights(self) -> None:
@@ -116,7 +157,15 @@ class EfficientNetLite(nn.Module):
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-        nn.init.normal_(self.proj, std=HEAD_WIDTH**-0.5)
+        nn.init.normal_(self.proj, std=self.width**-0.5)
+        if self.mlp is not None:
+            self.mlp.fc1.reset_parameters()
+            self.mlp.fc2.reset_parameters()
+
+    @property
+    def head_names(self) -> tuple[str, ...]:
+        """The tensors that are new in CLIP (a pretrained ImageNet checkpoint holds none of them)."""
+        return tuple(n for n in self.state_dict() if n == "proj" or n.startswith("mlp."))
 
     @property
     def num_blocks(self) -> int:
@@ -129,10 +178,26 @@ class EfficientNetLite(nn.Module):
         """(B, 3, H, W) images -> the (B, C, h, w) input of the last `unlocked` blocks; for unlocked == 0, the
         pooled (B, 1280) features before the projection."""
         check_unlocked(unlocked, self.num_blocks)
-        x = self.stem(x.to(self.stem.conv.weight.dtype))
-        for unit in self._units()[: self.num_blocks - unlocked]:
+        if self.multiscale and unlocked:
+            raise ValueError(
+                "pool='multiscale' pools every stage from the 4th on, so the trunk cannot stop inside the "
+                "tower: unlock no image blocks (or use pool='avg')"
+            )
+        x = x.to(self.stem.conv.weight.dtype)
+        pooled = [colour_histogram(self._pixels(x))] if self.multiscale else []
+        x = self.stem(x)
+        for i, unit in enumerate(self._units()[: self.num_blocks - unlocked]):
             x = unit(x)
-        return x.mean(dim=(2, 3)) if unlocked == 0 else x
+            if self.multiscale and i in self.pooled_stages:
+                pooled.append(x.mean(dim=(2, 3)))
+        if unlocked:
+            return x
+        return torch.cat([x.mean(dim=(2, 3)), *pooled], dim=1) if pooled else x.mean(dim=(2, 3))
+
+    def _pixels(self, x: torch.Tensor) -> torch.Tensor:
+        mean = torch.tensor(self.pixel_mean, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
+        std = torch.tensor(self.pixel_std, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
+        return x * std + mean
 
     def head(self, feats: torch.Tensor, unlocked: int = 0) -> torch.Tensor:
         """The last `unlocked` blocks, pooling and the projection: trunk's output -> (B, embed_dim)."""
@@ -141,7 +206,8 @@ class EfficientNetLite(nn.Module):
             feats = unit(feats)
         if unlocked:
             feats = feats.mean(dim=(2, 3))
-        return feats @ self.proj
+        out = feats @ self.proj
+        return out + self.mlp(feats) if self.mlp is not None else out
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, 3, H, W) -> (B, embed_dim)
         return self.head(self.trunk(x))

@@ -79,8 +79,8 @@ def read_efficientnet(path: str | Path) -> StateDict:
     return convert.from_efficientnet_pytorch(sd)
 
 
-def _load_tower(tower: nn.Module, sd: StateDict, source: str, fresh: str) -> None:
-    convert.check_state_dict(tower, sd, source, fresh=(fresh,))
+def _load_tower(tower: nn.Module, sd: StateDict, source: str, fresh: tuple[str, ...]) -> None:
+    convert.check_state_dict(tower, sd, source, fresh=fresh)
     tower.load_state_dict({k: v.float() for k, v in sd.items()}, strict=False)
 
 
@@ -104,13 +104,13 @@ def load_pretrained_towers(model: CLIP, towers_dir: str | Path) -> list[str]:
     loaded = []
     if isinstance(model.config.vision, EfficientNetConfig):
         path = root / TOWER_DIRS["efficientnet"] / EFFICIENTNET_FILE
-        _load_tower(model.visual, read_efficientnet(path), str(path), fresh="proj")
+        _load_tower(model.visual, read_efficientnet(path), str(path), fresh=model.visual.head_names)
         loaded.append(str(path.parent))
     if isinstance(model.config.text, BertTextConfig):
         d = root / TOWER_DIRS["bert"]
         found, sd = read_bert_dir(d, model.config.text.context_length)
         _check_text_config(model.config.text, found, d)
-        _load_tower(model.text, sd, str(d), fresh="text_projection")
+        _load_tower(model.text, sd, str(d), fresh=("text_projection",))
         loaded.append(str(d))
     if not loaded:
         kinds = (getattr(model.config.vision, "kind", "?"), getattr(model.config.text, "kind", "transformer"))

@@ -98,7 +98,8 @@ def _pretrained_towers_model(
     tok = get_tokenizer(folder / TOWER_DIRS[mcfg.text.kind], context_length=mcfg.text.context_length)
     if is_main and not (run / "tokenizer").exists():
         tok.save(run / "tokenizer")
-    fresh = {"visual.proj", "text.text_projection", "logit_scale", "logit_bias"}
+    fresh = {"text.text_projection", "logit_scale", "logit_bias"}
+    fresh |= {f"visual.{n}" for n in model.visual.head_names}
     return model, tok, {n for n, _ in model.named_parameters() if n not in fresh}
 
 

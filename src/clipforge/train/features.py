@@ -96,16 +96,22 @@ def tokenizer_identity(tok: Callable[[Sequence[str]], torch.Tensor]) -> str:
     return h.hexdigest()
 
 
+HEAD_OPTIONS = ("head", "head_hidden")  # EfficientNetConfig fields that shape only the head
+
+
 def image_store(root: str | Path, tower: nn.Module, config: CLIPConfig, unlocked: int) -> FeatureStore:
     """The namespace of an image tower's trunk outputs: its class, trunk weights, config, unlocked blocks and
     the preprocessing."""
     d = config.to_dict()
+    # The head's own options do not change what the trunk computes: rows cached for a linear head serve an
+    # MLP head too.
+    vision = {k: v for k, v in d["vision"].items() if k not in HEAD_OPTIONS}
     return FeatureStore(
         root,
         {
             "kind": "image",
             "tower": type(tower).__qualname__,
-            "trunk": trunk_fingerprint(tower, {"vision": d["vision"], "activation": config.activation}),
+            "trunk": trunk_fingerprint(tower, {"vision": vision, "activation": config.activation}),
             "unlocked": unlocked,
             "preprocess": d["preprocess"],
         },
