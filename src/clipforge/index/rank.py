@@ -16,10 +16,12 @@ share of the query's word weight the row holds, each word weighted by its invers
 
 Hybrid fuses the vector and keyword rankings by reciprocal-rank fusion (each list contributes
 1 / (RRF_K + rank), RRF_K = 60 as in Cormack et al. 2009); a hit's relevance is the higher of its two. The
-keyword list fused holds only rows with at least KEYWORD_MATCH of the best keyword row's share of the query's
-word weight (relative, as a query may hold words no row has): without that, rows
-sharing only a common word ("img" of every camera file name, "the") would ride their vector rank past the
-row that holds the rare word the user typed, and the exact match would not come first.
+keyword list fused holds only rows with at least KEYWORD_MATCH of the query's word weight, and only those
+count as keyword evidence for relevance: rows sharing only common or generic words ("img" of every camera
+file name, "clip art drawing" of captioned rows when the word that names the thing is in no row) would
+otherwise ride their vector rank past the row that holds the rare word the user typed, and bury the
+uncaptioned images the vectors found (measured on the open corpus: hybrid R@10 0.05 against vector 0.39,
+BENCHMARKS.md).
 Whatever the mode, a hit's `score` stays its cosine with the query vector when there is one (BM25 otherwise),
 and hits come in rank order.
 """
@@ -46,7 +48,7 @@ MIN_BACKGROUND = 32  # fewer items than this say nothing about a distribution: n
 RRF_K = 60
 FUSION_POOL = 100  # candidates each list contributes to hybrid fusion (at least k)
 COMMON_SHARE = 0.5  # words in more than this share of the rows are not searched for (they still weigh in)
-KEYWORD_MATCH = 0.5  # hybrid fuses keyword rows holding at least this share of the best row's word weight
+KEYWORD_MATCH = 0.5  # hybrid fuses keyword rows holding at least this share of the query's word weight
 
 
 @dataclass(frozen=True)
@@ -78,16 +80,24 @@ def background_sample(store: Store, allowed: np.ndarray | None, seed: int = 0) -
     return store.vectors(pick)
 
 
-def vector_relevance(scores: np.ndarray, background: np.ndarray, n_items: int) -> np.ndarray:
-    """Relevance (n,) in [0, 1] of cosines `scores` (n,) given the query's background scores (B,); NaN
-    (no estimate) when the background has fewer than MIN_BACKGROUND items."""
+def chance_excess(scores: np.ndarray, background: np.ndarray, n_items: int) -> np.ndarray | None:
+    """How far (n,) cosines `scores` stand out beyond chance: z - sqrt(2 ln N), z read against the query's
+    background scores (B,); None (no estimate) when the background has fewer than MIN_BACKGROUND items."""
     if len(background) < MIN_BACKGROUND:
-        return np.full(len(scores), np.nan, np.float32)
+        return None
     centre = float(np.median(background))
     spread = max(1.4826 * float(np.median(np.abs(background - centre))), 1e-6)
     z = (np.asarray(scores, np.float64) - centre) / spread
-    chance = math.sqrt(2.0 * math.log(max(n_items, 2)))
-    return (1.0 / (1.0 + np.exp(-(z - chance - MARGIN) / SCALE))).astype(np.float32)
+    return z - math.sqrt(2.0 * math.log(max(n_items, 2)))
+
+
+def vector_relevance(scores: np.ndarray, background: np.ndarray, n_items: int) -> np.ndarray:
+    """Relevance (n,) in [0, 1] of cosines `scores` (n,) given the query's background scores (B,); NaN
+    (no estimate) when the background has fewer than MIN_BACKGROUND items."""
+    excess = chance_excess(scores, background, n_items)
+    if excess is None:
+        return np.full(len(scores), np.nan, np.float32)
+    return (1.0 / (1.0 + np.exp(-(excess - MARGIN) / SCALE))).astype(np.float32)
 
 
 def word_weights(store: Store, words: list[str]) -> tuple[dict[str, float], list[str]]:
@@ -150,8 +160,8 @@ def _candidates(
         ks, kids = store.search_keywords(searched or (words if mode == "keyword" else []), pool, allowed)
         rel = keyword_relevance(store, idf, kids)
         matched = {int(i): (float(s), float(r)) for i, s, r in zip(kids, ks, rel)}
-        if mode == "hybrid" and len(kids):  # fuse only the rows matching best (not all sharing "the")
-            kids = kids[rel >= KEYWORD_MATCH * rel.max()]
+        if mode == "hybrid":  # fuse only the rows holding most of the query's words (not all sharing "the")
+            kids = kids[rel >= KEYWORD_MATCH]
         lists.append(kids)
     ids = lists[0] if len(lists) == 1 else _rrf(lists)
     return ids[:k], matched
@@ -180,10 +190,10 @@ def rank(
             rel = vector_relevance(scores, background @ q, n_items)
     else:
         scores = np.array([matched[int(i)][0] for i in ids], np.float32)
-    # A row matching the words is as relevant as the larger of its two estimates; matching none is no
-    # evidence either way.
+    # A row matching the words is as relevant as the larger of its two estimates; matching none (in hybrid:
+    # less than KEYWORD_MATCH of the query's word weight) is no evidence either way.
     kw = np.array([matched.get(int(i), (0.0, np.nan))[1] for i in ids], np.float32)
-    rel = np.fmax(rel, np.where(kw > 0, kw, np.nan))
+    rel = np.fmax(rel, np.where(kw >= (KEYWORD_MATCH if mode == "hybrid" else 1e-9), kw, np.nan))
     by_id = dict(zip(ids.tolist(), rel.tolist()))
     hits = store.hits(scores, ids)
     for h in hits:
