@@ -333,7 +333,7 @@ def main(argv: list[str] | None = None) -> dict:
         "calibration": calibration(train, dev, test),
         "dev_recall": dev_cut,
         "chosen_default": default,
-        "current_default": rank.DEFAULT_MIN_RELEVANCE,
+        "suggested_in_rank_py": rank.DEFAULT_MIN_RELEVANCE,
         "curve": {
             m: {
                 t: {**cut(test, m, t), "nonsense_empty": cut(junk_q, m, t)["empty_queries"]}
