@@ -99,18 +99,40 @@ def zeroshot(enc: Encoder, manifest: Path, cache: Path) -> dict[str, dict[str, f
     return out
 
 
-def demo_searches(enc: Encoder, run: Path, cached) -> dict[str, bool]:
-    """The demo's searches over the whole corpus (train and held-out images): queried concept in the top 5?"""
+def _finished(folder: Path) -> bool:
+    """Every part of an embedding folder written (then nothing there needs writing again)."""
+    sidecar = folder / "embeddings.json"
+    if not sidecar.is_file():
+        return False
+    return len(list((folder / "_done").glob("part_*.json"))) == json.loads(sidecar.read_text())["parts"]
+
+
+def corpus_embeddings(enc: Encoder, run: Path) -> tuple[np.ndarray, list[dict]]:
+    """The whole corpus's image vectors (N, D) and metadata rows (train and held-out images), written once to
+    RUN/bench-corpus-embeddings; a locked image tower's outputs come from the feature cache when there."""
     import pyarrow.parquet as pq
 
     from clipforge.index.embed import embed_to_folder
+    from clipforge.train.locked import CachedImageRows
 
     corpus, out = paths.corpus_dir(), run / "bench-corpus-embeddings"
-    embed_to_folder(
-        [corpus / "train.jsonl", corpus / "heldout.jsonl"], enc, out, dtype="float32", cached=cached
-    )
+    if not _finished(out):
+        config = json.loads((run / "config.json").read_text())
+        cached = None
+        if config.get("lock_image") and config.get("feature_cache"):
+            cache = config["feature_cache"]
+            cached = CachedImageRows(paths.features_dir() if cache == "auto" else Path(cache), enc.model)
+        embed_to_folder(
+            [corpus / "train.jsonl", corpus / "heldout.jsonl"], enc, out, dtype="float32", cached=cached
+        )
     vecs = np.concatenate([np.load(p) for p in sorted((out / "img_emb").glob("*.npy"))])
     meta = [r for p in sorted((out / "metadata").glob("*.parquet")) for r in pq.read_table(p).to_pylist()]
+    return vecs, meta
+
+
+def demo_searches(enc: Encoder, run: Path) -> dict[str, bool]:
+    """The demo's searches over the whole corpus (train and held-out images): queried concept in the top 5?"""
+    vecs, meta = corpus_embeddings(enc, run)
     found = {}
     for query, words in QUERIES.items():
         top = np.argsort(-(vecs @ enc.embed_texts([query])[0]))[:5]
@@ -120,19 +142,12 @@ def demo_searches(enc: Encoder, run: Path, cached) -> dict[str, bool]:
 
 
 def evaluate(run: Path) -> dict:
-    from clipforge.train.locked import CachedImageRows
-
     enc = Encoder.load(str(run / "final"))
     corpus = paths.corpus_dir()
-    config = json.loads((run / "config.json").read_text())
-    cached = None
-    if config.get("lock_image") and config.get("feature_cache"):
-        root = paths.features_dir() if config["feature_cache"] == "auto" else Path(config["feature_cache"])
-        cached = CachedImageRows(root, enc.model)
     return {
         "zeroshot": zeroshot(enc, corpus / "heldout_zeroshot.jsonl", run.parent / "classifiers"),
         "retrieval": retrieval_eval(enc, corpus / "heldout_retrieval.jsonl"),
-        "searches": demo_searches(enc, run, cached),
+        "searches": demo_searches(enc, run),
     }
 
 

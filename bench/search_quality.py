@@ -1,20 +1,29 @@
-"""Search quality of a collection on held-out pairs: text->image R@10 and nDCG@10 in vector, keyword and
-hybrid modes, the relevance cut-off's precision and recall, and what the keyword index (FTS5) costs in add.
+"""Search quality on the open corpus's held-out concepts: text->image R@10 and nDCG@10 per mode (vector, keyword,
+hybrid), how well the relevance estimate is calibrated, the relevance cut-off's precision and recall over a
+few thresholds, how often nonsense queries return nothing, and what the keyword index (FTS5) costs in add.
 
-    python bench/search_quality.py COLLECTION HELDOUT.jsonl [--model M] [--images FOLDER]
+    python bench/search_quality.py [--run runs/bench-default-model/default-s0] [--out FILE.json]
 
-HELDOUT.jsonl holds one held-out pair a line, {"image": path, "caption": text} (or "captions": [...], the first
-is used; relative paths are relative to the manifest), whose images are stored in COLLECTION. Each caption is
-a query and its own image the one relevant item, so R@10 is the share of queries whose image is in the top 10
-(image rows only) and nDCG@10 = 1 / log2(1 + rank) averaged (0 past rank 10). Store the images WITHOUT these
-captions (a folder add, or a manifest without them), or keyword search finds each image by its own caption:
-the script reports the share of targets whose stored caption is the query ("caption leak").
+The collection holds the whole corpus (train and held-out images, 19,190 rows with the default corpus), built
+from the run's corpus embeddings (bench/default_model.py writes them; made here from the feature cache if
+missing). Training images keep their first caption; held-out images are stored with no caption and no
+concept (their file names stay, as a photo library's would), so keyword search cannot find a held-out image
+by its own caption.
 
-The cut-off: at rank.DEFAULT_MIN_RELEVANCE, precision = relevant hits kept / hits kept, recall = share of
-queries whose image is kept; and the share of nonsense queries (random letter strings) that return nothing.
-FTS5 cost: rows/s of committing the collection's own vectors and records into a fresh collection with and
-without the keyword index (alternating rounds, medians), and with --images the same for `Collection.add` of
-an image folder, model included.
+Queries: one caption drawn at random for each held-out image (duplicates dropped). A hit is RELEVANT when the
+corpus concept its image was drawn for equals the query caption's concept (the corpus manifests' "concept";
+held-out concepts are never seen in training, so no training image is relevant to a held-out query). R@10 is
+the share of queries with a relevant hit in the top 10; nDCG@10 uses binary gains, the ideal ranking putting
+min(relevant items, 10) relevant hits first.
+
+The held-out concepts are split in two halves: the DEV half chooses the cut-off (the largest threshold of
+THRESHOLDS keeping at least TARGET_RECALL of the relevant top-10 hits in vector and in hybrid mode), the TEST
+half reports it. Calibration: the vector relevance maps z - sqrt(2 ln N) (rank.chance_excess) through a fixed
+logistic (rank.MARGIN, rank.SCALE); it is compared by log-loss and Brier score on the test half with a logistic
+and an isotonic fit of the same feature on training-side caption->image pairs (2,000 training captions
+searched the same way) and on the dev half. Nonsense: random letter strings and salads of random caption
+words. FTS5 cost: rows/s committing the collection's rows into a fresh collection with and without the keyword
+index (alternating rounds, medians).
 """
 
 from __future__ import annotations
@@ -23,85 +32,184 @@ import argparse
 import contextlib
 import json
 import math
+import platform
 import random
+import re
 import string
 import sys
 import tempfile
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
-from clipforge.index import Collection, db  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+from demo import QUERIES  # noqa: E402  (the demo's six searches and what counts as finding each)
+
+from clipforge import paths  # noqa: E402
+from clipforge.index import Collection, db, rank  # noqa: E402
 from clipforge.index.files import normalise  # noqa: E402
-from clipforge.index.rank import DEFAULT_MIN_RELEVANCE  # noqa: E402
 
 MODES = ("vector", "keyword", "hybrid")
+THRESHOLDS = (0.01, 0.02, 0.03, 0.05, 0.1, 0.2, 0.3, 0.5)
+TARGET_RECALL = 0.9
+K = 10
 
 
-def read_pairs(manifest: Path) -> list[tuple[str, str]]:
-    """(normalised image path, caption) of each line."""
-    pairs = []
-    for line in manifest.read_text(encoding="utf-8").splitlines():
-        if not line.strip():
-            continue
-        row = json.loads(line)
-        caption = row.get("caption") or (row.get("captions") or [None])[0]
-        if caption:
-            pairs.append((normalise(manifest.parent / row["image"]), str(caption)))
-    return pairs
+@dataclass
+class Query:
+    text: str
+    concept: str
+    vector: np.ndarray
+    hits: dict[str, list[tuple[float, bool]]] = field(default_factory=dict)  # mode -> (relevance, relevant)
+    excess: np.ndarray | None = None  # vector top-k: rank.chance_excess
 
 
-def rank_of(paths: list[str | None], target: str) -> int | None:
-    return next((r for r, p in enumerate(paths, start=1) if p == target), None)
+def read_manifest(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
-def retrieval(coll: Collection, pairs: list[tuple[str, str]], encoder, k: int = 10) -> dict:
-    """R@k and nDCG@k per mode, over the pairs whose image is stored."""
-    out: dict = {}
-    for mode in MODES:
-        ranks = []
-        for path, caption in pairs:
-            hits = coll.search(text=caption, encoder=encoder, k=k, mode=mode, modality="image")
-            ranks.append(rank_of([h.path for h in hits], path))
-        out[mode] = {
-            f"R@{k}": float(np.mean([r is not None for r in ranks])),
-            f"nDCG@{k}": float(np.mean([1 / math.log2(1 + r) if r else 0.0 for r in ranks])),
-        }
+def sample_queries(rows: list[dict], n: int, rng: random.Random) -> list[tuple[str, str]]:
+    """(caption, concept): one random caption of each of up to n rows, no caption twice."""
+    rows = rows[:]
+    rng.shuffle(rows)
+    out: dict[str, str] = {}
+    for r in rows:
+        out.setdefault(rng.choice(r["captions"]), r["concept"])
+        if len(out) >= n:
+            break
+    return list(out.items())
+
+
+def corpus_rows(run: Path, enc) -> tuple[np.ndarray, list[dict]]:
+    """The run's corpus embeddings (N, D) and metadata rows, made (from the feature cache) when missing."""
+    from default_model import corpus_embeddings
+
+    return corpus_embeddings(enc, run)
+
+
+def build_collection(
+    where: Path, identity: dict, vecs: np.ndarray, meta: list[dict], heldout: set[str], opaque: bool
+) -> tuple[Collection, dict[str, str]]:
+    """The corpus as a collection, held-out rows without caption; with `opaque`, held-out files are stored
+    under camera-like names (IMG_<random n>.png) instead of the corpus's, which name the concept. Returns
+    it and each stored path's concept."""
+    coll = Collection.create(where, identity=identity, dim=vecs.shape[1])
+    numbers = np.random.default_rng(0).permutation(len(meta))
+    records, concept_of = [], {}
+    for m, n in zip(meta, numbers):
+        path = normalise(m["image_path"])
+        held = path in heldout
+        if held and opaque:
+            path = normalise(where.parent / "photos" / f"IMG_{n:05d}.png")
+        concept_of[path] = m["concept"]
+        records.append(
+            {"path": path, "caption": None if held else m["caption"], "metadata": {"source": m["source"]}}
+        )
+    for s in range(0, len(records), 4096):
+        coll.add_vectors(vecs[s : s + 4096], records[s : s + 4096])
+    return coll, concept_of
+
+
+def run_queries(
+    coll: Collection, queries: list[Query], concept_of: dict[str, str], modes: tuple[str, ...]
+) -> None:
+    """Each query's top-K hits per mode with relevance (no cut-off), and its vector top-K's chance excess."""
+    background = rank.background_sample(coll, None)
+    for q in queries:
+        for mode in modes:
+            ranking = rank.Ranking(mode)
+            vec = None if mode == "keyword" else q.vector
+            hits = coll.rank(vec, rank.query_words(q.text, ranking), k=K, ranking=ranking)
+            q.hits[mode] = [(h.relevance, concept_of.get(h.path or "") == q.concept) for h in hits]
+            if mode == "vector":
+                ids = np.array([h.id for h in hits])
+                q.excess = rank.chance_excess(coll.vectors(ids) @ q.vector, background @ q.vector, len(coll))
+
+
+def retrieval(queries: list[Query], n_relevant: dict[str, int], mode: str) -> dict[str, float]:
+    recall, ndcg = [], []
+    for q in queries:
+        rel = [r for _, r in q.hits[mode]]
+        recall.append(any(rel))
+        ideal = sum(1 / math.log2(r + 2) for r in range(min(n_relevant[q.concept], K)))
+        ndcg.append(sum(1 / math.log2(r + 2) for r, x in enumerate(rel) if x) / ideal)
+    return {f"R@{K}": float(np.mean(recall)), f"nDCG@{K}": float(np.mean(ndcg))}
+
+
+def cut(queries: list[Query], mode: str, t: float) -> dict[str, float]:
+    """The cut-off at t over the queries' top-K: precision and recall of the relevant hits kept, share of
+    irrelevant hits dropped, share of queries left with nothing."""
+    kept_rel = kept = rel = irr_dropped = irr = empty = 0
+    for q in queries:
+        keep = [(r is None or r >= t, x) for r, x in q.hits[mode]]
+        kept += sum(k for k, _ in keep)
+        kept_rel += sum(k and x for k, x in keep)
+        rel += sum(x for _, x in keep)
+        irr += sum(not x for _, x in keep)
+        irr_dropped += sum(not k and not x for k, x in keep)
+        empty += not any(k for k, _ in keep)
+    return {
+        "precision": kept_rel / kept if kept else float("nan"),
+        "recall": kept_rel / rel if rel else float("nan"),
+        "irrelevant_dropped": irr_dropped / irr if irr else float("nan"),
+        "empty_queries": empty / len(queries),
+    }
+
+
+def calibration(train: list[Query], dev: list[Query], test: list[Query]) -> dict[str, dict[str, float]]:
+    """Log-loss and Brier score on the test half's vector top-K of the fixed mapping and of fits."""
+    from sklearn.isotonic import IsotonicRegression
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.metrics import brier_score_loss, log_loss, roc_auc_score
+
+    def xy(qs: list[Query]) -> tuple[np.ndarray, np.ndarray]:
+        x = np.concatenate([q.excess for q in qs])
+        return x, np.array([r for q in qs for _, r in q.hits["vector"]])
+
+    xt, yt = xy(test)
+    fixed = 1 / (1 + np.exp(-(xt - rank.MARGIN) / rank.SCALE))
+    preds = {"fixed (shipped)": fixed, "base rate of dev": np.full(len(yt), xy(dev)[1].mean())}
+    for name, qs in (("training-side", train), ("dev half", dev)):
+        x, y = xy(qs)
+        preds[f"logistic fit on {name}"] = (
+            LogisticRegression(C=1e6).fit(x[:, None], y).predict_proba(xt[:, None])[:, 1]
+        )
+        iso = IsotonicRegression(y_min=0, y_max=1, out_of_bounds="clip").fit(x, y)
+        preds[f"isotonic fit on {name}"] = iso.predict(xt)
+    out = {}
+    for name, p in preds.items():
+        p = np.clip(p, 1e-4, 1 - 1e-4)
+        out[name] = {"log_loss": log_loss(yt, p), "brier": brier_score_loss(yt, p), "mean": float(p.mean())}
+    out["test base rate"] = {"mean": float(yt.mean()), "auc_of_excess": roc_auc_score(yt, xt)}
     return out
 
 
-def cut_off(
-    coll: Collection, pairs: list[tuple[str, str]], encoder, k: int, nonsense: int, seed: int
-) -> dict:
-    """Precision and recall of the default relevance cut-off (hybrid, the default mode), and the share of
-    nonsense queries answered with nothing."""
-    kept = found = 0
-    for path, caption in pairs:
-        hits = coll.search(
-            text=caption, encoder=encoder, k=k, min_relevance=DEFAULT_MIN_RELEVANCE, modality="image"
-        )
-        kept += len(hits)
-        found += any(h.path == path for h in hits)  # one relevant item per query
-    rng = random.Random(seed)
-    words = [
+def nonsense_texts(n: int, vocabulary: list[str], rng: random.Random) -> list[str]:
+    """n/2 random letter strings ("qzkvw mxoeplr") and n/2 salads of 3-5 random caption words."""
+    letters = [
         " ".join(
             "".join(rng.choices(string.ascii_lowercase, k=rng.randint(4, 9)))
             for _ in range(rng.randint(1, 3))
         )
-        for _ in range(nonsense)
+        for _ in range(n // 2)
     ]
-    empty = [
-        not coll.search(text=w, encoder=encoder, k=k, min_relevance=DEFAULT_MIN_RELEVANCE) for w in words
-    ]
-    return {
-        "min_relevance": DEFAULT_MIN_RELEVANCE,
-        "precision": found / kept if kept else None,  # None: nothing was kept
-        "recall": found / len(pairs) if pairs else None,
-        "nonsense_empty": float(np.mean(empty)) if empty else None,
-    }
+    return letters + [" ".join(rng.sample(vocabulary, rng.randint(3, 5))) for _ in range(n - n // 2)]
+
+
+def demo_found(
+    coll: Collection, enc, mode: str, concept_of: dict[str, str]
+) -> dict[str, list[tuple[float | None, bool]]]:
+    """The demo's six searches: each top-5 hit's relevance and whether its concept is what was asked."""
+    out = {}
+    for text, words in QUERIES.items():
+        pattern = re.compile(r"\b(" + "|".join(map(re.escape, words)) + r")\b")
+        hits = coll.search(text=text, encoder=enc, k=5, mode=mode)
+        out[text] = [(h.relevance, bool(pattern.search(concept_of.get(h.path or "", "")))) for h in hits]
+    return out
 
 
 @contextlib.contextmanager
@@ -115,19 +223,14 @@ def keywords_disabled() -> Iterator[None]:
         db._insert_keywords = saved
 
 
-def _rows(coll: Collection, limit: int) -> tuple[np.ndarray, list[dict]]:
+def fts_cost(coll: Collection, rounds: int, limit: int, images: Path | None, encoder) -> dict[str, float]:
+    """Rows/s committing `limit` of the collection's rows (batches of 256), and with `images` images/s of
+    `Collection.add` of that folder (model included), with and without the keyword index, in alternating
+    rounds; medians."""
     ids = coll.all_ids()[:limit]
     hits = coll.hits(np.zeros(len(ids)), ids)
-    records = [
-        {"key": h.path or f"caption-{h.id}", "caption": h.caption, "metadata": h.metadata} for h in hits
-    ]
-    return coll.vectors(np.array([h.id for h in hits])), records
-
-
-def fts_cost(coll: Collection, rounds: int, limit: int, images: Path | None, encoder) -> dict:
-    """Rows/s committing `limit` of the collection's rows (batches of 256), and images/s of adding `images`,
-    with and without the keyword index, in alternating rounds."""
-    vecs, records = _rows(coll, limit)
+    records = [{"path": h.path, "caption": h.caption, "metadata": h.metadata} for h in hits]
+    vecs = coll.vectors(np.array([h.id for h in hits]))
     times: dict[str, list[float]] = {"commit with FTS5": [], "commit without": []}
     if images is not None:
         times.update({"add with FTS5": [], "add without": []})
@@ -147,50 +250,138 @@ def fts_cost(coll: Collection, rounds: int, limit: int, images: Path | None, enc
                 if images is not None:  # a second fresh collection: the rows above may name the same files
                     c = Collection.create(Path(tmp) / "a", identity=coll.identity, dim=coll.dim)
                     t = time.perf_counter()
-                    n_images = len(c.add([images], encoder).added)
+                    n_images = len(c.add([images], encoder, workers=0).added)
                     times["add without" if off else "add with FTS5"].append(time.perf_counter() - t)
                     c.close()
     out = {}
     for name, ts in times.items():
-        n = len(records) if name.startswith("commit") else n_images
-        out[name + (" (rows/s)" if name.startswith("commit") else " (images/s)")] = n / float(np.median(ts))
+        unit, n = (" (rows/s)", len(records)) if name.startswith("commit") else (" (images/s)", n_images)
+        out[name + unit] = n / float(np.median(ts))
     return out
 
 
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("collection")
-    p.add_argument(
-        "heldout", help="JSONL of held-out {image, caption} pairs whose images are in the collection"
-    )
-    p.add_argument("--model", default=None, help="checkpoint (default: the collection's model)")
-    p.add_argument("--k", type=int, default=10)
-    p.add_argument("--nonsense", type=int, default=100, help="nonsense queries for the cut-off")
-    p.add_argument("--max-pairs", type=int, default=1000)
-    p.add_argument("--rounds", type=int, default=3, help="alternating rounds of the FTS5 cost")
-    p.add_argument("--rows", type=int, default=20_000, help="rows committed per FTS5 cost round")
+    p.add_argument("--run", type=Path, default=Path("runs/bench-default-model/default-s0"))
+    p.add_argument("--train-queries", type=int, default=2000)
+    p.add_argument("--nonsense", type=int, default=200)
+    p.add_argument("--rounds", type=int, default=3, help="alternating rounds of the FTS5 cost (0: skip it)")
     p.add_argument("--images", type=Path, default=None, help="an image folder to time `add` with and without")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--names",
+        choices=["opaque", "corpus"],
+        default="opaque",
+        help="held-out files stored under camera-like names (opaque) or the corpus's, which name the concept",
+    )
+    p.add_argument("--out", type=Path, default=None, help="write the figures here as JSON")
     a = p.parse_args(argv)
-    from clipforge.cli.index import collection_encoder
+    from clipforge.encoder import Encoder
 
-    with Collection.open(a.collection) as coll:
-        enc = collection_encoder(coll, a.model, None, "cpu")
-        ids = coll.all_ids()
-        stored = {h.path: h.caption for h in coll.hits(np.zeros(len(ids)), ids)}
-        pairs = [(p_, c) for p_, c in read_pairs(Path(a.heldout)) if p_ in stored]
-        random.Random(a.seed).shuffle(pairs)
-        pairs = pairs[: a.max_pairs]
-        result = {
-            "collection": str(a.collection),
-            "pairs": len(pairs),
-            "caption_leak": float(np.mean([stored[p_] == c for p_, c in pairs])) if pairs else 0.0,
-            "retrieval": retrieval(coll, pairs, enc, a.k),
-            "cut_off": cut_off(coll, pairs, enc, a.k, a.nonsense, a.seed),
-            "fts5_cost": fts_cost(coll, a.rounds, a.rows, a.images, enc),
-        }
-    print(json.dumps(result, indent=2))
+    enc = Encoder.load(str(a.run / "final"))
+    corpus, rng = paths.corpus_dir(), random.Random(a.seed)
+    train_rows, held_rows = read_manifest(corpus / "train.jsonl"), read_manifest(corpus / "heldout.jsonl")
+    heldout = {normalise(corpus / r["image"]) for r in held_rows}
+    n_relevant: dict[str, int] = {}
+    for r in train_rows + held_rows:
+        n_relevant[r["concept"]] = n_relevant.get(r["concept"], 0) + 1
+
+    vecs, meta = corpus_rows(a.run, enc)
+    held_q = sample_queries(held_rows, len(held_rows), rng)
+    train_q = sample_queries(train_rows, a.train_queries, rng)
+    concepts = sorted({c for _, c in held_q})
+    rng.shuffle(concepts)
+    dev_concepts = set(concepts[::2])
+    vocabulary = sorted({w for r in train_rows for c in r["captions"] for w in re.findall(r"[a-z]{3,}", c)})
+    junk = nonsense_texts(a.nonsense, vocabulary, rng)
+    texts = [t for t, _ in held_q + train_q] + junk
+    t0 = time.perf_counter()
+    qv = enc.embed_texts(texts)
+    print(f"embedded {len(texts)} queries in {time.perf_counter() - t0:.0f} s", file=sys.stderr)
+    queries = [Query(t, c, v) for (t, c), v in zip(held_q + train_q + [(j, "") for j in junk], qv)]
+    held, train, junk_q = (
+        queries[: len(held_q)],
+        queries[len(held_q) : len(held_q) + len(train_q)],
+        queries[len(held_q) + len(train_q) :],
+    )
+    dev = [q for q in held if q.concept in dev_concepts]
+    test = [q for q in held if q.concept not in dev_concepts]
+
+    with tempfile.TemporaryDirectory() as tmp:
+        identity = json.loads((a.run / "bench-corpus-embeddings" / "embeddings.json").read_text())["model"]
+        opaque = a.names == "opaque"
+        coll, concept_of = build_collection(Path(tmp) / "corpus", identity, vecs, meta, heldout, opaque)
+        t0 = time.perf_counter()
+        run_queries(coll, held + junk_q, concept_of, MODES)
+        run_queries(coll, train, concept_of, ("vector",))
+        print(f"searched in {time.perf_counter() - t0:.0f} s", file=sys.stderr)
+        demo = {m: demo_found(coll, enc, m, concept_of) for m in ("vector", "hybrid")}
+        cost = fts_cost(coll, a.rounds, len(coll), a.images, enc) if a.rounds else {}
+        n_rows = len(coll)
+        coll.close()
+
+    dev_cut = {m: {t: cut(dev, m, t)["recall"] for t in THRESHOLDS} for m in ("vector", "hybrid")}
+    default = max(
+        (t for t in THRESHOLDS if min(d[t] for d in dev_cut.values()) >= TARGET_RECALL), default=None
+    )
+    result = {
+        "machine": f"{platform.machine()}, {platform.node()}",
+        "rows": n_rows,
+        "names": a.names,
+        "queries": {"heldout": len(held), "dev": len(dev), "test": len(test), "train": len(train)},
+        "retrieval": {m: retrieval(held, n_relevant, m) for m in MODES},
+        "calibration": calibration(train, dev, test),
+        "dev_recall": dev_cut,
+        "chosen_default": default,
+        "suggested_in_rank_py": rank.DEFAULT_MIN_RELEVANCE,
+        "curve": {
+            m: {
+                t: {**cut(test, m, t), "nonsense_empty": cut(junk_q, m, t)["empty_queries"]}
+                for t in (0.0,) + THRESHOLDS
+            }
+            for m in MODES
+        },
+        "nonsense_examples": junk[:3] + junk[-3:],
+        "demo": {
+            m: {
+                t: {q: any(r is None or r >= t for r, ok in hs if ok) for q, hs in d.items()}
+                for t in THRESHOLDS
+            }
+            for m, d in demo.items()
+        },
+        "demo_hits": demo,
+        "fts5_cost": cost,
+    }
+    if a.out:
+        a.out.write_text(json.dumps(result, indent=1, default=str))
+    print(json.dumps(result, indent=1, default=str))
+    print(table(result))
     return result
+
+
+def table(r: dict) -> str:
+    """The figures as Markdown, for BENCHMARKS.md."""
+    rows = ["| mode | R@10 | nDCG@10 |", "|---|---|---|"]
+    rows += [f"| {m} | {v['R@10']:.3f} | {v['nDCG@10']:.3f} |" for m, v in r["retrieval"].items()]
+    rows += ["", "| calibration of the vector relevance | log-loss | Brier | mean |", "|---|---|---|---|"]
+    rows += [
+        f"| {n} | {v['log_loss']:.3f} | {v['brier']:.3f} | {v['mean']:.3f} |"
+        for n, v in r["calibration"].items()
+        if "log_loss" in v
+    ]
+    rows += [
+        "",
+        "| min_relevance | mode | precision | recall | irrelevant dropped | queries empty | nonsense empty | demo found |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for m in ("vector", "hybrid"):
+        for t, v in r["curve"][m].items():
+            demo = sum(r["demo"][m][t].values()) if t in r["demo"][m] else 6
+            rows.append(
+                f"| {t} | {m} | {v['precision']:.3f} | {v['recall']:.3f} | {v['irrelevant_dropped']:.3f} | "
+                f"{v['empty_queries']:.3f} | {v['nonsense_empty']:.3f} | {demo}/6 |"
+            )
+    return "\n".join(rows)
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import sqlite3
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +14,7 @@ from test_index_store import COLOURS, FakeEncoder, solid
 
 from clipforge.index import Collection, QueryError
 from clipforge.index.keywords import tokens
+from clipforge.index.rank import Ranking
 
 DIM = 64
 BENCH = Path(__file__).resolve().parents[1] / "bench"
@@ -119,6 +121,25 @@ def test_a_caption_phrase_comes_first(photos):
     assert all(h.relevance is None or h.relevance < 1 for h in vector_only)  # no keyword evidence there
 
 
+def test_hybrid_keeps_what_the_vectors_found_over_rows_sharing_only_generic_words(planted):
+    # The open corpus's failure (BENCHMARKS.md): held-out images have no caption, training images "a clip art
+    # drawing of ..."; a query whose naming word no row holds matched every captioned row on its generic
+    # words, and fusion put those rows (with their word share as relevance) among the images the vectors found.
+    c, target, cluster_ids = planted
+    rng = np.random.default_rng(3)
+    records = [{"key": f"c{i}", "caption": f"a clip art drawing of a thing{i}"} for i in range(300)]
+    captioned = c.add_vectors(unit(rng.standard_normal((300, DIM))), records)
+    # "an" and "eagle" in no row: the captioned rows hold a third of the query's word weight; with "claw"
+    # alone missing they hold over half of it, but not the word that names what is asked for
+    for query in ("a clip art drawing of an eagle", "a clip art drawing of a claw"):
+        hits = c.rank(target, tokens(query), k=5, ranking=Ranking("hybrid"))
+        assert sorted(h.id for h in hits) == sorted(cluster_ids), query
+        assert all(h.relevance > 0.9 for h in hits)
+    # a row holding the query's words still joins the fusion, as relevant as its word share says
+    strong = c.rank(target, tokens("clip art drawing thing7"), k=5, ranking=Ranking("hybrid"))
+    assert [h.relevance for h in strong if h.id == captioned[7]] == [1.0]
+
+
 def test_keywords_follow_adds_and_removes(photos, tmp_path):
     c, enc, folder = photos
     assert c.search(text="lighthouse", k=3, mode="keyword")
@@ -221,30 +242,60 @@ def test_sync_adds_replaces_and_removes_in_one_pass(tmp_path):
 # ---- bench/search_quality.py on a tiny synthetic collection ---------------------------------------------
 
 
-def test_search_quality_bench_on_a_tiny_collection(tmp_path):
+def _bench():
     import importlib.util
 
     spec = importlib.util.spec_from_file_location("search_quality", BENCH / "search_quality.py")
     bench = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = bench  # its dataclass looks its module up there
     spec.loader.exec_module(bench)
+    return bench
+
+
+def test_search_quality_metrics_count_hits_by_concept():
+    bench = _bench()
+    q = bench.Query("a cat", "cat", np.zeros(3))
+    # top 4: relevant at ranks 1 and 3; relevance estimates 0.9, 0.01, 0.2, None (no estimate: always kept)
+    q.hits["vector"] = [(0.9, True), (0.01, False), (0.2, True), (None, False)]
+    got = bench.retrieval([q], {"cat": 2}, "vector")
+    ideal = 1 + 1 / np.log2(3)  # two relevant items in the collection
+    assert got["R@10"] == 1.0 and got["nDCG@10"] == pytest.approx((1 + 1 / np.log2(4)) / ideal)
+    cut = bench.cut([q], "vector", 0.1)
+    assert cut == {"precision": 2 / 3, "recall": 1.0, "irrelevant_dropped": 0.5, "empty_queries": 0.0}
+    assert bench.cut([q], "vector", 0.5)["recall"] == 0.5
+
+
+def test_search_quality_collection_hides_held_out_names_and_captions(tmp_path):
+    bench = _bench()
+    meta = [
+        {
+            "image_path": f"/corpus/images/{c}_{i}.png",
+            "caption": f"a drawing of a {c}",
+            "source": "s",
+            "concept": c,
+        }
+        for i, c in enumerate(["cat", "dog"] * 20)
+    ]
+    vecs = unit(np.random.default_rng(0).standard_normal((40, 8)))
+    heldout = {m["image_path"] for m in meta if m["concept"] == "dog"}
+    coll, concept_of = bench.build_collection(
+        tmp_path / "c", {"fingerprint": "x", "dim": 8}, vecs, meta, heldout, opaque=True
+    )
+    with coll:
+        hits = coll.hits(np.zeros(40), coll.all_ids())
+        dogs = [h for h in hits if concept_of[h.path] == "dog"]
+        assert len(dogs) == 20 and all(h.caption is None and "dog" not in h.path for h in dogs)
+        assert not coll.search(text="dog", k=5, mode="keyword")  # nothing names a held-out image
+        assert len(coll.search(text="cat", k=50, mode="keyword")) == 20
+
+
+def test_search_quality_fts_cost_on_a_tiny_collection(tmp_path):
+    bench = _bench()
     enc = FakeEncoder()
-    lines = []
-    for i, (name, rgb) in enumerate(list(COLOURS.items()) * 5):
+    for i, (name, rgb) in enumerate(list(COLOURS.items()) * 2):
         solid(tmp_path / "img" / f"{name}_{i}.png", rgb, noise=30, seed=i)
-        if i < 6:
-            lines.append(f'{{"image": "img/{name}_{i}.png", "caption": "{name}"}}\n')
-    (tmp_path / "heldout.jsonl").write_text("".join(lines))
-    pairs = bench.read_pairs(tmp_path / "heldout.jsonl")
-    assert pairs[0] == (str(tmp_path / "img" / "red_0.png"), "red")
     with Collection.create(tmp_path / "c", identity=enc.identity, dim=enc.dim) as c:
         c.add([tmp_path / "img"], enc)
-        got = bench.retrieval(c, pairs, enc, k=10)
-        # 5 images per colour: the colour's name finds its own image in the top 10 by vector and by file name
-        assert got["vector"]["R@10"] == 1.0 and got["keyword"]["R@10"] == 1.0
-        assert all(0 < m["nDCG@10"] <= m["R@10"] <= 1 for m in got.values())
-        cut = bench.cut_off(c, pairs, enc, k=10, nonsense=5, seed=0)
-        assert cut["precision"] is None or 0 <= cut["precision"] <= 1
-        assert 0 <= cut["recall"] <= 1 and 0 <= cut["nonsense_empty"] <= 1
         cost = bench.fts_cost(c, rounds=1, limit=30, images=tmp_path / "img", encoder=enc)
         assert set(cost) == {
             "commit with FTS5 (rows/s)",

@@ -89,8 +89,8 @@ class Collection(Store):
 
         mode: "vector", "keyword" (text only, no encoder needed) or "hybrid" (default when there is text and
         the collection has a keyword index). min_relevance: drop hits below it (None, the default here, in
-        the CLI and in the HTTP API: the plain top k; rank.DEFAULT_MIN_RELEVANCE is the suggested cut-off). sort: "relevance" or "date" (newest first, among the
-        hits kept). Filters: path_prefix, added_after, added_before (Unix time), after, before (an item's
+        the CLI and in the HTTP API: the plain top k; rank.DEFAULT_MIN_RELEVANCE is the measured suggestion).
+        sort: "relevance" or "date" (newest first, among the hits kept). Filters: path_prefix, added_after, added_before (Unix time), after, before (an item's
         date: "taken_at" metadata, else when added; ISO 8601 or Unix time), camera (substring of the "camera"
         metadata), modality ("image": items with a file, "text": bare captions)."""
         ranking = Ranking(mode, min_relevance, sort)
