@@ -3,6 +3,8 @@ projection heads, dimensions, learning rates and prompt sets generalise to the c
 
     python bench/lit_features.py INIT_DIR feats.pt    # the rows, once
     python bench/lit_heads.py --feats feats.pt [--txt identity --dim 384] [--img mlp] ...
+    python bench/lit_pools.py INIT_DIR feats.pt 224 pools.pt   # other poolings of the image tower, once
+    python bench/lit_heads.py --feats feats.pt --pools pools.pt --pool avg,s4,s5,s6,s7,hist ...
 
 Trains an image and a text head with the symmetric InfoNCE loss on those rows (batch 1024, a random
 caption of each image per step, AdamW, cosine schedule) and prints held-out zero-shot top-1/top-5 for each
@@ -37,6 +39,8 @@ ap.add_argument("--temp", type=float, default=1 / 0.07)
 ap.add_argument("--dedup", action="store_true", help="mask in-batch negatives with the same caption")
 ap.add_argument("--threads", type=int, default=1)
 ap.add_argument("--tlr", type=float, default=0.1)
+ap.add_argument("--pools", default="", help="bench/lit_pools.py's file: image rows from other poolings")
+ap.add_argument("--pool", default="avg", help="which of its poolings, concatenated (as pool='multiscale')")
 a = ap.parse_args()
 torch.set_num_threads(a.threads)
 torch.manual_seed(a.seed)
@@ -44,6 +48,10 @@ D = torch.load(a.feats, weights_only=True)  # tensors, strings and lists only: n
 irow = {k: i for i, k in enumerate(D["ikeys"])}
 trow = {c: i for i, c in enumerate(D["caps"])}
 IV, TV = D["iv"].float(), D["tv"].float()
+if a.pools:  # raw concatenation, as the tower's multiscale pooling does
+    P = torch.load(a.pools, weights_only=True)
+    assert P["ikeys"] == D["ikeys"], "the pools file must come from this --feats file"
+    IV = torch.cat([P[name].float() for name in a.pool.split(",")], 1)
 if a.tnorm:
     TV = Fn.normalize(TV, dim=-1) * math.sqrt(TV.shape[1]) / 4
 tr_img = torch.tensor([irow[k] for k, _, _ in D["train"]])
