@@ -10,7 +10,9 @@ import clipforge
 from clipforge.encoder import Encoder
 from clipforge.long_text import LongTextError, windows
 from clipforge.model import create_model, get_config
-from clipforge.model.resize import long_context_length, stretch_positions
+from clipforge.model.config import BertTextConfig, CLIPConfig, PreprocessConfig, VisionConfig
+from clipforge.model.resize import ResizeError, long_context_length, stretch_positions, with_context_length
+from clipforge.wordpiece import train_wordpiece
 
 WORDS = "red green blue cat dog car tree house boat table street beach small large".split()
 
@@ -124,3 +126,68 @@ def test_cli_embed_text_takes_long(enc, tmp_path, capsys):
         assert main(["embed-text", text, "--model", str(tmp_path / "m"), "--long", long, "--json"]) == 0
         got = np.array(json.loads(capsys.readouterr().out)["items"][0]["embedding"])
         np.testing.assert_allclose(got, enc.embed_texts([text], long=long)[0], atol=1e-6)
+
+
+# --- a BERT-kind text tower (the default model's MiniLM): 512 learned positions, a context of 64 -------------
+
+
+@pytest.fixture(scope="module")
+def bert_enc():
+    """A tiny CLIP whose BERT tower learned 48 positions but whose tokenizer cuts at 16, as MiniLM (512, 64)."""
+    tok = train_wordpiece([f"a {a} {b} on a {c}" for a in WORDS for b in WORDS for c in WORDS[:3]], 200, 16)
+    text = BertTextConfig(
+        context_length=16, vocab_size=tok.vocab_size, width=32, heads=4, layers=2, max_positions=48,
+        pad_token_id=tok.pad_token_id, cls_token_id=tok.cls_token_id, sep_token_id=tok.sep_token_id,
+    )  # fmt: skip
+    vision = VisionConfig(image_size=32, width=32, layers=1, heads=2, patch_size=16)
+    cfg = CLIPConfig(embed_dim=16, vision=vision, text=text, preprocess=PreprocessConfig(32))
+    return Encoder(create_model(cfg, seed=0), clipforge.Preprocess(cfg.preprocess), tok)
+
+
+def all_positions(enc: Encoder, texts: list[str]) -> np.ndarray:
+    """The tower run directly on tokens cut at the end of its position table (48), not at its context (16)."""
+    tokens = enc.tokenizer(texts, context_length=enc.model.config.text.max_positions)
+    return enc.model.encode_text(tokens, normalize=True).detach().numpy()
+
+
+def test_bert_interpolate_reads_every_learned_position(bert_enc):
+    a = " ".join(WORDS) + " red boat on the beach"  # 19 words: past the 16-token context, within 48
+    b = " ".join(WORDS) + " green tree in a house"
+    assert 16 < len(bert_enc.tokenizer.encode(a)) + 2 <= 48
+    truncated = bert_enc.embed_texts([a, b])
+    assert np.array_equal(truncated[0], truncated[1])  # the tails are cut
+    got = bert_enc.embed_texts([a, b], long="interpolate")
+    assert not np.allclose(got[0], got[1], atol=1e-4)
+    # Nothing is stretched: the same as the same weights reading at a context of all 48 positions.
+    np.testing.assert_allclose(got, all_positions(bert_enc, [a, b]), atol=1e-6)
+    short = ["a red cat", "boat on a beach"]
+    np.testing.assert_array_equal(
+        bert_enc.embed_texts(short, long="interpolate"), bert_enc.embed_texts(short)
+    )
+
+
+def test_bert_interpolate_cuts_at_the_last_learned_position(bert_enc):
+    text = " ".join(WORDS * 5)  # 70 words, past the 48 positions
+    np.testing.assert_allclose(
+        bert_enc.embed_texts([text], long="interpolate"), all_positions(bert_enc, [text]), atol=1e-6
+    )
+    tokens = torch.full((1, 49), bert_enc.tokenizer.cls_token_id)
+    with pytest.raises(ValueError, match="49 tokens; this model has 48 positions"):
+        bert_enc.model.encode_text(tokens)
+
+
+def test_bert_chunk_reads_the_tail_and_leaves_short_texts_alone(bert_enc):
+    short = ["a red cat on a table", "boat"]
+    assert np.array_equal(bert_enc.embed_texts(short, long="chunk"), bert_enc.embed_texts(short))
+    a, b = " ".join(WORDS * 2) + " red boat", " ".join(WORDS * 2) + " green tree"
+    chunked = bert_enc.embed_texts([a, b], long="chunk")
+    assert not np.allclose(chunked[0], chunked[1], atol=1e-4)
+    np.testing.assert_allclose(np.linalg.norm(chunked, axis=1), 1, atol=1e-6)
+
+
+def test_bert_context_length_changes_within_its_learned_positions(bert_enc):
+    cfg, sd = bert_enc.model.config, bert_enc.model.state_dict()
+    new, same = with_context_length(cfg, sd, 40)
+    assert new.text.context_length == 40 and same is sd  # no position is stretched
+    with pytest.raises(ResizeError, match="learned 48 positions"):
+        with_context_length(cfg, sd, 49)

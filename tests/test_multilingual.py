@@ -4,6 +4,7 @@ every script that names the characters it cannot represent, and a student distil
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -25,8 +26,9 @@ from clipforge.multilingual import (
     new_student,
     student_from_teacher,
     train_multilingual,
+    train_student,
 )
-from clipforge.wordpiece import WordPieceTokenizer, train_wordpiece
+from clipforge.wordpiece import WordPieceTokenizer, extend_wordpiece, train_wordpiece
 
 # (hexcode, English label and tags, then French, Japanese and Thai)
 EMOJIS = [
@@ -276,3 +278,42 @@ def test_student_from_scratch_has_its_own_size():
     student = new_student(tok, cfg, teacher_width=32)
     assert student.cfg.width == 24 and student.text_projection.shape == (24, 32)
     assert torch.isfinite(student(tok(["pomme"], context_length=16))).all()
+
+
+def test_extended_vocabulary_keeps_the_teachers_ids_and_reads_english_as_it():
+    teacher_tok = train_wordpiece(CAPTIONS + ["flag of France", "snowman"], 120)
+    other = train_wordpiece(["pomme rouge", "bonhomme de neige", "赤リンゴ", "แอปเปิ้ลแดง"], 80)
+    tok = extend_wordpiece(teacher_tok, other)
+    theirs, mine = teacher_tok.get_vocab(), tok.get_vocab()
+    assert all(mine[t] == i for t, i in theirs.items())  # row for row: the teacher's embeddings carry over
+    assert mine["pomme"] >= teacher_tok.vocab_size and tok.vocab_size > teacher_tok.vocab_size
+    for text in CAPTIONS + ["a snowman", "flag of France"]:
+        assert tok.encode(text) == teacher_tok.encode(text)
+    assert tok.unknown_characters("pomme rouge 赤リンゴ แอปเปิ้ลแดง") == []
+    assert tok("a red apple")[0, 0] == teacher_tok.cls_token_id
+
+
+def test_new_tokens_only_keeps_english_exactly_the_teachers(tmp_path, corpus):
+    teacher_dir = write_teacher(tmp_path / "t")
+    teacher, _, teacher_tok = clipforge.load(teacher_dir)
+    cfg = dataclasses.replace(TINY, layers=2, new_tokens_only=True, lr=0.1)
+    student = train_student(teacher_dir, corpus, cfg, tmp_path / "s", cache=tmp_path / "features")
+    tok, tower = student.tokenizer, student.tower
+    english = ["a red apple", "a cat on a table", "flag of France"]
+    with torch.no_grad():
+        torch.testing.assert_close(tower(tok(english)), teacher.text.trunk(teacher_tok(english), 0))
+    first_new = teacher_tok.vocab_size
+    emb = tower.token_embedding.weight
+    assert torch.equal(emb[:first_new], teacher.text.token_embedding.weight)
+    # The added tokens did train: a fresh student from the same seed starts elsewhere.
+    torch.manual_seed(cfg.seed)
+    start = student_from_teacher(teacher.text, teacher_tok, tok, dataclasses.replace(cfg, context_length=24))
+    assert not torch.equal(emb[first_new:], start.token_embedding.weight[first_new:])
+
+
+def test_new_tokens_only_needs_the_whole_teacher(tmp_path, corpus):
+    with pytest.raises(ValueError, match="needs from_teacher"):
+        DistillConfig(new_tokens_only=True)
+    teacher_dir = write_teacher(tmp_path / "t")
+    with pytest.raises(MultilingualError, match="--layers must be its 2"):
+        train_student(teacher_dir, corpus, dataclasses.replace(TINY, layers=1, new_tokens_only=True))

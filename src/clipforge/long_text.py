@@ -7,7 +7,9 @@
 - "interpolate": Long-CLIP's positions (Zhang et al. 2024): the first 20 as trained, the rest stretched linearly
   to four times as many (77 -> 248 tokens), texts cut at that length. Runs on any CLIP text transformer of a
   context up to 77; a model fine-tuned at a longer context (`clipforge train --init CKPT --context-length 248`
-  stores one) already holds such positions and runs them as trained, reading up to its own context.
+  stores one) already holds such positions and runs them as trained, reading up to its own context. A BERT-kind
+  tower (the default model's MiniLM) learned more positions (512) than the context its tokenizer cuts at (64):
+  there is nothing to stretch, and it reads texts up to all its learned positions, as it was pretrained to.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from typing import Any, Literal, get_args
 import torch
 import torch.nn.functional as F
 
+from clipforge.model.bert import BertTextTower
 from clipforge.model.resize import long_context_length, stretch_positions
 from clipforge.model.text import TextTransformer
 from clipforge.tokenizer import AnyTokenizer, to_context
@@ -63,8 +66,12 @@ def encode_texts(
         rows, counts = _windows_of(tokenizer, texts)
         return _pool_windows(_encode_rows(model, tokenizer, rows, batch_size, device), counts)
     n_ctx, encode = None, lambda tokens: model.encode_text(tokens, normalize=True)
-    if long == "interpolate" and _text_tower(model).context_length <= CLIP_CONTEXT:
-        n_ctx, encode = _interpolated(model)
+    if long == "interpolate":
+        tower = _text_tower(model)
+        if isinstance(tower, BertTextTower):
+            n_ctx = tower.cfg.max_positions
+        elif tower.context_length <= CLIP_CONTEXT:
+            n_ctx, encode = _interpolated(tower)
     out = [
         encode(tokenizer(list(texts[i : i + batch_size]), context_length=n_ctx).to(device))
         for i in range(0, len(texts), batch_size)
@@ -105,19 +112,18 @@ def _pool_windows(vecs: torch.Tensor, counts: list[int]) -> torch.Tensor:
     return torch.stack(out) if out else vecs
 
 
-def _text_tower(model: Any) -> TextTransformer:
+def _text_tower(model: Any) -> TextTransformer | BertTextTower:
     tower = getattr(model, "text", None)
-    if not isinstance(tower, TextTransformer):
+    if not isinstance(tower, (TextTransformer, BertTextTower)):
         raise LongTextError(
-            "long='interpolate' stretches the position embeddings of CLIP's text transformer, which this model "
+            "long='interpolate' reads the position embeddings of the text tower, which this model "
             f"({type(tower or model).__name__}) does not run in PyTorch: use long='chunk'"
         )
     return tower
 
 
-def _interpolated(model: Any) -> tuple[int, Callable[[torch.Tensor], torch.Tensor]]:
+def _interpolated(tower: TextTransformer) -> tuple[int, Callable[[torch.Tensor], torch.Tensor]]:
     """The stretched context length, and a function from tokens of up to that length to normalised vectors."""
-    tower = _text_tower(model)
     n_ctx = long_context_length(tower.context_length)
     positions = stretch_positions(tower.positional_embedding, n_ctx)  # (n_ctx, width)
     return n_ctx, lambda tokens: F.normalize(tower(tokens, positions=positions), dim=-1)

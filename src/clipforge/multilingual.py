@@ -40,7 +40,7 @@ from clipforge.data.sources import read_manifest
 from clipforge.model.bert import BertTextTower
 from clipforge.model.clip import CLIP
 from clipforge.model.config import BertTextConfig
-from clipforge.wordpiece import WordPieceTokenizer, train_wordpiece
+from clipforge.wordpiece import WordPieceTokenizer, extend_wordpiece, train_wordpiece
 
 STUDENT_DIR = "student"
 STUDENT_META = "student.json"
@@ -66,9 +66,14 @@ class DistillConfig:
     english_fraction: float = 0.3  # share of each batch taken from the corpus's English training captions
     # At most this many captions, sampled from train.jsonl (their teacher features are computed once).
     english_captions: int = 30000
-    # Start from the teacher's first `layers` layers (width and heads then are the teacher's) and its embeddings
-    # of the tokens both vocabularies hold, instead of from scratch.
+    # Start from the teacher's first `layers` layers (width and heads then are the teacher's), with the teacher's
+    # vocabulary extended by the tokens of the other locales' text (extend_wordpiece): the teacher's tokens keep
+    # its embeddings row for row, so English reads as the teacher reads it.
     from_teacher: bool = False
+    # With from_teacher and all the teacher's layers: train only the embeddings of the added tokens, everything
+    # else stays the teacher's, so a text of the teacher's own tokens (plain English) embeds exactly as the
+    # teacher embeds it. The student then reads the teacher's context.
+    new_tokens_only: bool = False
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -77,6 +82,10 @@ class DistillConfig:
         for name in ("width", "layers", "heads", "vocab_size", "batch_size", "steps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.new_tokens_only and not self.from_teacher:
+            raise ValueError(
+                "new_tokens_only trains the tokens added to the teacher's: it needs from_teacher"
+            )
 
 
 @dataclass
@@ -154,6 +163,7 @@ class DistillData:
     english: list[str]  # distinct English texts the teacher embeds
     captions: int  # texts[:captions] are the English captions, the rest parallel phrases
     locales: list[str]
+    foreign: list[str]  # phrases of the locales other than English: what extends a teacher's vocabulary
 
 
 def distill_data(corpus: Path, cfg: DistillConfig) -> DistillData:
@@ -165,8 +175,9 @@ def distill_data(corpus: Path, cfg: DistillConfig) -> DistillData:
     english = list(dict.fromkeys(caps + [p.english for p in train]))
     row = {t: i for i, t in enumerate(english)}
     texts = caps + [p.text for p in train]
+    foreign = [p.text for p in train if p.locale.split("-")[0] != parallel.ENGLISH]
     return DistillData(
-        texts, [row[t] for t in caps] + [row[p.english] for p in train], english, len(caps), langs
+        texts, [row[t] for t in caps] + [row[p.english] for p in train], english, len(caps), langs, foreign
     )
 
 
@@ -194,8 +205,10 @@ def student_from_teacher(
     teacher: BertTextTower, teacher_tok: WordPieceTokenizer, tokenizer: WordPieceTokenizer, cfg: DistillConfig
 ) -> BertTextTower:
     """The teacher's embedding norm, positions and first `cfg.layers` layers; token embeddings copied for the
-    tokens both vocabularies hold (English words, [CLS], shared Latin pieces), the others drawn with the
-    teacher's embedding statistics; the map into the teacher's space starts as the identity."""
+    tokens both vocabularies hold (English words, [CLS], shared Latin pieces), the others the mean of the
+    teacher's embeddings of the pieces the teacher splits them into ("pomme": "po", "##mme"; a cognate starts
+    near its English word), or drawn with the teacher's embedding statistics where the teacher reads only
+    [UNK]; the map into the teacher's space starts as the identity."""
     t = teacher.cfg
     if not 1 <= cfg.layers <= t.layers:
         raise MultilingualError(
@@ -229,8 +242,36 @@ def student_from_teacher(
         if shared:
             mine_ids, their_ids = map(list, zip(*shared))
             student.token_embedding.weight[mine_ids] = w[their_ids]
+        unk = theirs.get("[UNK]")
+        for token, i in tokenizer.get_vocab().items():
+            pieces = (
+                []
+                if token in theirs
+                else [j for j in teacher_tok.encode(token.removeprefix("##")) if j != unk]
+            )
+            if pieces:
+                student.token_embedding.weight[i] = w[pieces].mean(dim=0)
         student.text_projection.copy_(torch.eye(t.width))
     return student
+
+
+def train_new_tokens_only(
+    tower: BertTextTower, data: DistillData, tokenizer: WordPieceTokenizer, first_new: int
+) -> DistillData:
+    """Freeze `tower` but for the embeddings of tokens `first_new` and up, and keep only the phrases holding such
+    a token: the others, and the English captions, which English holds by construction, would train nothing."""
+    for p in tower.parameters():
+        p.requires_grad_(False)
+    weight = tower.token_embedding.weight.requires_grad_(True)
+    weight.register_hook(lambda g: torch.cat([torch.zeros_like(g[:first_new]), g[first_new:]]))
+    phrases = range(data.captions, len(data.texts))
+    new = (tokenizer([data.texts[i] for i in phrases]) >= first_new).any(dim=1).tolist()
+    rows = [i for i, n in zip(phrases, new) if n]
+    if not rows:
+        raise MultilingualError("no training phrase holds a token the teacher's vocabulary lacks")
+    return dataclasses.replace(
+        data, texts=[data.texts[i] for i in rows], targets=[data.targets[i] for i in rows], captions=0
+    )
 
 
 def _lr(cfg: DistillConfig, progress: float) -> float:
@@ -259,7 +300,9 @@ def distill(
 ) -> BertTextTower:
     """Train `student` on (text -> teacher row) by MSE, for cfg.steps or cfg.max_minutes, whichever ends
     first (the schedule follows whichever is further along); one JSON line of metrics per 20 steps to `log`."""
-    opt = torch.optim.AdamW(student.parameters(), lr=cfg.lr, weight_decay=0.01)
+    # No weight decay when only new tokens train: it would shrink the teacher's rows, which get no gradient.
+    params = [p for p in student.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0 if cfg.new_tokens_only else 0.01)
     tokens = tokenizer(data.texts, context_length=cfg.context_length)  # (N, T), cut to the context
     rows = torch.tensor(data.targets)
     gen = torch.Generator().manual_seed(cfg.seed)
@@ -298,9 +341,19 @@ def train_student(
     cache = Path(cache) if cache is not None else paths.features_dir()
     teacher, teacher_tok = load_teacher(teacher_dir)
     data = distill_data(corpus, cfg)
+    if cfg.new_tokens_only:
+        if cfg.layers != teacher.config.text.layers:
+            raise MultilingualError(
+                f"new_tokens_only keeps the whole teacher: --layers must be its {teacher.config.text.layers}"
+            )
+        cfg = dataclasses.replace(cfg, context_length=teacher.config.text.context_length)
     # The vocabulary sees train-side text only: a token found only in held-out phrases would keep its random
     # initial embedding, which is worse for those queries than the pieces it splits into otherwise.
-    tokenizer = train_wordpiece(data.texts, cfg.vocab_size, cfg.context_length)
+    if cfg.from_teacher:  # the other locales' tokens only: English words keep the teacher's pieces
+        tokenizer = extend_wordpiece(teacher_tok, train_wordpiece(data.foreign, cfg.vocab_size))
+        tokenizer.context_length = cfg.context_length
+    else:
+        tokenizer = train_wordpiece(data.texts, cfg.vocab_size, cfg.context_length)
     targets = teacher_features(teacher, teacher_tok, data.english, cache, progress=progress)
     out_dir = Path(out) if out is not None else None
     if out_dir is not None:
@@ -310,6 +363,8 @@ def train_student(
         tower = student_from_teacher(teacher.text, teacher_tok, tokenizer, cfg)
     else:
         tower = new_student(tokenizer, cfg, targets.shape[1])
+    if cfg.new_tokens_only:
+        data = train_new_tokens_only(tower, data, tokenizer, teacher_tok.vocab_size)
     tower = distill(tower, data, targets, tokenizer, cfg, out_dir / "log.jsonl" if out_dir else None)
     meta = {
         "teacher": str(teacher_dir),

@@ -146,3 +146,24 @@ def train_wordpiece(texts: Iterable[str], vocab_size: int, context_length: int =
         single="[CLS] $A [SEP]", special_tokens=[("[CLS]", cls), ("[SEP]", sep)]
     )
     return WordPieceTokenizer(backend, context_length=context_length, source="trained WordPiece")
+
+
+def extend_wordpiece(base: WordPieceTokenizer, extra: WordPieceTokenizer) -> WordPieceTokenizer:
+    """`base`'s vocabulary with its ids kept, then every token of `extra` it lacks, read with `extra`'s
+    normaliser and pre-tokenizer. A word `base` reads whole keeps its id, so a model's embeddings of `base`'s
+    tokens carry over row for row; the pipeline is `extra`'s (for a vocabulary trained by `train_wordpiece`:
+    no accent stripping, so every script keeps its vowel signs), which reads plain ASCII as `base` does."""
+    from tokenizers import processors
+    from tokenizers.models import WordPiece
+
+    vocab = dict(base.get_vocab())
+    for token, _ in sorted(extra.get_vocab().items(), key=lambda kv: kv[1]):
+        vocab.setdefault(token, len(vocab))
+    backend = _RustTokenizer(WordPiece(vocab, unk_token="[UNK]", max_input_chars_per_word=100))
+    backend.normalizer = extra._backend.normalizer
+    backend.pre_tokenizer = extra._backend.pre_tokenizer
+    cls, sep = base.cls_token_id, base.sep_token_id
+    backend.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", special_tokens=[("[CLS]", cls), ("[SEP]", sep)]
+    )
+    return WordPieceTokenizer(backend, context_length=base.context_length, source="extended WordPiece")

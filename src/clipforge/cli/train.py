@@ -122,8 +122,15 @@ def _register_multilingual(sub: argparse._SubParsersAction) -> None:
         "--from-teacher",
         action=argparse.BooleanOptionalAction,
         default=d.from_teacher,
-        help="start from the teacher's first --layers layers and shared token embeddings (width and heads are "
-        "then the teacher's) (default: %(default)s)",
+        help="start from the teacher's first --layers layers, with its vocabulary extended by the other "
+        "locales' tokens (width and heads are then the teacher's) (default: %(default)s)",
+    )
+    p.add_argument(
+        "--new-tokens-only",
+        action=argparse.BooleanOptionalAction,
+        default=d.new_tokens_only,
+        help="with --from-teacher and all its layers: train only the added tokens' embeddings, so plain English "
+        "embeds exactly as the teacher embeds it (default: %(default)s)",
     )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(run=_multilingual_command)
@@ -148,6 +155,7 @@ def _multilingual_command(a: argparse.Namespace) -> int:
             steps=a.steps,
             max_minutes=a.minutes,
             from_teacher=a.from_teacher,
+            new_tokens_only=a.new_tokens_only,
         )
         out = train_multilingual(teacher, a.out, a.corpus, cfg, progress=not a.no_progress)
     print(f"multilingual model: {out}")

@@ -103,9 +103,11 @@ class BertTextTower(nn.Module):
         unlocked == 0, the pooled (B, width) features before the projection. Hidden states keep all T rows, so
         each sample's features do not depend on the rest of its batch."""
         check_unlocked(unlocked, self.num_blocks)
-        if tokens.shape[1] > self.cfg.context_length:
+        # BERT learned every row of its position table, so it reads past the context its tokenizer cuts at
+        # (long="interpolate" in clipforge.long_text) up to the table's end, and no further.
+        if tokens.shape[1] > self.cfg.max_positions:
             raise ValueError(
-                f"text has {tokens.shape[1]} tokens; this model's context length is {self.cfg.context_length}"
+                f"text has {tokens.shape[1]} tokens; this model has {self.cfg.max_positions} positions"
             )
         mask = self.padding_mask(tokens)
         if unlocked == 0 and self.trim and not torch.jit.is_tracing() and not torch.compiler.is_compiling():

@@ -87,12 +87,20 @@ def with_context_length(
     cfg: CLIPConfig, sd: dict[str, torch.Tensor], context_length: int
 ) -> tuple[CLIPConfig, dict[str, torch.Tensor]]:
     """`cfg` and its weights for texts of up to `context_length` tokens (the position embeddings stretched or
-    cut); a model to fine-tune at the new length, as Long-CLIP does."""
+    cut); a model to fine-tune at the new length, as Long-CLIP does. A BERT tower learned all the rows of its
+    position table, so only its context changes, within that table."""
     if context_length == cfg.text.context_length:
         return cfg, sd
-    if isinstance(cfg.text, BertTextConfig) or TEXT_POSITIONS not in sd:
+    if isinstance(cfg.text, BertTextConfig):
+        if context_length > cfg.text.max_positions:
+            raise ResizeError(
+                f"context_length={context_length}: this BERT text tower learned {cfg.text.max_positions} "
+                "positions, and they are not stretched"
+            )
+    elif TEXT_POSITIONS not in sd:
         raise ResizeError(
             f"context_length={context_length}: only the CLIP text transformer's positions can be stretched"
         )
-    new = cfg.replace(text={"context_length": context_length})
-    return new, {**sd, TEXT_POSITIONS: stretch_positions(sd[TEXT_POSITIONS], context_length)}
+    else:
+        sd = {**sd, TEXT_POSITIONS: stretch_positions(sd[TEXT_POSITIONS], context_length)}
+    return cfg.replace(text={"context_length": context_length}), sd
