@@ -219,6 +219,7 @@ GETS = ["/api/search", "/healthz", "/api/info", "/metrics", "/", "/indices-list"
 BY_ID = [
     ("GET", "/api/images/{id}"),
     ("GET", "/api/thumbs/{id}"),
+    ("GET", "/api/videos/{id}"),
     ("GET", "/api/items/{id}"),
     ("DELETE", "/api/index/{id}"),
 ]
