@@ -138,8 +138,8 @@ def _register_search(sub: argparse._SubParsersAction) -> None:
         type=float,
         default=None,
         help="drop hits whose relevance estimate (0-1) is below this, so fewer than k may come back (default: "
-        "none, the plain top k). Try 0.05: with the default model on held-out concepts it kept 90%% of the "
-        "relevant top-10 hits and dropped 44-55%% of the irrelevant ones (0.5 kept 19%%); see BENCHMARKS.md",
+        "none, the plain top k). Try 0.05: on held-out concepts it kept 90-96%% of the relevant top-10 hits and "
+        "dropped 28-55%% of the irrelevant ones, depending on the model; see BENCHMARKS.md",
     )
     s.add_argument(
         "--sort",

@@ -7,19 +7,20 @@ z = (score - centre) / spread. Among N unrelated items the best z is about sqrt(
 expected maximum of N normal draws), so a hit counts as relevant only when it stands out beyond that:
     relevance = sigmoid((z - sqrt(2 ln N) - MARGIN) / SCALE)
 with MARGIN = 1 and SCALE = 0.5 fixed here, not fitted to any test set. bench/search_quality.py measures it
-with the default model on the open corpus's held-out concepts (a hit is relevant when its image shows the
-query's concept): this fixed mapping is about as well calibrated as a logistic or isotonic fit on other
-held-out concepts (log-loss 0.349 against 0.333-0.335), and much better than a fit on training-side pairs
-(0.44-0.45, worse than a constant: the model knows its training concepts, so such a fit promises relevance
-that unseen concepts do not get). Any monotone re-mapping leaves the trade-off between kept relevant and
-dropped irrelevant hits where it is (AUC 0.79 for this model), so no fitted calibration ships.
+on the open corpus's held-out concepts (a hit is relevant when its image shows the query's concept). With the
+previous default model (a linear image head) this fixed mapping was about as well calibrated as a logistic or
+isotonic fit on other held-out concepts (log-loss 0.349 against 0.333-0.335); with the current one (the
+multiscale MLP head) it is worse than a constant base rate (0.513 against 0.467; a fit on held-out concepts
+0.424), so how calibrated it is depends on the model, and a per-model fit is the known next step. A fit on
+training-side pairs is worse than a constant for both (the model knows its training concepts, so such a fit
+promises relevance that unseen concepts do not get). Any monotone re-mapping leaves the trade-off between kept
+relevant and dropped irrelevant hits where it is (AUC 0.79 and 0.72 for the two models).
 
 The cut-off: none by default (Python, CLI, HTTP). DEFAULT_MIN_RELEVANCE (0.05) is only the suggested one:
-the largest threshold keeping 90% of the relevant top-10 hits on half of the held-out concepts, in vector and
-hybrid mode. On the other half it keeps 90% of them (vector; 91% hybrid) but drops 55% of the irrelevant ones
-in vector mode and only 44% in hybrid, the default mode, and half of the nonsense queries return nothing: short
-of the "keeps the relevant, drops most of the rest" a default should promise. 0.5 drops 95% of the irrelevant
-hits but keeps 19% of the relevant ones.
+with the previous default model, the largest threshold keeping 90% of the relevant top-10 hits on half of the
+held-out concepts, in vector and hybrid mode. On the other half it kept 90% of them (vector; 91% hybrid) but
+dropped 55% of the irrelevant ones in vector mode and only 44% in hybrid, the default mode (with the current
+model: keeps 96%, drops 28%): short of the "keeps the relevant, drops most of the rest" a default should promise.
 
 Keywords. SQLite FTS5 ranks rows holding the query's words by BM25 (db.py). A keyword hit's relevance is the
 share of the query's word weight the row holds, each word weighted by its inverse document frequency (so
