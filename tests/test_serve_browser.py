@@ -42,6 +42,7 @@ from test_serve_api import ShapeEncoder, build_collection, make_config, running_
 
 from clipforge.data.synthetic import COLORS, write_shapes  # noqa: E402
 from clipforge.index import Collection  # noqa: E402
+from clipforge.index.rank import DEFAULT_MIN_RELEVANCE  # noqa: E402
 from clipforge.serve import create_app  # noqa: E402
 
 
@@ -217,7 +218,7 @@ def test_relevance_switch_keyword_mode_dates_order_and_a_video_moment(dated_site
         browser, page, errors = open_page(p, url)
         expect(page.locator("#status")).to_contain_text("50 items")  # 48 shapes, 2 moments of the video
 
-        # Every hit shows its relevance; "only relevant" drops the ones under the slider's 0.50.
+        # Every hit shows its relevance; "only relevant" drops the ones under the slider (set to 0.50).
         box = page.get_by_label("Search by words")
         box.fill("red circle")
         box.press("Enter")
@@ -225,7 +226,13 @@ def test_relevance_switch_keyword_mode_dates_order_and_a_video_moment(dated_site
         assert len(every) == 24 and shapes[every[0]["id"]][0] == "red circle"
         assert any(relevance(c) < 0.5 for c in every) and any(relevance(c) >= 0.5 for c in every)
         page.get_by_label("Only relevant").check()
-        expect(page.get_by_label("Minimum relevance")).to_be_enabled()
+        slider = page.get_by_label("Minimum relevance")
+        expect(slider).to_be_enabled()
+        # The slider starts at the measured suggestion; with the default model 0.5 would hide most right hits.
+        assert float(slider.input_value()) == DEFAULT_MIN_RELEVANCE
+        wait_for_ids(page, api_ids(url, {"text": "red circle", "min_relevance": DEFAULT_MIN_RELEVANCE}))
+        slider.fill("0.5")
+        expect(page.locator("#min-relevance-value")).to_have_text("0.50")
         relevant = wait_for_ids(page, api_ids(url, {"text": "red circle", "min_relevance": 0.5}))
         assert 2 <= len(relevant) < len(every) and all(relevance(c) >= 0.5 for c in relevant)
         assert [c["id"] for c in relevant] == [c["id"] for c in every if relevance(c) >= 0.5]
