@@ -50,30 +50,22 @@ def engine(request: Request) -> Engine:
 
 
 def hit_out(h: Hit) -> HitOut:
+    """A hit as the API shows it. A moment of a video is named by its video's file name, links the video and
+    its time, and leaves the video's server path out of its metadata."""
     frame = frame_of(h)
-    if frame is not None:  # a moment of a video: its file's name, and the video's server path left out
-        meta = {k: v for k, v in h.metadata.items() if k != "video"}
-        return HitOut(
-            id=h.id,
-            score=h.score,
-            relevance=h.relevance,
-            name=Path(frame[0]).name,
-            caption=h.caption,
-            metadata=meta,
-            thumb_url=f"/api/thumbs/{h.id}",
-            video_url=f"/api/videos/{h.id}",
-            t=frame[1],
-        )
-    has_image = bool(h.path)
+    source = frame[0] if frame else h.path
+    image = bool(h.path) and frame is None
     return HitOut(
         id=h.id,
         score=h.score,
         relevance=h.relevance,
-        name=Path(h.path).name if h.path else None,
+        name=Path(source).name if source else None,
         caption=h.caption,
-        metadata=h.metadata,
-        image_url=f"/api/images/{h.id}" if has_image else None,
-        thumb_url=f"/api/thumbs/{h.id}" if has_image else None,
+        metadata={k: v for k, v in h.metadata.items() if k != "video"} if frame else h.metadata,
+        image_url=f"/api/images/{h.id}" if image else None,
+        thumb_url=f"/api/thumbs/{h.id}" if h.path else None,
+        video_url=f"/api/videos/{h.id}" if frame else None,
+        t=frame[1] if frame else None,
     )
 
 
