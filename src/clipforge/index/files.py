@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from clipforge.data.pretrained import sha256_file
 from clipforge.data.sources import IMAGE_SUFFIXES
 from clipforge.media.formats import VIDEO_EXTENSIONS
 from clipforge.media.video import FRAME_MARK, parse_frame_key
@@ -79,12 +80,8 @@ def backing_file(key: str) -> str:
 
 def hash_file(path: str) -> tuple[str, int, float]:
     """(sha256, size, mtime) of a file read in chunks: a video may not fit in memory."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-        st = os.fstat(f.fileno())
-    return h.hexdigest(), st.st_size, st.st_mtime
+    st = os.stat(path)
+    return sha256_file(Path(path)), st.st_size, st.st_mtime
 
 
 def read(path: str) -> FileEntry:

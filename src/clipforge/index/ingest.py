@@ -316,9 +316,10 @@ def sync(
     report = AddReport()
     with store.counting_commits():
         # a frame's key is `VIDEO#t=SECONDS`: it is gone when its video is
-        gone = [key for key in store.keys_under(root) if not os.path.isfile(files.backing_file(key))]
+        backing = {key: files.backing_file(key) for key in store.keys_under(root)}
+        gone = [key for key, file in backing.items() if not os.path.isfile(file)]
         if gone:
             store.remove(gone)
-            report.removed += sorted({files.backing_file(key) for key in gone})
+            report.removed += sorted({backing[key] for key in gone})
         merge(report, add_files(store, [root], encoder, pipeline))
     return report

@@ -8,7 +8,7 @@ so a long 4K video never holds more than `FRAME_BATCH` decoded frames.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import itertools
 
 import numpy as np
 
@@ -55,18 +55,8 @@ def add_videos(store: Store, paths: list[str], encoder: EncoderLike, report: Add
 def _embed_frames(path: str, encoder: EncoderLike, dim: int) -> tuple[np.ndarray, list[tuple[str, dict]]]:
     """Vectors (F, D) of the video's sampled frames and (key, metadata) of each."""
     vecs, metas = [], []
-    for batch in _batches(sampled_frames(path), FRAME_BATCH):
+    frames = sampled_frames(path)
+    while batch := list(itertools.islice(frames, FRAME_BATCH)):
         vecs.append(as_matrix(encoder.embed_images([img for _, img in batch]), dim, "encoder output"))
         metas += [(item.key, item.metadata) for item, _ in batch]
     return (np.concatenate(vecs) if vecs else np.zeros((0, dim), np.float32)), metas
-
-
-def _batches(it: Iterator, n: int) -> Iterator[list]:
-    batch: list = []
-    for x in it:
-        batch.append(x)
-        if len(batch) == n:
-            yield batch
-            batch = []
-    if batch:
-        yield batch

@@ -122,8 +122,8 @@ def video_items(
     label = os.fspath(path)
     with _open(label) as (container, stream):
         duration, started = _duration(container, stream), recording_start(container.metadata)
-    if duration is None:
-        return [VideoFrameItem(label, t, started) for t, _ in keyframes(label, interval, max_frames)]
+    if duration is None:  # decode to find out which moments exist
+        return [item for item, _ in sampled_frames(label, interval, max_frames)]
     return [VideoFrameItem(label, t, started) for t in sample_times(duration, interval, max_frames)]
 
 
