@@ -806,3 +806,22 @@ def test_colour_histogram_counts_exactly_in_bfloat16():
     low = colour_histogram(pixels.bfloat16())
     torch.testing.assert_close(exact.sum(1), torch.ones(2))
     torch.testing.assert_close(low.float(), exact, atol=2e-3, rtol=1e-2)
+
+
+def test_feature_cache_namespace_ignores_the_head_but_not_the_pooling(tmp_path):
+    """Rows cached for a linear head serve an MLP head (the trunk is the same); another pooling is another
+    trunk output, so another folder."""
+    from clipforge.train import features as ft
+
+    trunk = convert.from_efficientnet_pytorch(random_effnet_state_dict())  # the same pretrained trunk for all
+
+    def folder(**vision) -> Path:
+        model = create_model(small_config().replace(vision=vision), seed=0)
+        model.visual.load_state_dict(trunk, strict=False)
+        for name, p in model.visual.named_parameters():
+            p.requires_grad_(name in model.visual.head_names)  # a locked run: only the head trains
+        return ft.image_store(tmp_path, model.visual, model.config, 0).dir
+
+    linear = folder(pool="multiscale")
+    assert folder(pool="multiscale", head="mlp", head_hidden=8) == linear
+    assert folder(pool="avg") != linear

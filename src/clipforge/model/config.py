@@ -62,6 +62,7 @@ class VisionConfig:
 
 
 POOLS = ("avg", "multiscale")  # EfficientNetConfig.pool
+HEAD_FIELDS = ("head", "head_hidden")  # EfficientNetConfig fields that shape only the head, not the trunk
 
 
 @dataclass(frozen=True)

@@ -33,7 +33,7 @@ from torch import nn
 
 from clipforge.atomic import atomic_path, write_bytes_atomic
 from clipforge.data.manifest import Sample
-from clipforge.model.config import CLIPConfig, PreprocessConfig
+from clipforge.model.config import HEAD_FIELDS, CLIPConfig, PreprocessConfig
 from clipforge.model.tower import TrunkOutput
 from clipforge.transforms import Preprocess
 
@@ -96,16 +96,13 @@ def tokenizer_identity(tok: Callable[[Sequence[str]], torch.Tensor]) -> str:
     return h.hexdigest()
 
 
-HEAD_OPTIONS = ("head", "head_hidden")  # EfficientNetConfig fields that shape only the head
-
-
 def image_store(root: str | Path, tower: nn.Module, config: CLIPConfig, unlocked: int) -> FeatureStore:
     """The namespace of an image tower's trunk outputs: its class, trunk weights, config, unlocked blocks and
     the preprocessing."""
     d = config.to_dict()
     # The head's own options do not change what the trunk computes: rows cached for a linear head serve an
     # MLP head too.
-    vision = {k: v for k, v in d["vision"].items() if k not in HEAD_OPTIONS}
+    vision = {k: v for k, v in d["vision"].items() if k not in HEAD_FIELDS}
     return FeatureStore(
         root,
         {
