@@ -350,8 +350,9 @@ def train_student(
     # The vocabulary sees train-side text only: a token found only in held-out phrases would keep its random
     # initial embedding, which is worse for those queries than the pieces it splits into otherwise.
     if cfg.from_teacher:  # the other locales' tokens only: English words keep the teacher's pieces
-        tokenizer = extend_wordpiece(teacher_tok, train_wordpiece(data.foreign, cfg.vocab_size))
-        tokenizer.context_length = cfg.context_length
+        tokenizer = extend_wordpiece(
+            teacher_tok, train_wordpiece(data.foreign, cfg.vocab_size), cfg.context_length
+        )
     else:
         tokenizer = train_wordpiece(data.texts, cfg.vocab_size, cfg.context_length)
     targets = teacher_features(teacher, teacher_tok, data.english, cache, progress=progress)

@@ -114,7 +114,7 @@ def train_wordpiece(texts: Iterable[str], vocab_size: int, context_length: int =
     """A WordPiece vocabulary learnt from `texts` for any script: NFKC and lower-casing but no accent
     stripping (which would delete the vowel signs of Devanagari, Bengali or Thai), CJK ideographs split one
     per token as BERT does, and every character of the texts in the vocabulary; others read as [UNK]."""
-    from tokenizers import normalizers, pre_tokenizers, processors, trainers
+    from tokenizers import normalizers, pre_tokenizers, trainers
     from tokenizers.models import WordPiece
 
     backend = _RustTokenizer(WordPiece(unk_token="[UNK]", max_input_chars_per_word=100))
@@ -141,19 +141,27 @@ def train_wordpiece(texts: Iterable[str], vocab_size: int, context_length: int =
     for form in sorted({f for c in chars for f in (c, f"##{c}")} - set(vocab)):
         vocab[form] = len(vocab)
     backend.model = WordPiece(vocab, unk_token="[UNK]", max_input_chars_per_word=100)
+    _frame_with_cls_sep(backend)
+    return WordPieceTokenizer(backend, context_length=context_length, source="trained WordPiece")
+
+
+def _frame_with_cls_sep(backend: _RustTokenizer) -> None:
+    """BERT's framing of a single text, with this vocabulary's ids of [CLS] and [SEP]."""
+    from tokenizers import processors
+
     cls, sep = backend.token_to_id("[CLS]"), backend.token_to_id("[SEP]")
     backend.post_processor = processors.TemplateProcessing(
         single="[CLS] $A [SEP]", special_tokens=[("[CLS]", cls), ("[SEP]", sep)]
     )
-    return WordPieceTokenizer(backend, context_length=context_length, source="trained WordPiece")
 
 
-def extend_wordpiece(base: WordPieceTokenizer, extra: WordPieceTokenizer) -> WordPieceTokenizer:
+def extend_wordpiece(
+    base: WordPieceTokenizer, extra: WordPieceTokenizer, context_length: int | None = None
+) -> WordPieceTokenizer:
     """`base`'s vocabulary with its ids kept, then every token of `extra` it lacks, read with `extra`'s
     normaliser and pre-tokenizer. A word `base` reads whole keeps its id, so a model's embeddings of `base`'s
     tokens carry over row for row; the pipeline is `extra`'s (for a vocabulary trained by `train_wordpiece`:
     no accent stripping, so every script keeps its vowel signs), which reads plain ASCII as `base` does."""
-    from tokenizers import processors
     from tokenizers.models import WordPiece
 
     vocab = dict(base.get_vocab())
@@ -162,8 +170,6 @@ def extend_wordpiece(base: WordPieceTokenizer, extra: WordPieceTokenizer) -> Wor
     backend = _RustTokenizer(WordPiece(vocab, unk_token="[UNK]", max_input_chars_per_word=100))
     backend.normalizer = extra._backend.normalizer
     backend.pre_tokenizer = extra._backend.pre_tokenizer
-    cls, sep = base.cls_token_id, base.sep_token_id
-    backend.post_processor = processors.TemplateProcessing(
-        single="[CLS] $A [SEP]", special_tokens=[("[CLS]", cls), ("[SEP]", sep)]
-    )
-    return WordPieceTokenizer(backend, context_length=base.context_length, source="extended WordPiece")
+    _frame_with_cls_sep(backend)  # base's ids: its tokens keep theirs
+    n_ctx = base.context_length if context_length is None else context_length
+    return WordPieceTokenizer(backend, context_length=n_ctx, source="extended WordPiece")
