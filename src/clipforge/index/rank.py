@@ -121,25 +121,27 @@ def word_weights(store: Store, words: list[str]) -> tuple[dict[str, float], list
     return idf, [w for w, c in counts.items() if c <= COMMON_SHARE * n_rows]
 
 
-def keyword_relevance(store: Store, idf: dict[str, float], ids: np.ndarray) -> np.ndarray:
+def held_words(store: Store, ids: np.ndarray) -> list[set[str]]:
+    """The keyword index's words of each row, read once for both keyword_relevance and holds_rarest."""
+    texts = store.keyword_texts(ids)
+    return [set(texts.get(int(i), "").split()) for i in ids]
+
+
+def keyword_relevance(idf: dict[str, float], held: list[set[str]]) -> np.ndarray:
     """IDF-weighted share (n,) of the query's words (`idf`: word_weights) each row holds."""
     total = sum(idf.values())
-    texts = store.keyword_texts(ids)
-    out = np.zeros(len(ids), np.float32)
-    for i, id_ in enumerate(ids):
-        held = set(texts.get(int(id_), "").split())
-        out[i] = sum(v for w, v in idf.items() if w in held) / total if total else 0.0
-    return out
+    if not total:
+        return np.zeros(len(held), np.float32)
+    return np.array([sum(v for w, v in idf.items() if w in h) / total for h in held], np.float32)
 
 
-def holds_rarest(store: Store, idf: dict[str, float], ids: np.ndarray) -> np.ndarray:
+def holds_rarest(idf: dict[str, float], held: list[set[str]]) -> np.ndarray:
     """(n,) bool: each row holds one of the query's rarest words (highest IDF)."""
     if not idf:
-        return np.zeros(len(ids), bool)
+        return np.zeros(len(held), bool)
     top = max(idf.values())
     rarest = {w for w, v in idf.items() if v >= top}
-    texts = store.keyword_texts(ids)
-    return np.array([bool(rarest & set(texts.get(int(i), "").split())) for i in ids], bool)
+    return np.array([bool(rarest & h) for h in held], bool)
 
 
 def _rrf(lists: Sequence[np.ndarray]) -> np.ndarray:
@@ -181,10 +183,11 @@ def _candidates(
         idf, searched = word_weights(store, words)
         # asked for keywords alone, the user gets even a common word's rows
         ks, kids = store.search_keywords(searched or (words if mode == "keyword" else []), pool, allowed)
-        rel = keyword_relevance(store, idf, kids)
+        held = held_words(store, kids)
+        rel = keyword_relevance(idf, held)
         matched = {int(i): (float(s), float(r)) for i, s, r in zip(kids, ks, rel)}
         if mode == "hybrid":  # fuse only the rows matching well (not all sharing "the"): see the docstring
-            kids = kids[(rel >= KEYWORD_MATCH) & holds_rarest(store, idf, kids)]
+            kids = kids[(rel >= KEYWORD_MATCH) & holds_rarest(idf, held)]
             matched = {i: matched[i] for i in kids.tolist()}
         lists.append(kids)
     ids = lists[0] if len(lists) == 1 else _rrf(lists)
