@@ -29,6 +29,7 @@ from clipforge import paths
 from clipforge.encoder import Encoder
 from clipforge.eval.manifest import read_labelled_manifest
 from clipforge.eval.retrieval import retrieval_eval
+from clipforge.index import embed_output as eo
 from clipforge.zeroshot import TEMPLATE_SETS, embed_classes, load_templates
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
@@ -101,10 +102,10 @@ def zeroshot(enc: Encoder, manifest: Path, cache: Path) -> dict[str, dict[str, f
 
 def _finished(folder: Path) -> bool:
     """Every part of an embedding folder written (then nothing there needs writing again)."""
-    sidecar = folder / "embeddings.json"
-    if not sidecar.is_file():
+    try:
+        return len(eo.done_parts(folder)) == eo.read_sidecar(folder)["parts"]
+    except eo.EmbeddingFolderError:  # not written yet
         return False
-    return len(list((folder / "_done").glob("part_*.json"))) == json.loads(sidecar.read_text())["parts"]
 
 
 def corpus_embeddings(enc: Encoder, run: Path) -> tuple[np.ndarray, list[dict]]:
