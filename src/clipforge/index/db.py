@@ -39,6 +39,7 @@ INSERT OR IGNORE INTO state VALUES ('generation', 0);
 
 ROW_COLUMNS = "id, key, caption, sha256, size, mtime, added, metadata"
 RECORD_KEYS = ("path", "key", "caption", "sha256", "size", "mtime", "metadata")
+IN_CHUNK = 900  # ids per `IN (...)` query: under SQLite's default limit of 999 bound parameters
 
 
 def connect(path: Path, readonly: bool) -> sqlite3.Connection:
@@ -89,12 +90,10 @@ def all_ids(conn: sqlite3.Connection) -> np.ndarray:
 
 def vectors_for(conn: sqlite3.Connection, ids: np.ndarray, dim: int) -> np.ndarray:
     """Vectors (n, D) of `ids`, in the order given. Missing ids raise KeyError."""
-    found: dict[int, bytes] = {}
     idl = [int(i) for i in ids]
-    for start in range(0, len(idl), 900):  # stay under SQLite's bound-parameter limit
-        chunk = idl[start : start + 900]
-        q = f"SELECT id, vector FROM items WHERE id IN ({','.join('?' * len(chunk))})"
-        found.update(conn.execute(q, chunk).fetchall())
+    found: dict[int, bytes] = {
+        r[0]: r[1] for r in _rows_in(conn, "SELECT id, vector FROM items WHERE id", idl)
+    }
     out = np.empty((len(idl), dim), np.float32)
     for r, i in enumerate(idl):
         out[r] = np.frombuffer(found[i], np.float32)
@@ -252,13 +251,16 @@ def filtered_ids(
 
 
 def rows_by_id(conn: sqlite3.Connection, ids: Iterable[int]) -> dict[int, tuple]:
+    return {r[0]: r for r in _rows_in(conn, f"SELECT {ROW_COLUMNS} FROM items WHERE id", ids)}
+
+
+def _rows_in(conn: sqlite3.Connection, select: str, ids: Iterable[int]) -> Iterator[tuple]:
+    """The rows of `select` (a query ending in the id column to match) `IN` the ids, asked in chunks that stay
+    under SQLite's bound-parameter limit."""
     idl = [int(i) for i in ids]
-    out: dict[int, tuple] = {}
-    for start in range(0, len(idl), 900):
-        chunk = idl[start : start + 900]
-        q = f"SELECT {ROW_COLUMNS} FROM items WHERE id IN ({','.join('?' * len(chunk))})"
-        out.update((r[0], r) for r in conn.execute(q, chunk))
-    return out
+    for start in range(0, len(idl), IN_CHUNK):
+        chunk = idl[start : start + IN_CHUNK]
+        yield from conn.execute(f"{select} IN ({','.join('?' * len(chunk))})", chunk)
 
 
 # ---- keyword search (FTS5) ------------------------------------------------------------------------------
@@ -349,13 +351,8 @@ def keyword_search(
 
 def keyword_texts(conn: sqlite3.Connection, ids: Iterable[int]) -> dict[int, str]:
     """id -> the words stored for it (name, caption and metadata words, space-separated)."""
-    idl = [int(i) for i in ids]
-    out: dict[int, str] = {}
-    for start in range(0, len(idl), 900):
-        chunk = idl[start : start + 900]
-        q = f"SELECT rowid, name, caption, meta FROM items_fts WHERE rowid IN ({','.join('?' * len(chunk))})"
-        out.update((r[0], " ".join(r[1:])) for r in conn.execute(q, chunk))
-    return out
+    select = "SELECT rowid, name, caption, meta FROM items_fts WHERE rowid"
+    return {r[0]: " ".join(r[1:]) for r in _rows_in(conn, select, ids)}
 
 
 def documents_with(conn: sqlite3.Connection, words: list[str]) -> tuple[dict[str, int], int]:
