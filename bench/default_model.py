@@ -16,7 +16,6 @@ import argparse
 import hashlib
 import json
 import platform
-import re
 import statistics
 import subprocess
 import sys
@@ -33,7 +32,7 @@ from clipforge.index import embed_output as eo
 from clipforge.zeroshot import TEMPLATE_SETS, embed_classes, load_templates
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
-from demo import QUERIES  # noqa: E402  (the demo's searches and what counts as finding each)
+from demo import QUERIES, shows_concept  # noqa: E402  (the demo's searches and what counts as finding each)
 
 
 def train(config: str, seed: int, run: Path) -> float:
@@ -137,8 +136,7 @@ def demo_searches(enc: Encoder, run: Path) -> dict[str, bool]:
     found = {}
     for query, words in QUERIES.items():
         top = np.argsort(-(vecs @ enc.embed_texts([query])[0]))[:5]
-        pattern = re.compile(r"\b(" + "|".join(map(re.escape, words)) + r")\b")
-        found[query] = any(pattern.search(str(meta[i].get("concept") or "")) for i in top)
+        found[query] = any(shows_concept(str(meta[i].get("concept") or ""), words) for i in top)
     return found
 
 

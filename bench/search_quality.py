@@ -47,7 +47,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
-from demo import QUERIES  # noqa: E402  (the demo's six searches and what counts as finding each)
+from demo import QUERIES, shows_concept  # noqa: E402  (the demo's six searches and what counts as finding each)
 
 from clipforge import paths  # noqa: E402
 from clipforge.index import Collection, db, rank  # noqa: E402
@@ -206,9 +206,8 @@ def demo_found(
     """The demo's six searches: each top-5 hit's relevance and whether its concept is what was asked."""
     out = {}
     for text, words in QUERIES.items():
-        pattern = re.compile(r"\b(" + "|".join(map(re.escape, words)) + r")\b")
         hits = coll.search(text=text, encoder=enc, k=5, mode=mode)
-        out[text] = [(h.relevance, bool(pattern.search(concept_of.get(h.path or "", "")))) for h in hits]
+        out[text] = [(h.relevance, shows_concept(concept_of.get(h.path or "", ""), words)) for h in hits]
     return out
 
 

@@ -74,6 +74,12 @@ def step(*args: str) -> None:
         sys.exit(f"step failed with exit code {code}: clipforge {' '.join(args)}")
 
 
+def shows_concept(concept: str, words: tuple[str, ...]) -> bool:
+    """The demo's rule (also the benchmarks'): a hit is right when its corpus concept holds one of the query's
+    words as a whole word."""
+    return re.search(r"\b(" + "|".join(map(re.escape, words)) + r")\b", concept) is not None
+
+
 def check_search(collection: Path, query: str, words: tuple[str, ...]) -> bool:
     """Run one search and print its top 5 with each hit's concept, and whether the queried concept is among
     them, so a reader sees at once whether the model works."""
@@ -87,11 +93,10 @@ def check_search(collection: Path, query: str, words: tuple[str, ...]) -> bool:
     if code:
         sys.exit(f"step failed with exit code {code}: clipforge {' '.join(args)}")
     hits = json.loads(out.getvalue())["hits"]
-    pattern = re.compile(r"\b(" + "|".join(map(re.escape, words)) + r")\b")
     found = 0
     for h in hits:
         concept = (h.get("metadata") or {}).get("concept") or "?"
-        right = bool(pattern.search(concept))
+        right = shows_concept(concept, words)
         found += right
         rel = h.get("relevance")
         rel = "  -  " if rel is None else f"{rel:.2f}"
