@@ -139,8 +139,9 @@ class EfficientNetLite(nn.Module):
             c_in, HEAD_WIDTH, 1
         )  # the head convolution (named as Keras does, `head` is a method)
         width = HEAD_WIDTH
+        # the blocks after which trunk() keeps a global average: the ends of stages 4-7 when multiscale
+        self.pooled_ends = frozenset(self.stage_ends[3:] if self.multiscale else ())
         if self.multiscale:
-            self.pooled_stages = set(self.stage_ends[3:])  # stages 4-7
             width += sum(stage[3] for stage in STAGES[3:]) + COLOUR_LEVELS**3
             # The histogram reads pixels, so the tower undoes the normalisation the config gives. Plain
             # floats, not buffers: the config is what a checkpoint stores, and loaders that build on the meta
@@ -176,7 +177,7 @@ class EfficientNetLite(nn.Module):
 
     def trunk(self, x: torch.Tensor, unlocked: int = 0) -> torch.Tensor:
         """(B, 3, H, W) images -> the (B, C, h, w) input of the last `unlocked` blocks; for unlocked == 0, the
-        pooled (B, 1280) features before the projection."""
+        pooled (B, self.width) features before the projection (1,280, or 2,048 when multiscale)."""
         check_unlocked(unlocked, self.num_blocks)
         if self.multiscale and unlocked:
             raise ValueError(
@@ -188,7 +189,7 @@ class EfficientNetLite(nn.Module):
         x = self.stem(x)
         for i, unit in enumerate(self._units()[: self.num_blocks - unlocked]):
             x = unit(x)
-            if self.multiscale and i in self.pooled_stages:
+            if i in self.pooled_ends:
                 pooled.append(x.mean(dim=(2, 3)))
         if unlocked:
             return x
