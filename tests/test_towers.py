@@ -291,7 +291,7 @@ def test_mlp_head_is_fresh_on_pretrained_towers_and_survives_a_checkpoint(tmp_pa
     model = create_model(cfg, seed=0, pretrained=towers).eval()  # strict: mlp.* are the only new tensors
     assert set(model.visual.head_names) == {"proj", "mlp.fc1.weight", "mlp.fc1.bias", "mlp.fc2.weight",
                                             "mlp.fc2.bias"}  # fmt: skip
-    x = torch.randn(2, 3, 64, 64)
+    x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         feats = model.visual.trunk(x)
         out = model.visual.head(feats)
@@ -300,8 +300,14 @@ def test_mlp_head_is_fresh_on_pretrained_towers_and_survives_a_checkpoint(tmp_pa
     clipforge.save_model(model, tmp_path / "ckpt")
     loaded, _, _ = clipforge.load(tmp_path / "ckpt")
     assert loaded.config.vision.head == "mlp" and loaded.config.vision.pool == "multiscale"
+    saved = model.state_dict()
+    for name, value in loaded.state_dict().items():
+        if not name.endswith("num_batches_tracked"):  # a training counter, unused in eval
+            assert torch.equal(value, saved[name]), name
+    # Same weights, but clipforge.load turns a CNN tower channels-last for speed (fast.optimize), and NHWC
+    # convolutions sum in another order: the outputs agree to float32 rounding, not bit for bit.
     with torch.no_grad():
-        torch.testing.assert_close(loaded.encode_image(x), model.encode_image(x))
+        torch.testing.assert_close(loaded.encode_image(x), model.encode_image(x), atol=1e-4, rtol=1e-4)
     with pytest.raises(ValueError, match="head"):
         EfficientNetConfig(head="conv")
 
@@ -485,10 +491,13 @@ def test_checkpoint_round_trip_keeps_tokenizer_and_preprocessing(tmp_path):
         assert k.endswith("num_batches_tracked") or torch.equal(loaded.state_dict()[k], v), k
     tokens = tok2(["a photo of a red apple", "cat"])
     assert torch.equal(tokens, tok(["a photo of a red apple", "cat"]))
-    images = torch.randn(2, 3, 64, 64)
+    images = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         assert torch.equal(loaded.encode_text(tokens), model.encode_text(tokens))
-        torch.testing.assert_close(loaded.encode_image(images), model.encode_image(images))
+        # the loaded CNN tower runs channels-last (fast.optimize): equal weights, float32-rounding outputs
+        torch.testing.assert_close(
+            loaded.encode_image(images), model.encode_image(images), atol=1e-4, rtol=1e-4
+        )
 
 
 def test_cli_info_and_embeddings(tmp_path, capsys):
