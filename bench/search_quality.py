@@ -16,12 +16,15 @@ held-out concepts are never seen in training, so no training image is relevant t
 the share of queries with a relevant hit in the top 10; nDCG@10 uses binary gains, the ideal ranking putting
 min(relevant items, 10) relevant hits first.
 
-The held-out concepts are split in two halves: the DEV half chooses the cut-off (the largest threshold of
-THRESHOLDS keeping at least TARGET_RECALL of the relevant top-10 hits in vector and in hybrid mode), the TEST
-half reports it. Calibration: the vector relevance maps z - sqrt(2 ln N) (rank.chance_excess) through a fixed
-logistic (rank.MARGIN, rank.SCALE); it is compared by log-loss and Brier score on the test half with a logistic
-and an isotonic fit of the same feature on training-side caption->image pairs (2,000 training captions
-searched the same way) and on the dev half. Nonsense: random letter strings and salads of random caption
+The held-out concepts are split in two halves by the corpus's own rule (clipforge.data.corpus.fits_relevance,
+the half `heldout_relevance.jsonl` holds): the DEV half fits the relevance calibration exactly as `clipforge
+index calibrate` does (relevance.fit on the chance excess of each query's vector top-K, relevant = same
+concept) and chooses the cut-off (the largest threshold of THRESHOLDS keeping at least TARGET_RECALL of the
+relevant top-10 hits in vector and in hybrid mode); the TEST half reports both. Calibration is compared by
+log-loss and Brier score on the test half: the fitted one (what the demo ships), the fixed hand-set mapping
+(relevance.FIXED), the dev half's base rate, and logistic and isotonic fits on training-side caption->image
+pairs (2,000 training captions searched the same way) and an isotonic fit on the dev half.
+Nonsense: random letter strings and salads of random caption
 words. FTS5 cost: rows/s committing the collection's rows into a fresh collection with and without the keyword
 index (alternating rounds, medians).
 """
@@ -32,6 +35,7 @@ import argparse
 import contextlib
 import json
 import math
+import os
 import platform
 import random
 import re
@@ -50,7 +54,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
 from demo import QUERIES, shows_concept  # noqa: E402  (the demo's six searches and what counts as finding each)
 
 from clipforge import paths  # noqa: E402
-from clipforge.index import Collection, db, rank  # noqa: E402
+from clipforge.data.corpus import fits_relevance  # noqa: E402
+from clipforge.index import Collection, db, rank, relevance  # noqa: E402
 from clipforge.index.files import normalise  # noqa: E402
 
 MODES = ("vector", "keyword", "hybrid")
@@ -65,7 +70,7 @@ class Query:
     concept: str
     vector: np.ndarray
     hits: dict[str, list[tuple[float, bool]]] = field(default_factory=dict)  # mode -> (relevance, relevant)
-    excess: np.ndarray | None = None  # vector top-k: rank.chance_excess
+    excess: np.ndarray | None = None  # vector top-k: relevance.chance_excess
 
 
 def read_manifest(path: Path) -> list[dict]:
@@ -127,7 +132,9 @@ def run_queries(
             q.hits[mode] = [(h.relevance, concept_of.get(h.path or "") == q.concept) for h in hits]
             if mode == "vector":
                 ids = np.array([h.id for h in hits])
-                q.excess = rank.chance_excess(coll.vectors(ids) @ q.vector, background @ q.vector, len(coll))
+                q.excess = relevance.chance_excess(
+                    coll.vectors(ids) @ q.vector, background @ q.vector, len(coll)
+                )
 
 
 def retrieval(queries: list[Query], n_relevant: dict[str, int], mode: str) -> dict[str, float]:
@@ -160,24 +167,31 @@ def cut(queries: list[Query], mode: str, t: float) -> dict[str, float]:
     }
 
 
-def calibration(train: list[Query], dev: list[Query], test: list[Query]) -> dict[str, dict[str, float]]:
-    """Log-loss and Brier score on the test half's vector top-K of the fixed mapping and of fits."""
+def xy(qs: list[Query]) -> tuple[np.ndarray, np.ndarray]:
+    """The queries' vector top-K hits: chance excess and whether relevant."""
+    return np.concatenate([q.excess for q in qs]), np.array([r for q in qs for _, r in q.hits["vector"]])
+
+
+def calibration(
+    fitted: relevance.Calibration, train: list[Query], dev: list[Query], test: list[Query]
+) -> dict[str, dict[str, float]]:
+    """Log-loss and Brier score on the test half's vector top-K of the fitted, the fixed and other mappings."""
     from sklearn.isotonic import IsotonicRegression
     from sklearn.linear_model import LogisticRegression
     from sklearn.metrics import brier_score_loss, log_loss, roc_auc_score
 
-    def xy(qs: list[Query]) -> tuple[np.ndarray, np.ndarray]:
-        x = np.concatenate([q.excess for q in qs])
-        return x, np.array([r for q in qs for _, r in q.hits["vector"]])
-
     xt, yt = xy(test)
-    fixed = 1 / (1 + np.exp(-(xt - rank.MARGIN) / rank.SCALE))
-    preds = {"fixed (shipped)": fixed, "base rate of dev": np.full(len(yt), xy(dev)[1].mean())}
+    preds = {
+        "fitted on the dev half (shipped)": fitted(xt),
+        "fixed (hand-set)": relevance.FIXED(xt),
+        "base rate of dev": np.full(len(yt), xy(dev)[1].mean()),
+    }
+    x, y = xy(train)
+    preds["logistic fit on training-side"] = (
+        LogisticRegression(C=1e6).fit(x[:, None], y).predict_proba(xt[:, None])[:, 1]
+    )
     for name, qs in (("training-side", train), ("dev half", dev)):
         x, y = xy(qs)
-        preds[f"logistic fit on {name}"] = (
-            LogisticRegression(C=1e6).fit(x[:, None], y).predict_proba(xt[:, None])[:, 1]
-        )
         iso = IsotonicRegression(y_min=0, y_max=1, out_of_bounds="clip").fit(x, y)
         preds[f"isotonic fit on {name}"] = iso.predict(xt)
     out = {}
@@ -185,6 +199,7 @@ def calibration(train: list[Query], dev: list[Query], test: list[Query]) -> dict
         p = np.clip(p, 1e-4, 1 - 1e-4)
         out[name] = {"log_loss": log_loss(yt, p), "brier": brier_score_loss(yt, p), "mean": float(p.mean())}
     out["test base rate"] = {"mean": float(yt.mean()), "auc_of_excess": roc_auc_score(yt, xt)}
+    out["fitted"] = {"margin": fitted.margin, "scale": fitted.scale}
     return out
 
 
@@ -288,9 +303,7 @@ def main(argv: list[str] | None = None) -> dict:
     vecs, meta = corpus_rows(a.run, enc)
     held_q = sample_queries(held_rows, len(held_rows), rng)
     train_q = sample_queries(train_rows, a.train_queries, rng)
-    concepts = sorted({c for _, c in held_q})
-    rng.shuffle(concepts)
-    dev_concepts = set(concepts[::2])
+    seed = json.loads((corpus / "corpus.json").read_text())["config"]["seed"]
     vocabulary = sorted({w for r in train_rows for c in r["captions"] for w in re.findall(r"[a-z]{3,}", c)})
     junk = nonsense_texts(a.nonsense, vocabulary, rng)
     texts = [t for t, _ in held_q + train_q] + junk
@@ -303,14 +316,17 @@ def main(argv: list[str] | None = None) -> dict:
         queries[len(held_q) : len(held_q) + len(train_q)],
         queries[len(held_q) + len(train_q) :],
     )
-    dev = [q for q in held if q.concept in dev_concepts]
-    test = [q for q in held if q.concept not in dev_concepts]
+    dev = [q for q in held if fits_relevance(q.concept, seed)]
+    test = [q for q in held if not fits_relevance(q.concept, seed)]
 
     with tempfile.TemporaryDirectory() as tmp:
         identity = json.loads((a.run / "bench-corpus-embeddings" / "embeddings.json").read_text())["model"]
         opaque = a.names == "opaque"
         coll, concept_of = build_collection(Path(tmp) / "corpus", identity, vecs, meta, heldout, opaque)
         t0 = time.perf_counter()
+        run_queries(coll, dev, concept_of, ("vector",))
+        fitted = relevance.fit(*xy(dev))  # what `clipforge index calibrate` fits on these hits
+        coll.set_relevance(fitted)
         run_queries(coll, held + junk_q, concept_of, MODES)
         run_queries(coll, train, concept_of, ("vector",))
         print(f"searched in {time.perf_counter() - t0:.0f} s", file=sys.stderr)
@@ -325,11 +341,12 @@ def main(argv: list[str] | None = None) -> dict:
     )
     result = {
         "machine": f"{platform.machine()}, {platform.node()}",
+        "load": os.getloadavg(),
         "rows": n_rows,
         "names": a.names,
         "queries": {"heldout": len(held), "dev": len(dev), "test": len(test), "train": len(train)},
         "retrieval": {m: retrieval(held, n_relevant, m) for m in MODES},
-        "calibration": calibration(train, dev, test),
+        "calibration": calibration(fitted, train, dev, test),
         "dev_recall": dev_cut,
         "chosen_default": default,
         "suggested_in_rank_py": rank.DEFAULT_MIN_RELEVANCE,

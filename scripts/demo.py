@@ -1,7 +1,7 @@
 """The main job (`make demo`): fetch the open corpus and the pretrained towers, train the default model (the
 towers locked, their projections aligned on the corpus), evaluate it on held-out concepts, build a search
-collection of the corpus, run six searches and say for each whether it found what it asked for, and serve the
-search page.
+collection of the corpus, fit how relevance is read from its scores, run six searches and say for each
+whether it found what it asked for, and serve the search page.
 
 Every step is one `clipforge` command, printed before it runs, so the same steps can be typed by hand.
 Steps whose output already exists are skipped; `--retrain` trains again. On 2 CPU cores: a few minutes to
@@ -183,6 +183,11 @@ def main() -> None:
     if not COLLECTION.exists():
         step("index", "create", str(COLLECTION), "--model", "default")
     step("index", "add", str(COLLECTION), str(EMBEDDINGS))
+    # How far a relevant hit stands out depends on the model, so its relevance estimate is fitted on searches
+    # whose answers are known: the captions of half of the held-out concepts (the other half measures the fit,
+    # bench/search_quality.py). --save-model keeps it with the model for collections created later.
+    step("index", "calibrate", str(COLLECTION), str(corpus / "heldout_relevance.jsonl"), "--label", "concept",
+         "--save-model")  # fmt: skip
     step("index", "info", str(COLLECTION), "--json")
     results = {q: check_search(COLLECTION, q, words) for q, words in QUERIES.items()}
     print(f"\nthe queried concept is in the top 5 for {sum(results.values())} of {len(results)} searches")

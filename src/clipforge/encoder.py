@@ -59,6 +59,7 @@ class Encoder:
         name: str = "",
         batch_size: int = 32,
         long: LongText = "truncate",
+        folder: Path | None = None,
     ):
         check_long(long)
         self.model = model.eval()
@@ -68,6 +69,7 @@ class Encoder:
         self.batch_size = batch_size
         self.long = long  # how embed_texts reads texts past the context (clipforge.long_text)
         self.device = _device(model)
+        self.folder = folder  # the model folder it was loaded from, if any (where relevance.json lives)
 
     @classmethod
     def load(
@@ -75,9 +77,14 @@ class Encoder:
     ) -> Encoder:
         """`load_options` are clipforge.load's: vocab, device, precision, compile, channels_last, towers, ..."""
         from clipforge.checkpoint import load
+        from clipforge.checkpoint.read import resolve
 
         model, preprocess, tokenizer = load(path, **load_options)
-        return cls(model, preprocess, tokenizer, name=str(path), batch_size=batch_size, long=long)
+        where = resolve(path)
+        folder = where if where.is_dir() else None
+        return cls(
+            model, preprocess, tokenizer, name=str(path), batch_size=batch_size, long=long, folder=folder
+        )
 
     @property
     def dim(self) -> int:

@@ -8,6 +8,7 @@ Flat and game-icons.net (npm `@iconify-json/*`), with emojibase tags for richer 
     images/<source>/<id>.png      RGB on white, square, image_size (rendered once)
     train.jsonl, heldout.jsonl    {"image", "captions", "source", "license", "concept"}
     heldout_zeroshot.jsonl, heldout_retrieval.jsonl, ATTRIBUTION.md, corpus.json
+    heldout_relevance.jsonl       the held-out rows of the concepts that fit relevance calibrations
 
 The held-out split is by concept, so the same thing drawn by several sources is on one side only.
 """
@@ -331,6 +332,12 @@ def concept_in_heldout(concept: str, fraction: float, seed: int) -> bool:
     return _hash_unit(seed, "split", cap.normalise_concept(concept)) < fraction
 
 
+def fits_relevance(concept: str, seed: int) -> bool:
+    """Whether a held-out concept is in the half that fits relevance calibrations (`clipforge index
+    calibrate`); the other half measures them (bench/search_quality.py), so the measure is of unseen concepts."""
+    return _hash_unit(seed, "relevance", cap.normalise_concept(concept)) < 0.5
+
+
 def split_by_concept(
     items: list[CorpusItem], fraction: float, seed: int
 ) -> tuple[list[CorpusItem], list[CorpusItem]]:
@@ -493,6 +500,9 @@ def fetch_corpus(
     )
     _write_jsonl(
         out / "heldout_retrieval.jsonl", [{"image": it.image, "caption": it.captions} for it in heldout]
+    )
+    _write_jsonl(
+        out / "heldout_relevance.jsonl", [_row(it) for it in heldout if fits_relevance(it.concept, cfg.seed)]
     )
     (out / "ATTRIBUTION.md").write_text(ATTRIBUTION.format(**NPM_PACKAGES))
     summary = _summary(cfg, train, heldout, skips, packages)

@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 
-from . import ingest, rank
+from . import calibrate, ingest, rank
 from .quality import dedup_groups
 from .query import query_vector
 from .rank import Ranking
@@ -22,6 +22,18 @@ class Collection(Store):
     search by text, image, vector and keywords. See store.py for the folder and its crash safety."""
 
     _background: tuple[int, np.ndarray] | None = None
+
+    @classmethod
+    def create_for(cls, path: str | Path, encoder: EncoderLike, *, index: str = "auto") -> Collection:
+        """A new empty collection for `encoder`'s vectors, reading relevance with its model's calibration
+        (relevance.json in the model folder, see calibrate.py) when it has one."""
+        return cls.create(
+            path,
+            identity=encoder.identity,
+            dim=encoder.dim,
+            index=index,
+            relevance=calibrate.model_calibration(encoder),
+        )
 
     # ---- writing ------------------------------------------------------------------------------------
     def add(
@@ -126,6 +138,17 @@ class Collection(Store):
         if self._background is None or self._background[0] != self.generation:
             self._background = (self.generation, rank.background_sample(self, None))
         return self._background[1]
+
+    def calibrate(
+        self, queries: list[tuple[str, str]], encoder: EncoderLike, *, label: str = "concept", k: int = 10
+    ) -> dict:
+        """Fit how relevance is read from scores (relevance.py) on labelled searches and store it: each
+        (caption, label) of `queries` is searched, and a top-k hit is relevant when its metadata[label] is the
+        query's label (calibrate.read_queries reads them from JSONL). Returns what the fit measured."""
+        self.check_encoder(encoder)
+        cal, report = calibrate.calibrate(self, encoder, queries, label, check_k(k))
+        self.set_relevance(cal)
+        return report
 
     def dedup(self, threshold: float = 0.95, neighbours: int = 16) -> list[list[Hit]]:
         """Groups of near-duplicates: connected components of pairs with cosine >= threshold, found among each

@@ -1,26 +1,17 @@
 """Ranking a query against a collection: vector, keyword or hybrid, with a relevance estimate per hit.
 
-Relevance. A flat score cut-off fails because the band of relevant scores moves with the query, so each hit's
-cosine is read against the query's own score distribution over the collection: its scores against a uniform
-sample of stored vectors (the background) give a robust centre (median) and spread (1.4826 x MAD), and
-z = (score - centre) / spread. Among N unrelated items the best z is about sqrt(2 ln N) by chance alone (the
-expected maximum of N normal draws), so a hit counts as relevant only when it stands out beyond that:
-    relevance = sigmoid((z - sqrt(2 ln N) - MARGIN) / SCALE)
-with MARGIN = 1 and SCALE = 0.5 fixed here, not fitted to any test set. bench/search_quality.py measures it
-on the open corpus's held-out concepts (a hit is relevant when its image shows the query's concept). With the
-previous default model (a linear image head) this fixed mapping was about as well calibrated as a logistic or
-isotonic fit on other held-out concepts (log-loss 0.349 against 0.333-0.335); with the current one (the
-multiscale MLP head) it is worse than a constant base rate (0.513 against 0.467; a fit on held-out concepts
-0.424), so how calibrated it is depends on the model, and a per-model fit is the known next step. A fit on
-training-side pairs is worse than a constant for both (the model knows its training concepts, so such a fit
-promises relevance that unseen concepts do not get). Any monotone re-mapping leaves the trade-off between kept
-relevant and dropped irrelevant hits where it is (AUC 0.79 and 0.72 for the two models).
+Relevance (relevance.py). Each vector hit's relevance is a probability: how far its cosine stands out from
+the query's scores against a sample of the collection, beyond what chance gives among N items, mapped
+through the collection's calibration (fitted per model on held-out concepts by `clipforge index calibrate`,
+else a fixed mapping chosen by hand).
 
-The cut-off: none by default (Python, CLI, HTTP). DEFAULT_MIN_RELEVANCE (0.05) is only the suggested one:
-with the previous default model, the largest threshold keeping 90% of the relevant top-10 hits on half of the
-held-out concepts, in vector and hybrid mode. On the other half it kept 90% of them (vector; 91% hybrid) but
-dropped 55% of the irrelevant ones in vector mode and only 44% in hybrid, the default mode (with the current
-model: keeps 96%, drops 28%): short of the "keeps the relevant, drops most of the rest" a default should promise.
+The cut-off: none by default (Python, CLI, HTTP). DEFAULT_MIN_RELEVANCE (0.1) is only the suggested one,
+measured with the default model's fitted calibration (bench/search_quality.py, BENCHMARKS.md): the largest
+threshold keeping 90% of the relevant top-10 hits on the half of the held-out concepts that fits the
+calibration. On the other half it keeps 96% of them but drops only 26% of the irrelevant ones (vector; 23%
+hybrid), and 12% of nonsense queries return nothing: the model's relevant and irrelevant hits on unseen
+concepts overlap too much (AUC 0.74) for one threshold to keep the first and drop most of the second, which
+is what a default would have to promise.
 
 Keywords. SQLite FTS5 ranks rows holding the query's words by BM25 (db.py). A keyword hit's relevance is the
 share of the query's word weight the row holds, each word weighted by its inverse document frequency (so
@@ -49,15 +40,14 @@ from dataclasses import dataclass
 import numpy as np
 
 from . import keywords
+from .relevance import Calibration, chance_excess
 from .store import Store
 from .types import Hit, QueryError
 
 MODES = ("vector", "keyword", "hybrid")
 SORTS = ("relevance", "date")
-DEFAULT_MIN_RELEVANCE = 0.05  # the suggested cut-off, measured (see above); applied only when asked for
-MARGIN, SCALE = 1.0, 0.5
+DEFAULT_MIN_RELEVANCE = 0.1  # the suggested cut-off, measured (see above); applied only when asked for
 BACKGROUND = 2048  # sampled items the query's score distribution is estimated from
-MIN_BACKGROUND = 32  # fewer items than this say nothing about a distribution: no estimate, no cut-off
 RRF_K = 60
 FUSION_POOL = 100  # candidates each list contributes to hybrid fusion (at least k)
 COMMON_SHARE = 0.5  # words in more than this share of the rows are not searched for (they still weigh in)
@@ -93,24 +83,15 @@ def background_sample(store: Store, allowed: np.ndarray | None, seed: int = 0) -
     return store.vectors(pick)
 
 
-def chance_excess(scores: np.ndarray, background: np.ndarray, n_items: int) -> np.ndarray | None:
-    """How far (n,) cosines `scores` stand out beyond chance: z - sqrt(2 ln N), z read against the query's
-    background scores (B,); None (no estimate) when the background has fewer than MIN_BACKGROUND items."""
-    if len(background) < MIN_BACKGROUND:
-        return None
-    centre = float(np.median(background))
-    spread = max(1.4826 * float(np.median(np.abs(background - centre))), 1e-6)
-    z = (np.asarray(scores, np.float64) - centre) / spread
-    return z - math.sqrt(2.0 * math.log(max(n_items, 2)))
-
-
-def vector_relevance(scores: np.ndarray, background: np.ndarray, n_items: int) -> np.ndarray:
+def vector_relevance(
+    scores: np.ndarray, background: np.ndarray, n_items: int, calibration: Calibration
+) -> np.ndarray:
     """Relevance (n,) in [0, 1] of cosines `scores` (n,) given the query's background scores (B,); NaN
-    (no estimate) when the background has fewer than MIN_BACKGROUND items."""
+    (no estimate) when the background has fewer than relevance.MIN_BACKGROUND items."""
     excess = chance_excess(scores, background, n_items)
     if excess is None:
         return np.full(len(scores), np.nan, np.float32)
-    return (1.0 / (1.0 + np.exp(-(excess - MARGIN) / SCALE))).astype(np.float32)
+    return calibration(excess)
 
 
 def word_weights(store: Store, words: list[str]) -> tuple[dict[str, float], list[str]]:
@@ -214,7 +195,7 @@ def rank(
         scores = store.vectors(ids) @ q  # (n,) cosines, whatever list an id came from
         if mode != "keyword":
             n_items = len(store) if allowed is None else len(allowed)
-            rel = vector_relevance(scores, background @ q, n_items)
+            rel = vector_relevance(scores, background @ q, n_items, store.relevance)
     else:
         scores = np.array([matched[int(i)][0] for i in ids], np.float32)
     # A row matching the words is as relevant as the larger of its two estimates; matching none (in hybrid:

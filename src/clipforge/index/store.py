@@ -1,6 +1,6 @@
 """A collection: a folder holding a SQLite database (the truth) and a FAISS snapshot (derived from it).
 
-    collection.json        model identity, dim, metric, index kind, clipforge version
+    collection.json        model identity, dim, metric, index kind, clipforge version, relevance calibration
     items.sqlite           one row per item, with its vector and the generation that wrote it (WAL mode)
     index.<kind>.<gen>.faiss   the index as of generation <gen>, written atomically, throttled
     scratch/               intermediate files of an add in progress (the embeddings of a manifest)
@@ -37,6 +37,7 @@ import numpy as np
 
 from . import ann, db, files, folder, recall
 from .arrays import as_matrix, unit
+from .relevance import FIXED, Calibration
 from .types import CollectionError, EncoderLike, Hit, QueryError, WriteError, check_identity, check_k
 
 FORMAT = 1
@@ -63,6 +64,10 @@ class Store:
         self.dim: int = int(config["dim"])
         self.kind: str = config["index"]
         self.readonly = readonly
+        where = str(path / folder.CONFIG)
+        stored = config.get("relevance")
+        # how relevance is read from scores (relevance.py): fitted for the model, else the fixed mapping
+        self.relevance: Calibration = FIXED if stored is None else Calibration.from_dict(stored, where)
         self._lock = None if readonly else folder.take_lock(path)
         try:
             self.conn = db.connect(path / "items.sqlite", readonly)
@@ -83,7 +88,17 @@ class Store:
 
     # ---- lifecycle ----------------------------------------------------------------------------------
     @classmethod
-    def create(cls, path: str | Path, *, identity: dict, dim: int, index: str = "auto") -> Store:
+    def create(
+        cls,
+        path: str | Path,
+        *,
+        identity: dict,
+        dim: int,
+        index: str = "auto",
+        relevance: Calibration | None = None,
+    ) -> Store:
+        """A new empty collection for vectors of the model `identity` names; `relevance`: the model's
+        relevance calibration (relevance.py; None: the fixed mapping until `set_relevance`)."""
         path = Path(path)
         ann.effective_kind(index, 0)  # validates the name
         if (path / "collection.json").exists():
@@ -100,6 +115,8 @@ class Store:
             "index": index,
             "clipforge_version": folder.version(),
         }
+        if relevance is not None:
+            config["relevance"] = relevance.to_dict()
         with folder.writing(path, "creating it"):
             path.mkdir(parents=True, exist_ok=True)
             db.connect(path / "items.sqlite", readonly=False).close()
@@ -275,6 +292,13 @@ class Store:
         """key -> ids of the rows stored under the folder `root` (normalised)."""
         return db.keys_under(self.conn, files.normalise(root))
 
+    def set_relevance(self, calibration: Calibration) -> None:
+        """Store the relevance calibration searches read hits' relevance with (collection.json, atomically)."""
+        self.check_writable()
+        config = {**self.config, "relevance": calibration.to_dict()}
+        folder.write_config(self.path, config)
+        self.config, self.relevance = config, calibration
+
     def check_encoder(self, encoder: EncoderLike) -> None:
         """Raise ModelMismatchError unless `encoder` is the model this collection was built with."""
         check_identity(self.identity, encoder, self.path)
@@ -420,6 +444,7 @@ class Store:
             "index_active": self._ann.kind,
             "generation": self._gen,
             "clipforge_version": self.config.get("clipforge_version"),
+            "relevance": self.relevance.to_dict(),
         }
         if self._ann.kind != "flat":
             if self._recall is None or self._recall[0] != self._gen:
