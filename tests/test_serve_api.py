@@ -521,17 +521,24 @@ def test_images_and_thumbnails_by_id_only(served):
     assert client.get(f"/api/items/{some}").json()["id"] == some
 
 
-def test_a_video_moment_serves_its_video_by_id_only(tmp_path):
+def collection_with_a_video(tmp_path: Path) -> tuple[Path, dict[int, str], Path, int]:
+    """`build_collection` of 8 images plus a 7.5 s video (frame i is grey 3 * i: the moment at 5 s is grey
+    150) -> (collection, labels, the video, the id of its moment at 5 s)."""
     from media_files import write_video
 
     col, labels = build_collection(tmp_path, n=8, captions=False)
     videos = tmp_path / "videos"
     videos.mkdir()
     clip = videos / "clip.mp4"
-    write_video(clip, seconds=7.5)  # frame i is grey 3 * i: the moment at 5 s is grey 150
+    write_video(clip, seconds=7.5)
     with Collection.open(col) as c:
         c.add([videos], ShapeEncoder(), workers=0)
         moment = c.keys_under(videos)[f"{clip}#t=5.0"][0]
+    return col, labels, clip, moment
+
+
+def test_a_video_moment_serves_its_video_by_id_only(tmp_path):
+    col, labels, clip, moment = collection_with_a_video(tmp_path)
     image_id = next(iter(labels))
     with TestClient(create_app(make_config(col, tmp_path), encoder=ShapeEncoder())) as client:
         hit = client.get(f"/api/items/{moment}").json()
@@ -555,6 +562,31 @@ def test_a_video_moment_serves_its_video_by_id_only(tmp_path):
             assert client.get(url).status_code in (404, 422), url
         clip.unlink()
         assert "no longer on the server" in error_of(client.get(hit["video_url"]))
+
+
+def test_the_add_route_samples_videos_as_asked(writable, tmp_path):
+    from media_files import write_video
+
+    client, col = writable
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+    videos = tmp_path / "videos"
+    videos.mkdir()
+    clip = videos / "clip.mp4"
+    write_video(clip, seconds=7.5)
+    for bad, name in (
+        ({"video_interval": 0}, "video_interval"),
+        ({"video_max_frames": 0}, "video_max_frames"),
+    ):
+        r = client.post("/api/index/add", json={"paths": [str(videos)], **bad}, headers=auth)
+        assert r.status_code == 400 and name in error_of(r), r.text
+    r = client.post("/api/index/add", json={"paths": [str(videos)], "video_interval": 2.5}, headers=auth)
+    assert r.status_code == 200 and r.json()["added"] == 1 and len(r.json()["ids"]) == 3, r.text
+    with Collection.open(col, readonly=True) as c:
+        assert sorted(c.keys_under(videos)) == sorted(f"{clip}#t={t}" for t in ("0.0", "2.5", "5.0"))
+    r = client.post("/api/index/add", json={"paths": [str(clip)], "video_max_frames": 1}, headers=auth)
+    assert r.status_code == 200 and r.json()["updated"] == 1, r.text
+    with Collection.open(col, readonly=True) as c:
+        assert list(c.keys_under(videos)) == [f"{clip}#t=0.0"]
 
 
 # ---------------------------------------------------------------------------------------- service

@@ -29,6 +29,21 @@ def _pipeline_flags(p: argparse.ArgumentParser) -> None:
         help="decode JPEGs at full size (default: DCT-scaled draft decode)",
     )
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument(
+        "--video-interval",
+        type=float,
+        default=None,
+        metavar="SECONDS",
+        help="seconds between a video's sampled frames (default 5); given to `index add` or `sync`, a "
+        "stored video sampled at other moments is sampled again",
+    )
+    p.add_argument(
+        "--video-max-frames",
+        type=int,
+        default=None,
+        metavar="N",
+        help="frames per video at most; a longer video's frames are spread over it (default 120)",
+    )
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -229,7 +244,8 @@ def create(path: Path, model: str, vocab: str | None, device: str, index: str, a
 def _pipeline(a: argparse.Namespace):
     from clipforge.index.ingest import Pipeline
 
-    return Pipeline(a.batch_size, a.workers, a.exact_decode, not a.quiet and sys.stderr.isatty())
+    progress = not a.quiet and sys.stderr.isatty()
+    return Pipeline(a.batch_size, a.workers, a.exact_decode, progress, a.video_interval, a.video_max_frames)
 
 
 def add(
