@@ -564,6 +564,33 @@ def test_a_video_moment_serves_its_video_by_id_only(tmp_path):
         assert "no longer on the server" in error_of(client.get(hit["video_url"]))
 
 
+def test_clip_retrieval_links_a_video_moment_to_its_frame_and_its_video(tmp_path):
+    """A moment has no image file of its own: its `url` is its frame (the thumbnail route), and its
+    `video_url` the video opened at the moment; the video's server path is not shown."""
+    col, _, clip, moment = collection_with_a_video(tmp_path)
+    with Collection.open(col, readonly=True) as c:
+        vec = c.vectors(np.array([moment]))[0].tolist()
+    with TestClient(create_app(make_config(col, tmp_path), encoder=ShapeEncoder())) as client:
+        [meta] = client.post("/metadata", content=json.dumps({"ids": [moment]})).json()
+        body = {"embedding_input": vec, "modality": "image", "num_images": 10}
+        found = client.post("/knn-service", content=json.dumps(body)).json()
+        [hit] = [h for h in found if h["id"] == moment]
+        for m in (meta["metadata"], hit):
+            assert m["url"] == f"http://testserver/api/thumbs/{moment}", m
+            assert m["video_url"] == f"http://testserver/api/videos/{moment}#t=5.0" and m["t"] == 5.0, m
+            assert str(tmp_path) not in json.dumps(m)  # never the server path
+        frame = client.get(hit["url"])
+        assert frame.status_code == 200 and frame.headers["content-type"] == "image/jpeg"
+        assert abs(np.asarray(Image.open(io.BytesIO(frame.content)), np.float32).mean() - 150) < 6
+        video = client.get(hit["video_url"])
+        assert video.status_code == 200 and video.content == clip.read_bytes()
+        image = next(h for h in found if h["id"] != moment and "video_url" not in h)
+        assert (
+            image["url"].endswith(f"/api/images/{image['id']}")
+            and client.get(image["url"]).status_code == 200
+        )
+
+
 def test_the_add_route_samples_videos_as_asked(writable, tmp_path):
     from media_files import write_video
 
