@@ -58,11 +58,7 @@ class Pipeline:
         """The sampling asked for, the defaults filling what was not given; None when nothing was."""
         if self.video_interval is None and self.video_max_frames is None:
             return None
-        d = Sampling()
-        return Sampling(
-            d.interval if self.video_interval is None else self.video_interval,
-            d.max_frames if self.video_max_frames is None else self.video_max_frames,
-        )
+        return Sampling.of(self.video_interval, self.video_max_frames)
 
 
 def merge(into: AddReport, part: AddReport) -> None:

@@ -44,6 +44,14 @@ class Sampling:
     interval: float = DEFAULT_INTERVAL
     max_frames: int = DEFAULT_MAX_FRAMES
 
+    @classmethod
+    def of(cls, interval: float | None, max_frames: int | None) -> Sampling:
+        """The options as a user gives them: None is the default."""
+        return cls(
+            DEFAULT_INTERVAL if interval is None else interval,
+            DEFAULT_MAX_FRAMES if max_frames is None else max_frames,
+        )
+
     def __post_init__(self) -> None:
         i, n = self.interval, self.max_frames
         if isinstance(i, bool) or not isinstance(i, numbers.Real) or not MIN_INTERVAL <= i < math.inf:
