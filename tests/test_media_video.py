@@ -235,6 +235,14 @@ def test_the_sampling_is_settable_and_a_new_one_resamples_a_stored_video(tmp_pat
             with pytest.raises(SamplingError, match="video_max_frames"):
                 col.sync(folder, enc, workers=0, video_max_frames=bad)
         assert moments(col) == [0.0, 2.5, 5.0]  # nothing was touched by the refused calls
+        # 7.49 s asks for 0 and 7.49 s, but the last frame is shown from 7.4 s: sampling stops after 0 s,
+        # and asking again for the same finds the video sampled as asked (not re-sampled at every add).
+        assert col.add(clip, enc, workers=0, video_interval=7.49).updated == [str(clip)]
+        assert moments(col) == [0.0]
+        assert col.add(clip, enc, workers=0, video_interval=7.49).unchanged == [str(clip)]
+        assert col.add(clip, enc, workers=0, video_interval=7.5).unchanged == [str(clip)]  # also just 0 s
+        assert col.add(clip, enc, workers=0, video_interval=7.4).updated == [str(clip)]  # 0 and 7.4 s
+        assert moments(col) == [0.0, 7.4]
 
 
 def test_index_add_and_sync_take_videos_from_the_command_line(tmp_path: Path, capsys) -> None:

@@ -17,7 +17,7 @@ import itertools
 
 import numpy as np
 
-from clipforge.media.video import Sampling, sampled_frames, video_items
+from clipforge.media.video import Sampling, has_frame_at, parse_frame_key, sampled_frames, video_items
 
 from . import files
 from .arrays import as_matrix
@@ -60,10 +60,15 @@ def add_videos(
 
 
 def _sampled_as(store: Store, video: str, sampling: Sampling) -> bool:
-    """Whether the video's stored frames are the moments `sampling` gives (worked out from the container's
-    duration: nothing is decoded unless it states none)."""
-    moments = video_items(video, sampling.interval, sampling.max_frames)
-    return sorted(store.frame_keys(video)) == sorted(item.key for item in moments)
+    """Whether the video's stored frames are the moments `sampling` gives: all of them, or the first ones
+    when the video shows no frame at the next (sampling stops there). Worked out from the container's
+    duration; at most that one frame is decoded (all of them for a container that states no duration)."""
+    stored = sorted(frame[1] for key in store.frame_keys(video) if (frame := parse_frame_key(key)))
+    wanted = [item.t for item in video_items(video, sampling.interval, sampling.max_frames)]
+    n = len(stored)
+    if n == 0 or stored != wanted[:n]:
+        return False
+    return n == len(wanted) or not has_frame_at(video, wanted[n])
 
 
 def _embed_frames(

@@ -194,6 +194,15 @@ def frame_at(
     return img
 
 
+def has_frame_at(path: str | os.PathLike, t: float) -> bool:
+    """Whether a frame is shown at or after `t` seconds: sampling stops at the first moment without one (the
+    last frame's time is before the duration the container states)."""
+    label = os.fspath(path)
+    with _open(label) as (container, stream):
+        _check_stream(stream, label, MAX_PIXELS, MAX_ASPECT)
+        return _frame(container, stream, t, label, MAX_PIXELS, MAX_ASPECT) is not None
+
+
 @contextlib.contextmanager
 def _open(label: str) -> Iterator[tuple]:
     """The container and its first video stream; FFmpeg's errors, here and in the body, become ImageError."""
