@@ -8,7 +8,8 @@ so a long 4K video never holds more than `FRAME_BATCH` decoded frames.
 A new or changed video is sampled as asked (media/video.py's defaults when nothing is asked). An unchanged
 video keeps the moments it was sampled at, unless a sampling is asked for and its moments differ from the
 stored ones: then the video is sampled again (an update), so `add --video-interval 1` after a first add at
-the default 5 s gives the finer sampling, while a later plain `sync` keeps it.
+the default 5 s gives the finer sampling, while a later plain `sync` keeps it (for the videos that did not
+change: a changed one is sampled as that call asks, which is the default when it asks nothing).
 """
 
 from __future__ import annotations
