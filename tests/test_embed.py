@@ -224,3 +224,56 @@ def test_extreme_strips_are_skipped_by_name_in_bounded_memory(enc, tmp_path):
         w, h = Path(key).stem.split("_")[1].split("x")
         assert reason.startswith(f"{w}x{h} has an aspect ratio") and "max_aspect" in reason, reason
     assert [r["image_path"] for r in read_folder(tmp_path / "emb")[2]] == [str(d / "ok.png")]
+
+
+def test_videos_are_a_row_per_moment_that_a_collection_takes_as_its_own(enc, tmp_path, capsys):
+    """`embed FOLDER` used to list images only, so the folder's videos were left out without a word. Now
+    each video is a row per sampled moment under the collection's key and metadata, and a video that does
+    not open is skipped by name; `index add` of the folder then stores rows that adding the folder itself
+    finds unchanged."""
+    import hashlib
+
+    from media_files import write_video
+
+    from clipforge.cli import main
+    from clipforge.index import Collection
+    from clipforge.index.embed_ray import decode_rows
+    from clipforge.media.video import frame_at
+
+    d = tmp_path / "library"
+    d.mkdir()
+    shape_samples(1, size=40, seed=5)[0].image.save(d / "photo.png")
+    clip = d / "clip.mp4"
+    write_video(clip, seconds=7.5)
+    (d / "broken.mov").write_bytes(b"\x00not a video" * 50)
+    out = tmp_path / "emb"
+    s = embed_to_folder(d, enc, out, workers=1, dtype="float32", video_interval=2.5)
+    assert s.skipped == [(str(d / "broken.mov"), s.skipped[0][1])], s.skipped
+    assert s.skipped[0][1].startswith("cannot decode video"), s.skipped
+    img, _, rows = read_folder(out)
+    moments = [f"{clip}#t={t}" for t in ("0.0", "2.5", "5.0")]
+    assert [r["image_path"] for r in rows] == [str(d / "photo.png"), *moments]
+    sha = hashlib.sha256(clip.read_bytes()).hexdigest()
+    assert {k: rows[2][k] for k in ("video", "t", "sha256")} == {"video": str(clip), "t": 2.5, "sha256": sha}
+    frames = [frame_at(clip, t) for t in (0.0, 2.5, 5.0)]
+    np.testing.assert_allclose(img[1:], enc.embed_images(frames), atol=2e-5)
+    # The Ray decode tasks read the same moment from a row.
+    row = {"i": [0], "key": [moments[1]], "path": [str(clip)], "offset": [0], "length": [-1], "caption": [""]}
+    got = decode_rows(
+        {**{k: np.array(v) for k, v in row.items()}, "t": np.array([2.5]), "failed": [""]}, enc.preprocess
+    )
+    np.testing.assert_allclose(got["pixels"][0], enc.preprocess(frames[1]).numpy(), atol=1e-6)
+
+    with Collection.create(tmp_path / "col", identity=enc.identity, dim=enc.dim) as col:
+        stored = col.add(out)
+        assert stored.added == [str(d / "photo.png"), *moments]
+        assert col.get(col.keys_under(d)[moments[2]][0]).metadata == {"video": str(clip), "t": 5.0}
+        again = col.add(d, enc, workers=0, video_interval=2.5)
+        assert again.unchanged == [str(d / "photo.png"), str(clip)] and not again.added + again.updated
+
+    # The command line: a video file as input, and the sampling flags.
+    args = ["embed", str(clip), "--model", enc.identity["model"], "--out", str(tmp_path / "one"), "--json"]
+    assert main([*args, "--video-max-frames", "1"]) == 0, capsys.readouterr().err
+    assert json.loads(capsys.readouterr().out)["embedded"] == 1
+    assert main([*args, "--video-interval", "-1"]) == 2
+    assert "video_interval" in capsys.readouterr().err

@@ -199,6 +199,52 @@ def test_sync_removes_a_deleted_video_and_replaces_a_changed_one(tmp_path: Path)
         assert sorted(col.keys_under(folder)) == [f"{change}#t=0.0", f"{change}#t=10.0", f"{change}#t=5.0"]
 
 
+def test_the_sampling_is_settable_and_a_new_one_resamples_a_stored_video(tmp_path: Path) -> None:
+    from clipforge.index import Collection, SamplingError
+
+    folder = tmp_path / "library"
+    folder.mkdir()
+    clip = folder / "clip.mp4"
+    write_video(clip, seconds=7.5)
+    enc = MeanEncoder()
+
+    def moments(col) -> list[float]:
+        return sorted(parse_frame_key(key)[1] for key in col.keys_under(folder))
+
+    with Collection.create(tmp_path / "col", identity=enc.identity, dim=enc.dim) as col:
+        assert col.add(folder, enc, workers=0, video_interval=2.5).added == [str(clip)]
+        assert moments(col) == [0.0, 2.5, 5.0]
+        # Not asked: the stored sampling stays, whether by add or by sync.
+        assert col.add(folder, enc, workers=0).unchanged == [str(clip)]
+        assert col.sync(folder, enc, workers=0).unchanged == [str(clip)]
+        assert col.add(clip, enc, workers=0, video_interval=2.5).unchanged == [str(clip)]  # same moments
+        assert moments(col) == [0.0, 2.5, 5.0]
+        # Asked for other moments: the unchanged file is sampled again, its old frames replaced.
+        assert col.add(folder, enc, workers=0, video_max_frames=2).updated == [str(clip)]
+        assert moments(col) == [0.0, 5.0]  # the default 5 s interval, two frames
+        assert col.sync(folder, enc, workers=0, video_max_frames=1).updated == [str(clip)]
+        assert moments(col) == [0.0]
+        # Frame i is grey 3 * i: the moment at 2.5 s (frame 25) is the 2.5 s frame, not the 5 s one.
+        col.add(folder, enc, workers=0, video_interval=2.5)
+        v = col.vectors(col.keys_under(folder)[f"{clip}#t=2.5"])[0]
+        assert abs(v[0] / v[3] * 0.1 - 75 / 255) < 0.02, v
+        for bad in (0, -1.0, float("nan"), float("inf"), 0.0001, "5", True):
+            with pytest.raises(SamplingError, match="video_interval"):
+                col.add(folder, enc, workers=0, video_interval=bad)
+        for bad in (0, -3, 1.5, True, 10**6):
+            with pytest.raises(SamplingError, match="video_max_frames"):
+                col.sync(folder, enc, workers=0, video_max_frames=bad)
+        assert moments(col) == [0.0, 2.5, 5.0]  # nothing was touched by the refused calls
+        # 7.49 s asks for 0 and 7.49 s, but the last frame is shown from 7.4 s: sampling stops after 0 s,
+        # and asking again for the same finds the video sampled as asked (not re-sampled at every add).
+        assert col.add(clip, enc, workers=0, video_interval=7.49).updated == [str(clip)]
+        assert moments(col) == [0.0]
+        assert col.add(clip, enc, workers=0, video_interval=7.49).unchanged == [str(clip)]
+        assert col.add(clip, enc, workers=0, video_interval=7.5).unchanged == [str(clip)]  # also just 0 s
+        assert col.add(clip, enc, workers=0, video_interval=7.4).updated == [str(clip)]  # 0 and 7.4 s
+        assert moments(col) == [0.0, 7.4]
+
+
 def test_index_add_and_sync_take_videos_from_the_command_line(tmp_path: Path, capsys) -> None:
     import json
 
@@ -224,6 +270,14 @@ def test_index_add_and_sync_take_videos_from_the_command_line(tmp_path: Path, ca
     [failure] = out["failed"]
     assert failure["path"] == str(folder / "broken.mp4")
     assert failure["reason"].startswith("cannot decode video"), failure
+    out = run("index", "add", col, folder, "--workers", "0", "--video-interval", "2.5", "--json")
+    assert (out["updated"], out["rows"]) == (1, 4), out  # the same video, now three moments
+    out = run("index", "sync", col, folder, "--workers", "0", "--video-max-frames", "2", "--json")
+    assert (out["updated"], out["rows"]) == (1, 3), out
+    for flag, value in (("--video-interval", "nan"), ("--video-max-frames", "0")):
+        assert main(["index", "add", str(col), str(folder), flag, value]) == 2
+        err = capsys.readouterr().err.strip()
+        assert "\n" not in err and flag.strip("-").replace("-", "_") in err, err
     (folder / "clip.mp4").unlink()
     out = run("index", "sync", col, folder, "--workers", "0", "--json")
     assert (out["removed"], out["unchanged"], out["rows"]) == (1, 1, 1), out

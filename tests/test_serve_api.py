@@ -521,17 +521,24 @@ def test_images_and_thumbnails_by_id_only(served):
     assert client.get(f"/api/items/{some}").json()["id"] == some
 
 
-def test_a_video_moment_serves_its_video_by_id_only(tmp_path):
+def collection_with_a_video(tmp_path: Path) -> tuple[Path, dict[int, str], Path, int]:
+    """`build_collection` of 8 images plus a 7.5 s video (frame i is grey 3 * i: the moment at 5 s is grey
+    150) -> (collection, labels, the video, the id of its moment at 5 s)."""
     from media_files import write_video
 
     col, labels = build_collection(tmp_path, n=8, captions=False)
     videos = tmp_path / "videos"
     videos.mkdir()
     clip = videos / "clip.mp4"
-    write_video(clip, seconds=7.5)  # frame i is grey 3 * i: the moment at 5 s is grey 150
+    write_video(clip, seconds=7.5)
     with Collection.open(col) as c:
         c.add([videos], ShapeEncoder(), workers=0)
         moment = c.keys_under(videos)[f"{clip}#t=5.0"][0]
+    return col, labels, clip, moment
+
+
+def test_a_video_moment_serves_its_video_by_id_only(tmp_path):
+    col, labels, clip, moment = collection_with_a_video(tmp_path)
     image_id = next(iter(labels))
     with TestClient(create_app(make_config(col, tmp_path), encoder=ShapeEncoder())) as client:
         hit = client.get(f"/api/items/{moment}").json()
@@ -555,6 +562,58 @@ def test_a_video_moment_serves_its_video_by_id_only(tmp_path):
             assert client.get(url).status_code in (404, 422), url
         clip.unlink()
         assert "no longer on the server" in error_of(client.get(hit["video_url"]))
+
+
+def test_clip_retrieval_links_a_video_moment_to_its_frame_and_its_video(tmp_path):
+    """A moment has no image file of its own: its `url` is its frame (the thumbnail route), and its
+    `video_url` the video opened at the moment; the video's server path is not shown."""
+    col, _, clip, moment = collection_with_a_video(tmp_path)
+    with Collection.open(col, readonly=True) as c:
+        vec = c.vectors(np.array([moment]))[0].tolist()
+    with TestClient(create_app(make_config(col, tmp_path), encoder=ShapeEncoder())) as client:
+        [meta] = client.post("/metadata", content=json.dumps({"ids": [moment]})).json()
+        body = {"embedding_input": vec, "modality": "image", "num_images": 10}
+        found = client.post("/knn-service", content=json.dumps(body)).json()
+        [hit] = [h for h in found if h["id"] == moment]
+        for m in (meta["metadata"], hit):
+            assert m["url"] == f"http://testserver/api/thumbs/{moment}", m
+            assert m["video_url"] == f"http://testserver/api/videos/{moment}#t=5.0" and m["t"] == 5.0, m
+            assert str(tmp_path) not in json.dumps(m)  # never the server path
+        frame = client.get(hit["url"])
+        assert frame.status_code == 200 and frame.headers["content-type"] == "image/jpeg"
+        assert abs(np.asarray(Image.open(io.BytesIO(frame.content)), np.float32).mean() - 150) < 6
+        video = client.get(hit["video_url"])
+        assert video.status_code == 200 and video.content == clip.read_bytes()
+        image = next(h for h in found if h["id"] != moment and "video_url" not in h)
+        assert (
+            image["url"].endswith(f"/api/images/{image['id']}")
+            and client.get(image["url"]).status_code == 200
+        )
+
+
+def test_the_add_route_samples_videos_as_asked(writable, tmp_path):
+    from media_files import write_video
+
+    client, col = writable
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+    videos = tmp_path / "videos"
+    videos.mkdir()
+    clip = videos / "clip.mp4"
+    write_video(clip, seconds=7.5)
+    for bad, name in (
+        ({"video_interval": 0}, "video_interval"),
+        ({"video_max_frames": 0}, "video_max_frames"),
+    ):
+        r = client.post("/api/index/add", json={"paths": [str(videos)], **bad}, headers=auth)
+        assert r.status_code == 400 and name in error_of(r), r.text
+    r = client.post("/api/index/add", json={"paths": [str(videos)], "video_interval": 2.5}, headers=auth)
+    assert r.status_code == 200 and r.json()["added"] == 1 and len(r.json()["ids"]) == 3, r.text
+    with Collection.open(col, readonly=True) as c:
+        assert sorted(c.keys_under(videos)) == sorted(f"{clip}#t={t}" for t in ("0.0", "2.5", "5.0"))
+    r = client.post("/api/index/add", json={"paths": [str(clip)], "video_max_frames": 1}, headers=auth)
+    assert r.status_code == 200 and r.json()["updated"] == 1, r.text
+    with Collection.open(col, readonly=True) as c:
+        assert list(c.keys_under(videos)) == [f"{clip}#t=0.0"]
 
 
 # ---------------------------------------------------------------------------------------- service

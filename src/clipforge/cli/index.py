@@ -29,6 +29,21 @@ def _pipeline_flags(p: argparse.ArgumentParser) -> None:
         help="decode JPEGs at full size (default: DCT-scaled draft decode)",
     )
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument(
+        "--video-interval",
+        type=float,
+        default=None,
+        metavar="SECONDS",
+        help="seconds between a video's sampled frames (default 5); given to `index add` or `sync`, a "
+        "stored video sampled at other moments is sampled again",
+    )
+    p.add_argument(
+        "--video-max-frames",
+        type=int,
+        default=None,
+        metavar="N",
+        help="frames per video at most; a longer video's frames are spread over it (default 120)",
+    )
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -191,8 +206,14 @@ def _register_search(sub: argparse._SubParsersAction) -> None:
 
 
 def _register_embed(sub: argparse._SubParsersAction) -> None:
-    e = sub.add_parser("embed", help="embed a folder, manifest or shards into clip-retrieval's output layout")
-    e.add_argument("inputs", nargs="+", help="folders, manifests (.jsonl/.csv), webdataset shards (.tar)")
+    e = sub.add_parser(
+        "embed", help="embed folders, manifests, shards or videos into clip-retrieval's output layout"
+    )
+    e.add_argument(
+        "inputs",
+        nargs="+",
+        help="folders (their images and videos), manifests (.jsonl/.csv), webdataset shards (.tar), videos",
+    )
     _model_flags(e, required=True)
     e.add_argument("--out", required=True, help="output folder (img_emb/, text_emb/, metadata/)")
     e.add_argument("--part-size", type=int, default=100_000, help="vectors per output part (default 100000)")
@@ -284,7 +305,8 @@ def calibrate(a: argparse.Namespace) -> int:
 def _pipeline(a: argparse.Namespace):
     from clipforge.index.ingest import Pipeline
 
-    return Pipeline(a.batch_size, a.workers, a.exact_decode, not a.quiet and sys.stderr.isatty())
+    progress = not a.quiet and sys.stderr.isatty()
+    return Pipeline(a.batch_size, a.workers, a.exact_decode, progress, a.video_interval, a.video_max_frames)
 
 
 def add(
@@ -505,6 +527,8 @@ def embed(a: argparse.Namespace) -> int:
             exact_decode=a.exact_decode,
             dtype=a.dtype,
             actors=a.ray_actors,
+            video_interval=a.video_interval,
+            video_max_frames=a.video_max_frames,
         )
     else:
         from clipforge.index.embed import embed_to_folder
@@ -528,9 +552,12 @@ def embed(a: argparse.Namespace) -> int:
             dtype=a.dtype,
             progress=progress,
             cached=cached,
+            video_interval=a.video_interval,
+            video_max_frames=a.video_max_frames,
         )
     lines = [
-        f"embedded {summary.embedded} of {summary.items} images into {summary.out} ({summary.parts} parts, "
+        f"embedded {summary.embedded} of {summary.items} items (images, video moments) into {summary.out} "
+        f"({summary.parts} parts, "
         f"{summary.parts_done_before} already done)"
     ]
     lines += [f"  skipped {k}: {r}" for k, r in summary.skipped]

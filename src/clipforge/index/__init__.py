@@ -1,5 +1,7 @@
 """Visual search: a persistent, crash-safe collection of CLIP vectors (FAISS) with metadata (SQLite)."""
 
+from clipforge.media.video import SamplingError
+
 from .collection import Collection
 from .types import AddReport, CollectionError, EncoderLike, Hit, ModelMismatchError, QueryError, WriteError
 
@@ -11,5 +13,6 @@ __all__ = [
     "Hit",
     "ModelMismatchError",
     "QueryError",
+    "SamplingError",
     "WriteError",
 ]

@@ -45,6 +45,8 @@ class Collection(Store):
         progress: bool = False,
         workers: int | None = None,
         exact_decode: bool = False,
+        video_interval: float | None = None,
+        video_max_frames: int | None = None,
     ) -> AddReport:
         """Add image and video files and folders (recursively; a video is one row per sampled frame, keyed
         `VIDEO#t=SECONDS`), JSONL/CSV/TSV manifests, webdataset shards and `clipforge embed` folders
@@ -52,9 +54,16 @@ class Collection(Store):
         ones replaced; unreadable images are reported in `failed` and never stop the others.
 
         With a clipforge `Encoder`, files are hashed, decoded (fast JPEG path unless `exact_decode`) and
-        preprocessed in `workers` processes (default: cores - 1; 0: in this process), see embed.py."""
+        preprocessed in `workers` processes (default: cores - 1; 0: in this process), see embed.py.
+
+        Videos: a frame every `video_interval` seconds (default 5), at most `video_max_frames` per video
+        (default 120; a longer video's frames are spread over it). Given either, a stored video sampled at
+        other moments is sampled again; not given, stored videos keep their sampling (videos.py). Bad
+        values raise SamplingError."""
         inputs = [items] if isinstance(items, (str, Path)) else list(items)
-        pipeline = ingest.Pipeline(batch_size, workers, exact_decode, progress)
+        pipeline = ingest.Pipeline(
+            batch_size, workers, exact_decode, progress, video_interval, video_max_frames
+        )
         return ingest.add_inputs(self, inputs, encoder, pipeline)
 
     def add_texts(
@@ -72,12 +81,15 @@ class Collection(Store):
         progress: bool = False,
         workers: int | None = None,
         exact_decode: bool = False,
+        video_interval: float | None = None,
+        video_max_frames: int | None = None,
     ) -> AddReport:
         """Make the rows under `folder` match it: add new and changed files, remove rows whose files are
-        gone (`removed` in the report)."""
-        return ingest.sync(
-            self, folder, encoder, ingest.Pipeline(batch_size, workers, exact_decode, progress)
+        gone (`removed` in the report). Videos are sampled as `add` samples them."""
+        pipeline = ingest.Pipeline(
+            batch_size, workers, exact_decode, progress, video_interval, video_max_frames
         )
+        return ingest.sync(self, folder, encoder, pipeline)
 
     # ---- reading ------------------------------------------------------------------------------------
     def search(

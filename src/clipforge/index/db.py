@@ -130,8 +130,12 @@ def caption_id(conn: sqlite3.Connection, sha: str) -> int | None:
 
 def keys_under(conn: sqlite3.Connection, folder: str) -> dict[str, list[int]]:
     """key -> ids of the rows whose key lies under the folder `folder/`."""
-    prefix = folder.rstrip("/") + "/"
-    upper = prefix[:-1] + chr(ord("/") + 1)
+    return keys_with_prefix(conn, folder.rstrip("/") + "/")
+
+
+def keys_with_prefix(conn: sqlite3.Connection, prefix: str) -> dict[str, list[int]]:
+    """key -> ids of the rows whose key starts with `prefix` (a range query, as `rows_with_prefix`)."""
+    upper = prefix[:-1] + chr(ord(prefix[-1]) + 1)
     out: dict[str, list[int]] = {}
     for id_, key in conn.execute("SELECT id, key FROM items WHERE key >= ? AND key < ?", (prefix, upper)):
         out.setdefault(key, []).append(int(id_))

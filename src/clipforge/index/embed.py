@@ -7,12 +7,14 @@
 Decoding a large JPEG costs more than a ViT-B forward pass on a GPU, so decoding runs in parallel processes
 (each with one torch thread) while the main process runs the model, and JPEGs decode at 1/2, 1/4 or 1/8 scale
 when the result still covers the model's input (`fast_jpeg`; `exact_decode=True` turns it off). Workers never
-fail a batch: an unreadable image is reported with its reason and the rest go on.
+fail a batch: an unreadable image is reported with its reason and the rest go on. A video is one item per
+sampled moment (sources.py); a worker decodes just that frame (media/video.py), never the file's bytes.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import os
 from collections.abc import Collection, Iterator, Sequence
@@ -22,6 +24,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from clipforge.data.pretrained import sha256_file
+from clipforge.media.video import Sampling, frame_at
 from clipforge.transforms import Preprocess, load_image
 
 from . import embed_output as eo
@@ -92,6 +96,10 @@ def decode_item(
 
     status is None when decoded, UNCHANGED when its sha256 is in `known_sha` (then not decoded), else why it
     failed. Never raises for a bad file."""
+    if item.failed is not None:
+        return None, item.failed, None, None, None
+    if item.t is not None:
+        return _decode_moment(item, preprocess)
     status, sha, size, mtime, x = None, None, None, None, None
     try:
         data = item.read()
@@ -108,6 +116,26 @@ def decode_item(
     except Exception as e:  # noqa: BLE001 - ImageError and whatever else a codec raises: reported per file
         status = failure_reason(e, item.key)
     return x, status, sha, size, mtime
+
+
+def _decode_moment(
+    item: Item, preprocess: Preprocess
+) -> tuple[torch.Tensor | None, str | None, str | None, int | None, float | None]:
+    """`decode_item` of a video's moment: its frame; sha256, size and mtime are the whole video's, as a
+    collection's frame rows carry them. A feature cache holds images, never moments: always decoded."""
+    try:
+        st = os.stat(item.path)
+        sha = _video_sha256(item.path, st.st_size, st.st_mtime_ns)
+        return preprocess(frame_at(item.path, item.t)), None, sha, st.st_size, st.st_mtime
+    except Exception as e:  # noqa: BLE001 - ImageError, or whatever FFmpeg raises: reported per moment
+        return None, failure_reason(e, item.path), None, None, None
+
+
+@functools.lru_cache(maxsize=4)
+def _video_sha256(path: str, size: int, mtime_ns: int) -> str:
+    """A video is hashed once per worker, not once per moment (size and mtime key the cache, so a file
+    rewritten meanwhile is hashed again)."""
+    return sha256_file(Path(path))
 
 
 def _identity(x):
@@ -143,10 +171,18 @@ def _check(batch_size: int, part_size: int, dtype: str) -> None:
 
 
 def plan(
-    inputs, identity: dict, dim: int, out: Path, part_size: int, dtype: str, exact_decode: bool
+    inputs,
+    identity: dict,
+    dim: int,
+    out: Path,
+    part_size: int,
+    dtype: str,
+    exact_decode: bool,
+    sampling: Sampling = Sampling(),
 ) -> tuple[list[Item], list[list[Item]], set[int]]:
-    """List the input, cut it into parts, write or check the sidecar; returns items, parts, finished parts."""
-    items = list_items(inputs)
+    """List the input, cut it into parts, write or check the sidecar; returns items, parts, finished parts.
+    (A video's moments are keys of the input fingerprint: another sampling is another run.)"""
+    items = list_items(inputs, sampling)
     if not items:
         raise SourceError(f"no images found in {inputs}")
     parts = [list(p) for p in chunks(items, part_size)]
@@ -237,15 +273,21 @@ def embed_to_folder(
     dtype: str = "float16",
     progress: bool = False,
     cached=None,
+    video_interval: float | None = None,
+    video_max_frames: int | None = None,
 ) -> eo.EmbedSummary:
     """Embed a folder, manifest or shards into `out` (see embed_output.py). Resumable: finished parts are kept.
 
     `encoder` is a clipforge `Encoder` (it needs `.preprocess`, `.embed_pixels`, `.identity`). `cached`: rows
     already known by file sha256 (`.shas`, `.embed(shas)`, e.g. a locked image tower's feature cache): those
-    files are read and hashed but not decoded, and their vectors come from it."""
+    files are read and hashed but not decoded, and their vectors come from it. Videos (files, or in folders)
+    are a row per moment sampled as `Collection.add` samples them (`video_interval`, `video_max_frames`)."""
     _check(batch_size, part_size, dtype)
+    sampling = Sampling.of(video_interval, video_max_frames)
     out = Path(out)
-    items, parts, done = plan(inputs, encoder.identity, encoder.dim, out, part_size, dtype, exact_decode)
+    items, parts, done = plan(
+        inputs, encoder.identity, encoder.dim, out, part_size, dtype, exact_decode, sampling
+    )
     todo = [p for p in range(len(parts)) if p not in done]
     side = eo.read_sidecar(out)
     asm = PartAssembler(out, parts, todo, side["captions"], dtype, encoder.embed_texts)

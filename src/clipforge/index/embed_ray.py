@@ -20,6 +20,8 @@ from pathlib import Path
 
 import numpy as np
 
+from clipforge.media.video import Sampling
+
 from . import embed_output as eo
 from .embed import PartAssembler, _check, _summary, bulk_preprocess, decode_item, plan
 from .sources import Item
@@ -34,8 +36,14 @@ def decode_rows(batch: dict, preprocess) -> dict:
     pixels = np.zeros((n, 3, s, s), np.float32)
     status, sha = [], []
     for r in range(n):
+        t, failed = float(batch["t"][r]), str(batch["failed"][r])
         item = Item(
-            str(batch["key"][r]), str(batch["path"][r]), int(batch["offset"][r]), int(batch["length"][r])
+            str(batch["key"][r]),
+            str(batch["path"][r]),
+            int(batch["offset"][r]),
+            int(batch["length"][r]),
+            t=None if t < 0 else t,
+            failed=failed or None,
         )
         x, st, h, _, _ = decode_item(item, preprocess)
         if x is not None:
@@ -123,6 +131,9 @@ def _rows(parts: list[list[Item]], todo: list[int]) -> list[dict]:
                     "offset": it.offset,
                     "length": it.length,
                     "caption": it.caption or "",
+                    # a video's moment in seconds, -1 for an image: a column of one type, no None
+                    "t": -1.0 if it.t is None else it.t,
+                    "failed": it.failed or "",
                 }
             )
     return rows
@@ -141,6 +152,8 @@ def embed_with_ray(
     actors: int | None = None,
     address: str | None = None,
     num_cpus: float | None = None,
+    video_interval: float | None = None,
+    video_max_frames: int | None = None,
 ) -> eo.EmbedSummary:
     """`embed_to_folder` on Ray Data. `model` is a checkpoint path every Ray worker can read."""
     loopback_env(local=not (address or os.environ.get("RAY_ADDRESS")))
@@ -150,10 +163,11 @@ def embed_with_ray(
     from clipforge.encoder import Encoder
 
     _check(batch_size, part_size, dtype)
+    sampling = Sampling.of(video_interval, video_max_frames)
     out = Path(out)
     model = str(Path(model).absolute()) if Path(model).exists() else model
     enc = Encoder.load(model, vocab=vocab)  # the driver needs the identity and preprocessing, not the GPU
-    items, parts, done = plan(inputs, enc.identity, enc.dim, out, part_size, dtype, exact_decode)
+    items, parts, done = plan(inputs, enc.identity, enc.dim, out, part_size, dtype, exact_decode, sampling)
     todo = [p for p in range(len(parts)) if p not in done]
     captions = eo.read_sidecar(out)["captions"]
     part_of = np.repeat(np.arange(len(parts)), [len(p) for p in parts])

@@ -21,6 +21,7 @@ import numpy as np
 from clipforge.data.sources import SourceError, source_kind
 from clipforge.data.tars import is_remote
 from clipforge.media.exif import row_metadata
+from clipforge.media.video import Sampling
 
 from . import bulk, files
 from .arrays import as_matrix
@@ -36,16 +37,28 @@ BULK_KINDS = ("manifest", "shards")
 @dataclass(frozen=True)
 class Pipeline:
     """How image files are read and embedded: images per model call, decode processes (None: cores - 1;
-    0: in this process), full-size JPEG decoding, a progress bar."""
+    0: in this process), full-size JPEG decoding, a progress bar; and how videos are sampled (seconds
+    between frames, frames per video; None: media/video.py's defaults, and stored videos keep their
+    sampling, see videos.py)."""
 
     batch_size: int = 64
     workers: int | None = None
     exact_decode: bool = False
     progress: bool = False
+    video_interval: float | None = None
+    video_max_frames: int | None = None
 
     def __post_init__(self) -> None:
         if self.batch_size <= 0:
             raise ValueError(f"batch_size must be positive, got {self.batch_size}")
+        _ = self.video_sampling  # a SamplingError now, before anything is read
+
+    @property
+    def video_sampling(self) -> Sampling | None:
+        """The sampling asked for, the defaults filling what was not given; None when nothing was."""
+        if self.video_interval is None and self.video_max_frames is None:
+            return None
+        return Sampling.of(self.video_interval, self.video_max_frames)
 
 
 def merge(into: AddReport, part: AddReport) -> None:
@@ -136,7 +149,7 @@ def add_files(
             _add_files_parallel(store, images, encoder, pipeline, w, report)
         elif images:
             _add_files_here(store, images, encoder, pipeline, report)
-        add_videos(store, [p for p in todo if files.is_video(p)], encoder, report)
+        add_videos(store, [p for p in todo if files.is_video(p)], encoder, report, pipeline.video_sampling)
     return report
 
 

@@ -284,6 +284,10 @@ class Store:
         """(id, sha256) of the rows of a video's sampled frames (keys `VIDEO#t=SECONDS`)."""
         return db.rows_with_prefix(self.conn, files.frame_prefix(video))
 
+    def frame_keys(self, video: str) -> list[str]:
+        """The keys of a video's stored frames, `VIDEO#t=SECONDS`: which moments it was sampled at."""
+        return list(db.keys_with_prefix(self.conn, files.frame_prefix(video)))
+
     def caption_id(self, sha256: str) -> int | None:
         """The id of the stored bare caption with this text hash (files.text_sha), if any."""
         return db.caption_id(self.conn, sha256)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import numbers
 import os
 import re
 from collections.abc import Iterator
@@ -24,8 +25,43 @@ from clipforge.transforms import MAX_ASPECT, MAX_PIXELS, ImageError, check_size
 
 DEFAULT_INTERVAL = 5.0  # seconds between sampled frames
 DEFAULT_MAX_FRAMES = 120  # per video: a 10-minute video at the default interval; longer ones are thinned
+MAX_FRAMES_LIMIT = 10_000  # the most frames per video a caller may ask for (2.8 hours at one a second)
+MIN_INTERVAL = 0.001  # a moment's key keeps milliseconds: frames closer than that would share a key
 FRAME_MARK = "#t="  # between a video's path and a moment in a frame's key
 _KEY = re.compile(r"^(?P<path>.+)#t=(?P<t>\d+(?:\.\d+)?)$")
+
+
+class SamplingError(ValueError):
+    """A video sampling option out of range: the interval or the frame cap."""
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """How a video becomes stills: a frame every `interval` seconds from the start, at most `max_frames`
+    of them (a longer video's interval is widened to fit, see `sample_times`). The names say which option
+    of `Collection.add`, the CLI and the service a bad value came from."""
+
+    interval: float = DEFAULT_INTERVAL
+    max_frames: int = DEFAULT_MAX_FRAMES
+
+    @classmethod
+    def of(cls, interval: float | None, max_frames: int | None) -> Sampling:
+        """The options as a user gives them: None is the default."""
+        return cls(
+            DEFAULT_INTERVAL if interval is None else interval,
+            DEFAULT_MAX_FRAMES if max_frames is None else max_frames,
+        )
+
+    def __post_init__(self) -> None:
+        i, n = self.interval, self.max_frames
+        if isinstance(i, bool) or not isinstance(i, numbers.Real) or not MIN_INTERVAL <= i < math.inf:
+            raise SamplingError(
+                f"video_interval must be a finite number of seconds >= {MIN_INTERVAL}, got {i!r}"
+            )
+        if isinstance(n, bool) or not isinstance(n, numbers.Integral) or not 1 <= n <= MAX_FRAMES_LIMIT:
+            raise SamplingError(
+                f"video_max_frames must be a whole number from 1 to {MAX_FRAMES_LIMIT}, got {n!r}"
+            )
 
 
 @dataclass(frozen=True)
@@ -156,6 +192,15 @@ def frame_at(
     if img is None:
         raise ImageError(f"{label}: no frame at {t} s (the video is shorter)")
     return img
+
+
+def has_frame_at(path: str | os.PathLike, t: float) -> bool:
+    """Whether a frame is shown at or after `t` seconds: sampling stops at the first moment without one (the
+    last frame's time is before the duration the container states)."""
+    label = os.fspath(path)
+    with _open(label) as (container, stream):
+        _check_stream(stream, label, MAX_PIXELS, MAX_ASPECT)
+        return _frame(container, stream, t, label, MAX_PIXELS, MAX_ASPECT) is not None
 
 
 @contextlib.contextmanager

@@ -13,7 +13,7 @@ from fastapi.responses import FileResponse
 from starlette.exceptions import HTTPException
 
 from clipforge.index import Hit
-from clipforge.index.ingest import remote_inputs
+from clipforge.index.ingest import Pipeline, remote_inputs
 from clipforge.index.rank import Ranking
 from clipforge.zeroshot import load_templates
 
@@ -330,9 +330,12 @@ WRITE_ERRORS = {
     openapi_extra=request_body(AddRequest, multipart=False),
 )
 async def index_add(request: Request) -> AddResponse:
-    """Add image files or folders on the server, uploaded images (base64) and captions. Needs the token."""
+    """Add image and video files or folders on the server, uploaded images (base64) and captions; videos
+    are sampled as `Collection.add` samples them (video_interval, video_max_frames). Needs the token."""
     eng = engine(request)
     req, _ = await read_body(request, AddRequest, 0)
+    sampling = {"video_interval": req.video_interval, "video_max_frames": req.video_max_frames}
+    Pipeline(**sampling)  # a bad value is a 400 (SamplingError) before anything is written
     if not (req.paths or req.texts or req.images):
         raise BadRequest("send at least one of 'paths', 'texts' or 'images'")
     if len(req.images) > eng.config.max_images or max(len(req.texts), len(req.paths)) > eng.config.max_texts:
@@ -350,7 +353,7 @@ async def index_add(request: Request) -> AddResponse:
         data = b64decode(s, f"images[{i}]")
         _, fmt = await decode_image(data, f"images[{i}]", eng.config.max_pixels)  # refuse non-images now
         uploads.append((data, fmt))
-    return AddResponse(**await eng.add(req.paths, req.texts, uploads))
+    return AddResponse(**await eng.add(req.paths, req.texts, uploads, **sampling))
 
 
 @router.delete(

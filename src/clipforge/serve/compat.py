@@ -2,7 +2,7 @@
 
     GET  /indices-list  -> ["<name>"]                   the collection's folder name
     POST /knn-service   {text | image (base64) | embedding_input, modality, num_images, ...}
-                        -> [{"id", "similarity", "url", "caption", ...metadata}]
+                        -> [{"id", "similarity", "url", "caption", ...metadata}]  (+ "video_url")
     POST /metadata      {"ids": [...], "indice_name"} -> [{"id", "metadata": {"url", "caption", ...}}]
 
 Bodies are read as JSON whatever the content type (its client sends none). Differences, documented in
@@ -17,7 +17,7 @@ from fastapi import APIRouter, Request
 from clipforge.index import Hit
 from clipforge.index.rank import Ranking
 
-from .api import ERRORS, check_page_limit, engine, raw_vector
+from .api import ERRORS, check_page_limit, engine, hit_out, raw_vector
 from .bodies import BadRequest, b64decode, decode_image, json_object, validate
 from .schemas import KnnRequest, MetadataRequest, inline_schema
 
@@ -34,9 +34,15 @@ def _check_index(request: Request, name: str | None) -> None:
 
 
 def _metadata(request: Request, h: Hit) -> dict:
-    meta = {k: v for k, v in h.metadata.items() if k not in ("id", "similarity")}
-    if h.path:
-        meta["url"] = f"{str(request.base_url).rstrip('/')}/api/images/{h.id}"
+    """The links and metadata `hit_out` gives, as absolute URLs: `url` is an image (a video moment's: its
+    frame, the thumbnail), and a moment adds `video_url`, opened at the moment (`#t=`), and `t`."""
+    out = hit_out(h)
+    base = str(request.base_url).rstrip("/")
+    meta = {k: v for k, v in out.metadata.items() if k not in ("id", "similarity")}
+    if image := out.image_url or out.thumb_url:
+        meta["url"] = base + image
+    if out.video_url:
+        meta["video_url"] = f"{base}{out.video_url}#t={out.t}"
     if h.caption is not None:
         meta["caption"] = h.caption
     return meta

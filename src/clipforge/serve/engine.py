@@ -290,15 +290,24 @@ class Engine:
             p.write_bytes(data)
         return str(p.absolute())
 
-    async def add(self, paths: list[str], texts: list[str], uploads: list[tuple[bytes, str]]) -> dict:
-        """Store files, captions and uploads on the writer thread; answered once the reader sees them."""
+    async def add(
+        self,
+        paths: list[str],
+        texts: list[str],
+        uploads: list[tuple[bytes, str]],
+        video_interval: float | None = None,
+        video_max_frames: int | None = None,
+    ) -> dict:
+        """Store files, captions and uploads on the writer thread; answered once the reader sees them. Videos
+        are sampled as `Collection.add` samples them."""
+        sampling = {"video_interval": video_interval, "video_max_frames": video_max_frames}
 
         def run() -> dict:
             saved = [self._save_upload(data, fmt) for data, fmt in uploads]
             out = {"ids": [], "added": 0, "updated": 0, "unchanged": 0, "failed": []}
             with Collection.open(self.config.collection) as writer:
                 if paths or saved:
-                    rep = writer.add([*paths, *saved], self.encoder)
+                    rep = writer.add([*paths, *saved], self.encoder, **sampling)
                     out["ids"] += rep.ids
                     out["added"] += len(rep.added)
                     out["updated"] += len(rep.updated)

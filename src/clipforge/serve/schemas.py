@@ -134,6 +134,8 @@ class AddRequest(_Strict):
     paths: Texts = Field([], description="image files or folders on the server")
     texts: Texts = Field([], description="captions to store as text items")
     images: list[str] = Field([], description="uploaded images, base64; saved under <collection>/uploads")
+    video_interval: float | None = Field(None, description="seconds between a video's sampled frames (5)")
+    video_max_frames: int | None = Field(None, description="frames per video at most (120)")
 
 
 class AddResponse(BaseModel):
