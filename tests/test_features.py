@@ -159,7 +159,10 @@ def test_text_cache_keys_rows_by_caption_and_tokenizer(vocab, tmp_path):
     assert (stats.computed, stats.cached) == (1, 2)  # distinct captions: two stored, one new
     # Another tokenizer (here: another context length) gives other ids: another namespace.
     other = clipforge.Tokenizer.from_pretrained(vocab, context_length=12)
-    assert ft.text_store(tmp_path, model.text, model.config, other, 1).dir != store.dir
+    unused = ft.text_store(tmp_path, model.text, model.config, other, 1)
+    assert unused.dir != store.dir
+    # A lookup writes nothing: a namespace's folder appears with its first rows (a read-only cache works).
+    assert unused.index() == {} and not unused.dir.exists()
 
 
 # --- crash safety ----------------------------------------------------------------------------------------

@@ -142,14 +142,20 @@ class FeatureStore:
         text = json.dumps(meta, sort_keys=True, indent=1)
         self.dir = Path(root) / f"{meta['kind']}-{_sha256(text.encode())[:16]}"
         self.meta = meta
-        self.dir.mkdir(parents=True, exist_ok=True)
+        self._text = text
         described = self.dir / "meta.json"
-        if not described.exists():
-            write_bytes_atomic(described, (text + "\n").encode())
-        elif json.loads(described.read_text()) != json.loads(text):
+        if described.exists() and json.loads(described.read_text()) != json.loads(text):
             raise FeatureCacheError(
                 f"{described}: describes other features than this run's; delete {self.dir}"
             )
+
+    def _make(self) -> None:
+        """The folder and its meta.json, made by the first write (a lookup in a read-only cache, or of a
+        tower nothing was cached for, leaves no trace)."""
+        self.dir.mkdir(parents=True, exist_ok=True)
+        described = self.dir / "meta.json"
+        if not described.exists():
+            write_bytes_atomic(described, (self._text + "\n").encode())
 
     def parts(self) -> list[Path]:
         return sorted(self.dir.glob("part-*.safetensors"))
@@ -179,6 +185,7 @@ class FeatureStore:
             f"out.{i}": t.detach().to("cpu", DTYPE if t.is_floating_point() else t.dtype).contiguous()
             for i, t in enumerate(rows)
         }
+        self._make()
         name = f"part-{uuid.uuid4().hex[:16]}"
         final = self.dir / f"{name}.safetensors"
         with atomic_path(final) as tmp:
