@@ -183,3 +183,14 @@ def test_cli_calibrates_stores_in_the_model_and_new_collections_copy_it(
     with pytest.warns(UserWarning):
         assert cli(["index", "calibrate", str(tmp_path / "col3")]) != 0  # nothing to copy: a one-line error
     assert "QUERIES" in capsys.readouterr().err
+
+
+def test_a_reader_picks_up_a_calibration_written_after_it_opened(concepts, tmp_path):
+    coll, _, _ = concepts  # the writer
+    reader = Collection.open(tmp_path / "c", readonly=True)  # a server in another process, say
+    assert reader.relevance == FIXED
+    cal = Calibration(margin=0.5, scale=0.7, fitted={"fingerprint": "sha256:table"})
+    coll.set_relevance(cal)
+    reader.refresh()  # the service refreshes before every search
+    assert reader.relevance == cal and reader.config["relevance"]["scale"] == 0.7
+    reader.close()

@@ -64,10 +64,8 @@ class Store:
         self.dim: int = int(config["dim"])
         self.kind: str = config["index"]
         self.readonly = readonly
-        where = str(path / folder.CONFIG)
-        stored = config.get("relevance")
-        # how relevance is read from scores (relevance.py): fitted for the model, else the fixed mapping
-        self.relevance: Calibration = FIXED if stored is None else Calibration.from_dict(stored, where)
+        self.relevance: Calibration = self._stored_relevance(config)
+        self._config_stamp = self._stamp()
         self._lock = None if readonly else folder.take_lock(path)
         try:
             self.conn = db.connect(path / "items.sqlite", readonly)
@@ -214,8 +212,23 @@ class Store:
         x = unit(as_matrix(sample, self.dim, "training sample"))
         self._ann = ann.VectorIndex.build("ivfpq", self.dim, x, np.zeros(0, np.int64), n_total=n_total)
 
+    def _stored_relevance(self, config: dict) -> Calibration:
+        """How relevance is read from scores (relevance.py): the calibration fitted for the model that
+        collection.json holds, else the fixed mapping."""
+        stored = config.get("relevance")
+        return FIXED if stored is None else Calibration.from_dict(stored, str(self.path / folder.CONFIG))
+
+    def _stamp(self) -> tuple[int, int]:
+        st = (self.path / folder.CONFIG).stat()
+        return st.st_mtime_ns, st.st_size
+
     def refresh(self, force: bool = False) -> None:
-        """Catch the in-memory index up with the database (rows others committed since we last looked)."""
+        """Catch the in-memory index up with the database (rows others committed since we last looked), and
+        the relevance calibration up with collection.json (`index calibrate` run by another process)."""
+        stamp = self._stamp()
+        if stamp != self._config_stamp:
+            self.config = folder.read_config(self.path)
+            self.relevance, self._config_stamp = self._stored_relevance(self.config), stamp
         gen = db.generation(self.conn)
         if gen == self._gen and not force:
             return
@@ -301,7 +314,7 @@ class Store:
         self.check_writable()
         config = {**self.config, "relevance": calibration.to_dict()}
         folder.write_config(self.path, config)
-        self.config, self.relevance = config, calibration
+        self.config, self.relevance, self._config_stamp = config, calibration, self._stamp()
 
     def check_encoder(self, encoder: EncoderLike) -> None:
         """Raise ModelMismatchError unless `encoder` is the model this collection was built with."""
