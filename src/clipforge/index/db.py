@@ -134,19 +134,23 @@ def keys_under(conn: sqlite3.Connection, folder: str) -> dict[str, list[int]]:
 
 
 def keys_with_prefix(conn: sqlite3.Connection, prefix: str) -> dict[str, list[int]]:
-    """key -> ids of the rows whose key starts with `prefix` (a range query, as `rows_with_prefix`)."""
-    upper = prefix[:-1] + chr(ord(prefix[-1]) + 1)
+    """key -> ids of the rows whose key starts with `prefix`."""
     out: dict[str, list[int]] = {}
-    for id_, key in conn.execute("SELECT id, key FROM items WHERE key >= ? AND key < ?", (prefix, upper)):
+    for id_, key in _with_prefix(conn, "id, key", prefix):
         out.setdefault(key, []).append(int(id_))
     return out
 
 
 def rows_with_prefix(conn: sqlite3.Connection, prefix: str) -> list[tuple[int, str | None]]:
-    """(id, sha256) of every row whose key starts with `prefix` (a range query: the key index is used, and
-    '%' or '_' in a file name are not wildcards)."""
+    """(id, sha256) of every row whose key starts with `prefix`."""
+    return _with_prefix(conn, "id, sha256", prefix).fetchall()
+
+
+def _with_prefix(conn: sqlite3.Connection, columns: str, prefix: str) -> sqlite3.Cursor:
+    """`columns` of the rows whose key starts with `prefix`: a range query, so the key index is used and '%'
+    or '_' in a file name are not wildcards."""
     upper = prefix[:-1] + chr(ord(prefix[-1]) + 1)
-    return conn.execute("SELECT id, sha256 FROM items WHERE key >= ? AND key < ?", (prefix, upper)).fetchall()
+    return conn.execute(f"SELECT {columns} FROM items WHERE key >= ? AND key < ?", (prefix, upper))
 
 
 def write_batch(

@@ -185,22 +185,25 @@ def frame_at(
     max_aspect: float | None = MAX_ASPECT,
 ) -> Image.Image:
     """The first frame shown at or after `t` seconds."""
-    label = os.fspath(path)
-    with _open(label) as (container, stream):
-        _check_stream(stream, label, max_pixels, max_aspect)
-        img = _frame(container, stream, t, label, max_pixels, max_aspect)
+    img = _frame_or_none(path, t, max_pixels, max_aspect)
     if img is None:
-        raise ImageError(f"{label}: no frame at {t} s (the video is shorter)")
+        raise ImageError(f"{os.fspath(path)}: no frame at {t} s (the video is shorter)")
     return img
 
 
 def has_frame_at(path: str | os.PathLike, t: float) -> bool:
     """Whether a frame is shown at or after `t` seconds: sampling stops at the first moment without one (the
     last frame's time is before the duration the container states)."""
+    return _frame_or_none(path, t, MAX_PIXELS, MAX_ASPECT) is not None
+
+
+def _frame_or_none(
+    path: str | os.PathLike, t: float, max_pixels: int | None, max_aspect: float | None
+) -> Image.Image | None:
     label = os.fspath(path)
     with _open(label) as (container, stream):
-        _check_stream(stream, label, MAX_PIXELS, MAX_ASPECT)
-        return _frame(container, stream, t, label, MAX_PIXELS, MAX_ASPECT) is not None
+        _check_stream(stream, label, max_pixels, max_aspect)
+        return _frame(container, stream, t, label, max_pixels, max_aspect)
 
 
 @contextlib.contextmanager
