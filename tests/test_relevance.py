@@ -10,16 +10,8 @@ import pytest
 
 from clipforge.cli import main as cli
 from clipforge.index import Collection, CollectionError
-from clipforge.index.calibrate import labelled_hits, read_queries
-from clipforge.index.relevance import (
-    FIXED,
-    MODEL_FILE,
-    Calibration,
-    chance_excess,
-    fit,
-    log_loss,
-    read_model_file,
-)
+from clipforge.index.calibrate import MODEL_FILE, labelled_hits, read_model_file, read_queries
+from clipforge.index.relevance import FIXED, Calibration, chance_excess, fit, log_loss
 
 DIM = 32
 

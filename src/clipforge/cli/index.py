@@ -125,6 +125,8 @@ def _register_index(acts: argparse._SubParsersAction) -> None:
     k.add_argument("collection")
     k.add_argument("queries", nargs="?", default=None, help="JSONL of labelled captions (see above)")
     k.add_argument("--label", default="concept", help="the field naming a row's concept (default: concept)")
+    # the defaults of index/calibrate.py (K, MAX_QUERIES), written out: importing it here would load the index
+    # stack (FAISS) at every command's start-up
     k.add_argument("--k", type=int, default=10, help="hits per query that are labelled (default 10)")
     k.add_argument("--max-queries", type=int, default=2000, help="captions searched at most (default 2000)")
     k.add_argument(

@@ -22,12 +22,13 @@ from clipforge.atomic import write_atomic
 from clipforge.data.sources import read_manifest
 
 from . import rank
-from .relevance import MODEL_FILE, Calibration, chance_excess, fit, log_loss, read_model_file
+from .relevance import Calibration, chance_excess, fit, log_loss
 from .store import Store
 from .types import CollectionError, EncoderLike
 
 K = 10
 MAX_QUERIES = 2000
+MODEL_FILE = "relevance.json"  # in a model's folder, beside its weights
 
 
 def read_queries(path: Path, label: str, limit: int = MAX_QUERIES, seed: int = 0) -> list[tuple[str, str]]:
@@ -117,6 +118,25 @@ def write_model_file(encoder: EncoderLike, calibration: Calibration) -> Path:
     text = json.dumps(calibration.to_dict(), indent=1, sort_keys=True) + "\n"
     write_atomic(path, lambda f: f.write(text.encode()), error=CollectionError)
     return path
+
+
+def read_model_file(model_dir: Path, fingerprint: str) -> Calibration | None:
+    """The calibration stored in a model's folder, if it has one fitted for these weights (`fingerprint`);
+    a file fitted for other weights is refused by name."""
+    path = Path(model_dir) / MODEL_FILE
+    if not path.is_file():
+        return None
+    try:
+        d = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CollectionError(f"cannot read {path}: {e}") from None
+    cal = Calibration.from_dict(d, str(path))
+    if (cal.fitted or {}).get("fingerprint") != fingerprint:
+        raise CollectionError(
+            f"{path} was fitted for other weights (fingerprint {(cal.fitted or {}).get('fingerprint')!r}, "
+            f"the model's is {fingerprint!r}); fit it again with `clipforge index calibrate --save-model`"
+        )
+    return cal
 
 
 def model_folder(encoder: EncoderLike) -> Path | None:

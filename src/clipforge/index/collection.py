@@ -152,7 +152,12 @@ class Collection(Store):
         return self._background[1]
 
     def calibrate(
-        self, queries: list[tuple[str, str]], encoder: EncoderLike, *, label: str = "concept", k: int = 10
+        self,
+        queries: list[tuple[str, str]],
+        encoder: EncoderLike,
+        *,
+        label: str = "concept",
+        k: int = calibrate.K,
     ) -> dict:
         """Fit how relevance is read from scores (relevance.py) on labelled searches and store it: each
         (caption, label) of `queries` is searched, and a top-k hit is relevant when its metadata[label] is the

@@ -10,7 +10,7 @@ The mapping. relevance = sigmoid((excess - margin) / scale). How far a relevant 
 model (how spread its embedding space is), so the two numbers are per model: `fit` estimates them by logistic
 regression on labelled searches (held-out queries whose relevant items are known), `clipforge index calibrate`
 runs it against a collection and stores the result in the collection (and in the model's folder as
-relevance.json, which `index create` copies into new collections). A collection with none uses FIXED
+relevance.json, calibrate.py, which `index create` copies into new collections). A collection with none uses FIXED
 (margin 1, scale 0.5: chosen by hand, not fitted, and measured in BENCHMARKS.md to be well calibrated for one
 model and worse than a constant for another; that is why calibrations are fitted per model).
 
@@ -21,16 +21,13 @@ held-out concepts and measured on the other.
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 
 import numpy as np
 
 from .types import CollectionError
 
-MODEL_FILE = "relevance.json"  # in a model's folder, beside its weights
 MIN_BACKGROUND = 32  # fewer items than this say nothing about a distribution: no estimate, no cut-off
 MIN_PAIRS = 50  # a fit on fewer labelled hits than this says little
 RIDGE = 1e-3  # keeps the fit finite when the labels separate perfectly
@@ -117,22 +114,3 @@ def log_loss(relevance: np.ndarray, relevant: np.ndarray) -> float:
     p = np.clip(np.asarray(relevance, np.float64), 1e-4, 1 - 1e-4)
     y = np.asarray(relevant, np.float64)
     return float(-(y * np.log(p) + (1 - y) * np.log(1 - p)).mean())
-
-
-def read_model_file(model_dir: Path, fingerprint: str) -> Calibration | None:
-    """The calibration stored in a model's folder, if it has one fitted for these weights (`fingerprint`);
-    a file fitted for other weights is refused by name."""
-    path = Path(model_dir) / MODEL_FILE
-    if not path.is_file():
-        return None
-    try:
-        d = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CollectionError(f"cannot read {path}: {e}") from None
-    cal = Calibration.from_dict(d, str(path))
-    if (cal.fitted or {}).get("fingerprint") != fingerprint:
-        raise CollectionError(
-            f"{path} was fitted for other weights (fingerprint {(cal.fitted or {}).get('fingerprint')!r}, "
-            f"the model's is {fingerprint!r}); fit it again with `clipforge index calibrate --save-model`"
-        )
-    return cal

@@ -13,8 +13,9 @@ from fastapi.responses import FileResponse
 from starlette.exceptions import HTTPException
 
 from clipforge.index import Hit
-from clipforge.index.ingest import Pipeline, remote_inputs
+from clipforge.index.ingest import remote_inputs
 from clipforge.index.rank import Ranking
+from clipforge.media.video import Sampling
 from clipforge.zeroshot import load_templates
 
 from .bodies import BadRequest, b64decode, decode_image, read_body
@@ -335,7 +336,9 @@ async def index_add(request: Request) -> AddResponse:
     eng = engine(request)
     req, _ = await read_body(request, AddRequest, 0)
     sampling = {"video_interval": req.video_interval, "video_max_frames": req.video_max_frames}
-    Pipeline(**sampling)  # a bad value is a 400 (SamplingError) before anything is written
+    Sampling.of(
+        req.video_interval, req.video_max_frames
+    )  # a bad value is a 400 (SamplingError) before anything is written
     if not (req.paths or req.texts or req.images):
         raise BadRequest("send at least one of 'paths', 'texts' or 'images'")
     if len(req.images) > eng.config.max_images or max(len(req.texts), len(req.paths)) > eng.config.max_texts:
