@@ -39,16 +39,12 @@ def candidates(coll, q: np.ndarray, text: str, background: np.ndarray) -> dict:
     words = rank.query_words(text, rank.Ranking("hybrid"))
     _, vids = coll.search_vectors(q[None], rank.FUSION_POOL)
     vids = vids[0][vids[0] >= 0]
-    idf, searched = rank.word_weights(coll, words)
-    _, kids = coll.search_keywords(searched, rank.FUSION_POOL, None)
-    held = rank.held_words(coll, kids)
-    krel = rank.keyword_relevance(idf, held)
-    keep = (krel >= rank.KEYWORD_MATCH) & rank.holds_rarest(idf, held)
+    kids, matched = rank.keyword_rows(coll, words, rank.FUSION_POOL, "hybrid", None)  # what hybrid fuses
     ids = np.unique(np.concatenate([vids, kids]).astype(np.int64))
     excess = relevance.chance_excess(coll.vectors(ids) @ q, background @ q, len(coll))
     return {
         "vector": vids.tolist(),
-        "keyword": dict(zip(kids[keep].tolist(), krel[keep].tolist())),
+        "keyword": {i: r for i, (_, r) in matched.items()},
         "excess": dict(zip(ids.tolist(), excess.tolist())),
     }
 

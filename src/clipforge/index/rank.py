@@ -161,18 +161,27 @@ def _candidates(
         _, vids = store.search_vectors(q[None], pool, allowed)
         lists.append(vids[0][vids[0] >= 0])
     if mode != "vector":
-        idf, searched = word_weights(store, words)
-        # asked for keywords alone, the user gets even a common word's rows
-        ks, kids = store.search_keywords(searched or (words if mode == "keyword" else []), pool, allowed)
-        held = held_words(store, kids)
-        rel = keyword_relevance(idf, held)
-        matched = {int(i): (float(s), float(r)) for i, s, r in zip(kids, ks, rel)}
-        if mode == "hybrid":  # fuse only the rows matching well (not all sharing "the"): see the docstring
-            kids = kids[(rel >= KEYWORD_MATCH) & holds_rarest(idf, held)]
-            matched = {i: matched[i] for i in kids.tolist()}
+        kids, matched = keyword_rows(store, words, pool, mode, allowed)
         lists.append(kids)
     ids = lists[0] if len(lists) == 1 else _rrf(lists)
     return ids[:k], matched
+
+
+def keyword_rows(
+    store: Store, words: list[str], pool: int, mode: str, allowed: np.ndarray | None
+) -> tuple[np.ndarray, dict[int, tuple[float, float]]]:
+    """The keyword list of a "keyword" or "hybrid" search, best first, and id -> (BM25, keyword relevance):
+    for hybrid, only the rows that count as keyword evidence (see the docstring)."""
+    idf, searched = word_weights(store, words)
+    # asked for keywords alone, the user gets even a common word's rows
+    ks, kids = store.search_keywords(searched or (words if mode == "keyword" else []), pool, allowed)
+    held = held_words(store, kids)
+    rel = keyword_relevance(idf, held)
+    matched = {int(i): (float(s), float(r)) for i, s, r in zip(kids, ks, rel)}
+    if mode == "hybrid":  # fuse only the rows matching well (not all sharing "the")
+        kids = kids[(rel >= KEYWORD_MATCH) & holds_rarest(idf, held)]
+        matched = {i: matched[i] for i in kids.tolist()}
+    return kids, matched
 
 
 def rank(
